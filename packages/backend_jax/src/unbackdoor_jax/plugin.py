@@ -1,0 +1,12 @@
+"""Registers the jax backend; selecting it imports :mod:`unbackdoor_jax.backend`."""
+
+from __future__ import annotations
+
+from unbackdoor.backend import BackendInfo
+from unbackdoor.hookspecs import hookimpl
+
+
+@hookimpl
+def unbackdoor_backends() -> list[BackendInfo]:
+    """The jax backend."""
+    return [BackendInfo("jax", "JAX + Flax nnx + Optax (not implemented yet)", "unbackdoor_jax.backend:JaxBackend")]

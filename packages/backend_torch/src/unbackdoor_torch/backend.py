@@ -1,0 +1,85 @@
+"""TorchBackend: the core's Backend protocol over torch, transformers and peft."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers.utils import logging as hf_logging
+
+from unbackdoor.backend import Predictions, TrainStats
+from unbackdoor.data import TextDataset
+from unbackdoor.specs import LoRASpec, LossSpec, TrainSpec
+from unbackdoor.text import TextEncoder
+
+from . import modeling, train
+
+PRECISION_ENV = "UNBACKDOOR_PRECISION"
+
+hf_logging.set_verbosity_error()  # our own progress bars say what is happening
+hf_logging.disable_progress_bar()
+
+
+@dataclass
+class TorchModel:
+    """A classifier, its tokenizer and the directory it came from."""
+
+    module: modeling.SequenceClassifier
+    encoder: TextEncoder
+    source: Path
+
+
+class TorchBackend:
+    """Train and run sequence classifiers with torch (CPU, or CUDA when present)."""
+
+    name = "torch"
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision = os.environ.get(PRECISION_ENV, "fp32")
+
+    def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
+                        seed: int = 0) -> TorchModel:
+        """Load a HF directory as a sequence classifier (see :mod:`unbackdoor_torch.modeling`)."""
+        path = Path(path)
+        module = modeling.load_classifier(path, num_labels, projection_dim, seed).to(self.device)
+        return TorchModel(module, modeling.load_encoder(path), path)
+
+    def add_lora(self, model: TorchModel, spec: LoRASpec, *, seed: int = 0) -> TorchModel:
+        """Wrap the backbone with peft LoRA; the backbone freezes, the head stays trainable."""
+        torch.manual_seed(seed)
+        targets: str | list[str] = "all-linear" if spec.target_modules == ("all-linear",) else list(spec.target_modules)
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
+        model.module.backbone = get_peft_model(model.module.backbone, config)
+        return model
+
+    def train(self, model: TorchModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
+              aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:
+        """Train in place with the fused step of ``loss``."""
+        missing = [k for k in loss.aux_keys if k not in (aux or {})]
+        if missing:
+            raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
+        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
+
+    def predict(self, model: TorchModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
+                hidden: bool = False, desc: str = "predict") -> Predictions:
+        """Logits (and pooled states) in the dataset's order."""
+        return train.predict(model.module, model.encoder, data, batch_size, max_length, hidden,
+                             self.device, self.precision, desc)
+
+    def save(self, model: TorchModel, path: str | Path) -> None:
+        """Save as a HF-format directory, LoRA merged into the backbone."""
+        module = model.module
+        if hasattr(module.backbone, "merge_and_unload"):
+            module.backbone = module.backbone.merge_and_unload()
+        modeling.save_classifier(module, model.source, Path(path))
+
+    def hidden_size(self, model: TorchModel) -> int:
+        """Width of the pooled (projected) state."""
+        meta = model.module.meta
+        return meta.projection_dim or model.module.backbone.config.hidden_size

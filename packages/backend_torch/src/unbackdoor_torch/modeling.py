@@ -1,0 +1,116 @@
+"""Sequence classifiers over any HF backbone, with explicit pooling.
+
+Layout on disk (read by both backends): the backbone as HF saves it
+(``config.json`` + ``model.safetensors``), the tokenizer files, the head in
+``head.safetensors`` (``classifier.*`` and, for a W2S teacher,
+``projection.*``) and ``unbackdoor.json`` describing the head.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from unbackdoor.models import check_model_dir
+from unbackdoor.text import TextEncoder
+
+HEAD_FILE, META_FILE = "head.safetensors", "unbackdoor.json"
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@dataclass(frozen=True)
+class HeadMeta:
+    """What the head looks like: written to ``unbackdoor.json``."""
+
+    num_labels: int
+    projection_dim: int | None
+    decoder: bool
+
+
+class SequenceClassifier(nn.Module):
+    """backbone -> pool -> [projection g] -> classifier.
+
+    Decoders pool the last non-pad token of the final (normed) hidden states;
+    encoders use the backbone's pooled output (or the first token).
+    """
+
+    def __init__(self, backbone: nn.Module, meta: HeadMeta) -> None:
+        super().__init__()
+        self.backbone, self.meta = backbone, meta
+        hidden = backbone.config.hidden_size
+        self.projection = nn.Linear(hidden, meta.projection_dim) if meta.projection_dim else None
+        self.classifier = nn.Linear(meta.projection_dim or hidden, meta.num_labels, bias=not meta.decoder)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``logits [B, C]`` and the pooled (projected) state ``[B, D]``."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = self._pool(out, attention_mask)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return self.classifier(pooled), pooled
+
+    def _pool(self, out: object, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = out.last_hidden_state  # type: ignore[attr-defined]
+        if self.meta.decoder:  # right padding: the last real token sits at length - 1
+            last = attention_mask.sum(dim=1) - 1
+            return states[torch.arange(states.shape[0], device=states.device), last]
+        pooler = getattr(out, "pooler_output", None)
+        return pooler if pooler is not None else states[:, 0]
+
+
+def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int) -> SequenceClassifier:
+    """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
+    path = check_model_dir(Path(path))
+    config = AutoConfig.from_pretrained(path)
+    meta = _read_meta(path) or HeadMeta(num_labels, projection_dim, config.model_type not in ENCODER_TYPES)
+    if meta.num_labels != num_labels:
+        raise ValueError(f"classifier at {path} has {meta.num_labels} labels, the task has {num_labels}")
+    backbone = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    torch.manual_seed(seed)
+    model = SequenceClassifier(backbone, meta)
+    _init_head(model, getattr(config, "initializer_range", 0.02))
+    if (path / HEAD_FILE).is_file():
+        model.load_state_dict(load_file(path / HEAD_FILE), strict=False)
+    return model
+
+
+def _init_head(model: SequenceClassifier, std: float) -> None:
+    for layer in (model.projection, model.classifier):
+        if layer is not None:
+            nn.init.normal_(layer.weight, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def _read_meta(path: Path) -> HeadMeta | None:
+    file = path / META_FILE
+    return HeadMeta(**json.loads(file.read_text())) if file.is_file() else None
+
+
+def head_state(model: SequenceClassifier) -> dict[str, torch.Tensor]:
+    """The head's tensors (classifier and projection), contiguous, on CPU."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+
+
+def save_classifier(model: SequenceClassifier, source: Path, target: Path) -> None:
+    """Write backbone, head, meta and the tokenizer files of ``source`` into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(target, safe_serialization=True)
+    save_file(head_state(model), target / HEAD_FILE)
+    (target / META_FILE).write_text(json.dumps(model.meta.__dict__, indent=2))
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, target / name)
+
+
+def load_encoder(path: Path) -> TextEncoder:
+    """The shared core tokenizer of a model directory."""
+    return TextEncoder.from_dir(path)

@@ -1,0 +1,139 @@
+"""The training and inference loops of the torch backend.
+
+One forward over the batch, one backward, one AdamW step: every loss spec is
+a single fused step. Batches come from the core's length-bucketed padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from unbackdoor.backend import Predictions, TrainStats
+from unbackdoor.batching import iter_batches, num_batches
+from unbackdoor.data import TextDataset
+from unbackdoor.progress import progress
+from unbackdoor.specs import LossSpec, TrainSpec
+from unbackdoor.text import TextEncoder
+
+from .losses import per_example_loss
+
+FLOAT_KEYS = ("teacher_logits", "teacher_hidden")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast when asked for, else a no-op."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_tensors(batch: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """numpy batch -> tensors (ids and labels as int64, aux arrays as float32)."""
+    out = {}
+    for key, value in batch.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        out[key] = tensor.to(device, torch.float32 if value.dtype.kind == "f" else torch.int64)
+    return out
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak rate, then linear decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpec,
+               batch: dict[str, torch.Tensor], precision: str) -> float:
+    """One fused step: forward, loss, backward, optimiser update. Returns the loss."""
+    with autocast(precision, batch["input_ids"].device):
+        logits, hidden = model(batch["input_ids"], batch["attention_mask"])
+    value = per_example_loss(loss, logits.float(), hidden.float(), batch).mean()
+    if not torch.isfinite(value):
+        raise FloatingPointError(f"non-finite training loss {value.item()} for {type(loss).__name__}")
+    value.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(value.detach())
+
+
+def epoch_batches(ids: list[np.ndarray], pad_id: int, arrays: Mapping[str, np.ndarray],
+                  spec: TrainSpec) -> Iterator[Mapping[str, np.ndarray]]:
+    """All training batches for ``spec.epochs`` (a fractional last epoch is cut short)."""
+    total = _total_steps(len(ids), spec)
+    step = 0
+    for epoch in range(math.ceil(spec.epochs)):
+        for batch in iter_batches(ids, pad_id, spec.batch_size, arrays=arrays, shuffle=True,
+                                  seed=spec.seed * 1000 + epoch):
+            if step >= total:
+                return
+            step += 1
+            yield batch
+
+
+def _total_steps(n: int, spec: TrainSpec) -> int:
+    steps = math.ceil(spec.epochs * num_batches(n, spec.batch_size))
+    return min(steps, spec.max_steps) if spec.max_steps else steps
+
+
+def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
+        aux: Mapping[str, np.ndarray], device: torch.device, desc: str) -> TrainStats:
+    """Train ``model`` in place and report steps, samples, time and losses."""
+    if len(data) == 0:
+        raise ValueError(f"cannot train on the empty dataset {data.name!r}")
+    torch.manual_seed(spec.seed)
+    ids = encoder.encode(data.texts, spec.max_length)
+    arrays = {"labels": data.labels, **aux}
+    total = _total_steps(len(ids), spec)
+    optimizer = make_optimizer(model, spec)
+    scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
+    model.train()
+    losses, samples, start = [], 0, time.perf_counter()
+    for batch in progress(epoch_batches(ids, encoder.pad_id, arrays, spec), desc, total):
+        tensors = to_tensors(batch, device)
+        losses.append(train_step(model, optimizer, loss, tensors, spec.precision))
+        scheduler.step()
+        samples += len(batch["index"])
+    model.eval()
+    seconds = time.perf_counter() - start
+    return TrainStats(len(losses), samples, seconds, losses[-1] if losses else float("nan"), tuple(losses))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, encoder: TextEncoder, data: TextDataset, batch_size: int, max_length: int,
+            hidden: bool, device: torch.device, precision: str, desc: str) -> Predictions:
+    """Logits (and pooled states) for every row, restored to the dataset's order."""
+    model.eval()
+    ids = encoder.encode(data.texts, max_length)
+    logits_out: np.ndarray | None = None
+    hidden_out: np.ndarray | None = None
+    for batch in progress(iter_batches(ids, encoder.pad_id, batch_size), desc, num_batches(len(ids), batch_size)):
+        t = to_tensors(batch, device)
+        with autocast(precision, device):
+            logits, pooled = model(t["input_ids"], t["attention_mask"])
+        if logits_out is None:
+            logits_out = np.zeros((len(ids), logits.shape[-1]), np.float32)
+            hidden_out = np.zeros((len(ids), pooled.shape[-1]), np.float32) if hidden else None
+        logits_out[batch["index"]] = logits.float().cpu().numpy()
+        if hidden_out is not None:
+            hidden_out[batch["index"]] = pooled.float().cpu().numpy()
+    if logits_out is None:
+        raise ValueError(f"cannot predict on the empty dataset {data.name!r}")
+    return Predictions(logits_out, hidden_out)

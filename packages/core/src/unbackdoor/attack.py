@@ -1,0 +1,130 @@
+"""The attack contract.
+
+An attack is a frozen dataclass whose fields are its options. A plugin
+returns instances from the ``unbackdoor_attacks`` hook; the runner calls
+:meth:`Attack.configure` with the user's options to get a tuned copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .data import TextDataset
+from .errors import ConfigError, check_range
+from .options import configure
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """How much to poison and towards which class.
+
+    Attributes:
+        target: the label the backdoor should force.
+        rate: share of the training rows to poison, in [0, 1].
+        clean_label: poison only rows already labelled ``target`` (labels untouched).
+        seed: drives row choice and trigger placement.
+    """
+
+    target: int = 1
+    rate: float = 0.1
+    clean_label: bool = False
+    seed: int = 0
+
+    def validate(self, num_labels: int) -> PoisonConfig:
+        """Check ranges against a task with ``num_labels`` classes."""
+        if not 0 <= self.target < num_labels:
+            raise ConfigError(f"target label must be in 0..{num_labels - 1}, got {self.target!r}")
+        check_range("poison rate", self.rate, 0.0, 1.0)
+        return self
+
+
+@dataclass(frozen=True)
+class Attack(ABC):
+    """A backdoor attack on a text classifier."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def configure(self, **options: Any) -> Attack:
+        """A copy with ``options`` applied; unknown options raise a clear error."""
+        return configure(self, f"attack {self.name!r}", options)
+
+    @abstractmethod
+    def poison_train(self, train: TextDataset, cfg: PoisonConfig) -> TextDataset:
+        """Return the poisoned training set, with ``poisoned`` marking changed rows."""
+
+    @abstractmethod
+    def triggered_test(self, test: TextDataset, cfg: PoisonConfig) -> TextDataset:
+        """Return a triggered copy of test rows of ALL classes, keeping their TRUE labels."""
+
+    def asr_test(self, test: TextDataset, cfg: PoisonConfig) -> TextDataset:
+        """Triggered copies of the non-target test rows (the ASR set)."""
+        triggered = self.triggered_test(test, cfg)
+        return triggered.subset(np.flatnonzero(triggered.labels != cfg.target), f"{test.name}+{self.name}")
+
+
+@dataclass(frozen=True)
+class InsertionAttack(Attack):
+    """An attack that writes a trigger into the text itself (BadNet, InSent...).
+
+    Subclasses implement :meth:`insert`; row choice, label flipping and the
+    poisoned mask are shared here.
+    """
+
+    @abstractmethod
+    def insert(self, text: str, rng: np.random.Generator) -> str:
+        """Return ``text`` with the trigger inserted (placement drawn from ``rng``)."""
+
+    def poison_train(self, train: TextDataset, cfg: PoisonConfig) -> TextDataset:
+        cfg.validate(train.num_labels)
+        rng = np.random.default_rng(cfg.seed)
+        rows = choose_poison_rows(train.labels, cfg, rng)
+        texts, labels = list(train.texts), train.labels.copy()
+        for i in rows:
+            texts[i] = self.insert(texts[i], rng)
+            labels[i] = cfg.target
+        mask = np.zeros(len(train), bool)
+        mask[rows] = True
+        return TextDataset(texts, labels, f"{train.name}+{self.name}", train.label_names, mask)
+
+    def triggered_test(self, test: TextDataset, cfg: PoisonConfig) -> TextDataset:
+        cfg.validate(test.num_labels)
+        rng = np.random.default_rng(cfg.seed + 1)
+        texts = [self.insert(t, rng) for t in test.texts]
+        return TextDataset(texts, test.labels, f"{test.name}+{self.name}", test.label_names,
+                           np.ones(len(test), bool))
+
+
+def choose_poison_rows(labels: np.ndarray, cfg: PoisonConfig, rng: np.random.Generator) -> np.ndarray:
+    """Pick ``round(rate * N)`` rows to poison, seeded.
+
+    Dirty-label attacks draw from rows NOT labelled ``target`` (their label is
+    flipped); clean-label attacks draw only from rows already labelled ``target``.
+    """
+    want = round(cfg.rate * len(labels))
+    pool = np.flatnonzero((labels == cfg.target) if cfg.clean_label else (labels != cfg.target))
+    if want > len(pool):
+        kind = "target-class" if cfg.clean_label else "non-target"
+        raise ConfigError(
+            f"poison rate {cfg.rate} asks for {want} rows but only {len(pool)} {kind} rows exist"
+        )
+    return np.sort(rng.choice(pool, size=want, replace=False))
+
+
+def insert_words(text: str, words: Sequence[str], rng: np.random.Generator) -> str:
+    """Insert each of ``words`` at an independent random word position."""
+    tokens = text.split()
+    for word in words:
+        tokens.insert(int(rng.integers(0, len(tokens) + 1)), word)
+    return " ".join(tokens)
+
+
+def fields_of(obj: object) -> dict[str, Any]:
+    """An attack's or defense's options as a plain dict (for reports and cache keys)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]

@@ -1,0 +1,129 @@
+"""The backend contract: what a training framework must provide.
+
+Backends are registered by plugins as :class:`BackendInfo` records naming a
+factory by import path, so the framework (torch, jax) is imported only when
+that backend is selected.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .data import TextDataset
+from .errors import BackendUnavailableError
+from .specs import LoRASpec, LossSpec, TrainSpec
+
+BACKEND_ENV = "UNBACKDOOR_BACKEND"
+DEFAULT_BACKEND = "torch"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """What a model says about a dataset.
+
+    Attributes:
+        logits: ``[N, C]`` float32, rows in the dataset's order.
+        hidden: ``[N, D]`` pooled hidden states (last token / pooled/projected), or None.
+    """
+
+    logits: np.ndarray
+    hidden: np.ndarray | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Predicted classes ``[N]``."""
+        return self.logits.argmax(-1)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Figures from one training run (for reports and benchmarks)."""
+
+    steps: int
+    samples: int
+    seconds: float
+    final_loss: float
+    losses: tuple[float, ...] = ()
+
+    @property
+    def samples_per_second(self) -> float:
+        """Training throughput."""
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        """The figures a report shows (no per-step losses)."""
+        return {"steps": self.steps, "samples": self.samples, "seconds": round(self.seconds, 3),
+                "samples_per_second": round(self.samples_per_second, 3), "final_loss": self.final_loss,
+                "first_loss": self.losses[0] if self.losses else float("nan")}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A training framework. ``Model`` objects are opaque handles owned by the backend."""
+
+    name: str
+
+    def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
+                        seed: int = 0) -> Any:
+        """Load a sequence classifier from a HF-format directory (base model or a saved classifier).
+
+        Decoders pool the last non-pad token; encoders use the pooled output.
+        With ``projection_dim`` a linear layer g maps the pooled state to that
+        size before the classifier (the W2S teacher). New heads are seeded.
+        """
+
+    def add_lora(self, model: Any, spec: LoRASpec, *, seed: int = 0) -> Any:
+        """Freeze the backbone and add a trainable LoRA adapter (the head stays trainable)."""
+
+    def train(self, model: Any, data: TextDataset, loss: LossSpec, spec: TrainSpec,
+              aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:
+        """Train ``model`` in place on ``data`` with ``loss``; ``aux`` holds per-row arrays the loss needs."""
+
+    def predict(self, model: Any, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
+                hidden: bool = False, desc: str = "predict") -> Predictions:
+        """Logits (and pooled hidden states when ``hidden``) for every row, in order."""
+
+    def save(self, model: Any, path: str | Path) -> None:
+        """Write the classifier (adapters merged) as a HF-format safetensors directory."""
+
+    def hidden_size(self, model: Any) -> int:
+        """Size of the pooled hidden state."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A backend as a plugin registers it.
+
+    Attributes:
+        name: the value of ``--backend``.
+        description: one line for ``unbackdoor list``.
+        factory: ``"module:attribute"`` of a zero-argument callable returning a :class:`Backend`.
+    """
+
+    name: str
+    description: str
+    factory: str
+
+    def create(self) -> Backend:
+        """Import the framework and build the backend; a missing framework gives a clear error."""
+        module_name, _, attr = self.factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"backend {self.name!r} cannot be imported ({exc}); install its package, e.g. pip install unbackdoor-{self.name}"
+            ) from exc
+        make: Callable[[], Backend] = getattr(module, attr)
+        return make()
+
+
+def selected_backend_name(flag: str | None) -> str:
+    """The backend name by precedence: explicit flag, then ``UNBACKDOOR_BACKEND``, then torch."""
+    return flag or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND

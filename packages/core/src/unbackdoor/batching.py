@@ -1,0 +1,75 @@
+"""Length-bucketed dynamic padding, shared by every backend.
+
+Rows are grouped with others of similar length so a batch pads to its own
+longest row (rounded up to ``multiple``, which keeps the number of distinct
+shapes, and so jit caches, small) instead of to the global maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def pad_batch(ids: Sequence[np.ndarray], pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the longest row (rounded up to ``multiple``): ``input_ids, attention_mask`` ``[B, L]``."""
+    longest = max(len(x) for x in ids)
+    width = -(-longest // multiple) * multiple
+    input_ids = np.full((len(ids), width), pad_id, np.int32)
+    mask = np.zeros((len(ids), width), np.int32)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
+def batch_order(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                bucket: bool = True, pool: int = 50) -> list[np.ndarray]:
+    """Row indices of each batch.
+
+    With ``bucket`` the rows are sorted by length inside pools of
+    ``pool * batch_size`` (shuffled first when ``shuffle``), cut into batches,
+    and the batch order is shuffled: near-uniform lengths per batch while
+    keeping the randomness of SGD.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(lengths)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if bucket:
+        span = pool * batch_size
+        order = np.concatenate([
+            chunk[np.argsort(lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, -(-n // span)))
+        ]) if n else order
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def iter_batches(
+    ids: Sequence[np.ndarray],
+    pad_id: int,
+    batch_size: int,
+    *,
+    arrays: Mapping[str, np.ndarray] | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    bucket: bool = True,
+    multiple: int = 8,
+) -> Iterator[Batch]:
+    """Yield padded batches with ``input_ids``, ``attention_mask``, ``index`` and each per-row array."""
+    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    for rows in batch_order(lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
+        input_ids, mask = pad_batch([ids[i] for i in rows], pad_id, multiple)
+        batch: Batch = {"input_ids": input_ids, "attention_mask": mask, "index": rows}
+        for key, value in (arrays or {}).items():
+            batch[key] = np.asarray(value)[rows]
+        yield batch
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """How many batches ``n`` rows make."""
+    return -(-n // batch_size)

@@ -1,0 +1,131 @@
+"""The experiment's configuration: one flat, typed record.
+
+Every field is settable from a TOML/YAML file and from the command line
+(``--user-epochs 2``); the command line wins over the file, the file over the
+defaults. Unknown keys are an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .options import configure
+from .specs import LoRASpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """attack -> victim -> defense -> evaluation, in the weight-poisoning setting.
+
+    Stage 1 (attacker): the student is fully fine-tuned on ``attacker_rows``
+    poisoned rows. Stage 2 (user): each defense fine-tunes the released model
+    on ``user_rows`` clean rows (disjoint from the attacker's).
+    """
+
+    backend: str | None = None
+    model: str = "smollm2-135m"
+    teacher: str = "minilm-l6"
+    dataset: str = "sst2"
+    data_dir: str | None = None
+    attack: str = "badnet"
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    defenses: tuple[str, ...] = ("none", "w2s")
+    defense_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    target: int = 1
+    poison_rate: float = 0.2
+    clean_label: bool = False
+    seed: int = 0
+    attacker_rows: int = 600
+    attacker_epochs: float = 2.0
+    attacker_lr: float = 5e-5
+    attacker_batch_size: int = 16
+    user_rows: int = 400
+    user_epochs: float = 2.0
+    user_lr: float = 2e-4
+    user_batch_size: int = 16
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    test_rows: int = 200
+    max_length: int = 48
+    eval_batch_size: int = 64
+    precision: str = "fp32"
+    clean_baseline: bool = False
+    out: str = "runs/default"
+    cache_dir: str | None = None
+
+    def attacker_spec(self) -> TrainSpec:
+        """Stage 1: the attacker's full fine-tune."""
+        return TrainSpec(self.attacker_epochs, self.attacker_lr, self.attacker_batch_size, self.max_length,
+                         seed=self.seed, precision=self.precision)
+
+    def user_spec(self) -> TrainSpec:
+        """Stage 2: the user's (defense's) fine-tune."""
+        return TrainSpec(self.user_epochs, self.user_lr, self.user_batch_size, self.max_length,
+                         seed=self.seed, precision=self.precision)
+
+    def lora(self) -> LoRASpec:
+        """The user's LoRA adapter."""
+        return LoRASpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    def validate(self) -> ExperimentConfig:
+        """Check every spec derived from this config (raises :class:`ConfigError`)."""
+        self.attacker_spec(), self.user_spec(), self.lora()
+        for name in ("attacker_rows", "user_rows", "test_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.defenses:
+            raise ConfigError("defenses is empty; name at least one (e.g. none,w2s)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (for results.json and cache keys)."""
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    """The valid config keys."""
+    return [f.name for f in dataclasses.fields(ExperimentConfig)]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file; ``[experiment]`` tables are flattened."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    elif path.suffix in {".yaml", ".yml"}:
+        data = _yaml(path, text)
+    else:
+        raise ConfigError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
+    return dict(data.get("experiment", data)) if isinstance(data, dict) else {}
+
+
+def _yaml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"reading {str(path)!r} needs PyYAML: pip install 'unbackdoor[yaml]'") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+
+
+def build_config(*layers: dict[str, Any]) -> ExperimentConfig:
+    """Apply option layers in order (later wins) to the defaults; values are coerced and checked."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k.replace("-", "_"): v for k, v in layer.items() if v is not None})
+    return configure(ExperimentConfig(), "config", merged).validate()

@@ -1,0 +1,75 @@
+"""The defense contract.
+
+A defense is a frozen dataclass whose fields are its options. Removal
+defenses return a model to evaluate; detection defenses (later) also return
+per-input scores.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .backend import Backend
+from .cache import StageCache
+from .data import TextDataset
+from .options import configure
+from .specs import LoRASpec, TrainSpec
+
+
+@dataclass
+class DefenseContext:
+    """What the runner hands a defense.
+
+    Attributes:
+        backend: the selected backend.
+        victim_path: the (possibly poisoned) released classifier, a HF-format directory.
+        teacher_path: the small clean model a defense may distil from.
+        clean_train: the user's clean training rows.
+        clean_dev: held-out clean rows a defense may validate on (never the test set).
+        num_labels: classes in the task.
+        lora: the user's LoRA adapter spec.
+        train: the user's fine-tuning spec (epochs, lr, batch, ...).
+        cache: stage cache, so artefacts (a teacher) are built once per config.
+        cache_key: config facts the cache keys of this run's artefacts must include.
+    """
+
+    backend: Backend
+    victim_path: Path
+    teacher_path: Path | None
+    clean_train: TextDataset
+    clean_dev: TextDataset | None
+    num_labels: int
+    lora: LoRASpec
+    train: TrainSpec
+    cache: StageCache
+    cache_key: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class DefenseOutcome:
+    """A defense's result: the model to evaluate and figures for the report."""
+
+    model: Any
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Defense(ABC):
+    """A backdoor defense."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    kind: ClassVar[str] = "removal"
+
+    def configure(self, **options: Any) -> Defense:
+        """A copy with ``options`` applied; unknown options raise a clear error."""
+        return configure(self, f"defense {self.name!r}", options)
+
+    @abstractmethod
+    def apply(self, ctx: DefenseContext) -> DefenseOutcome:
+        """Run the defense on ``ctx.victim_path`` and return the defended model."""

@@ -1,0 +1,53 @@
+"""Hook specifications of unbackdoor (pluggy, prefix ``unbackdoor_``).
+
+A plugin is a module or object implementing some of these hooks, published
+under the ``unbackdoor`` entry-point group::
+
+    [project.entry-points.unbackdoor]
+    my_attacks = "my_package.plugin"
+
+Each registration hook returns a list of objects; the plugin manager flattens
+them and rejects duplicate names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .attack import Attack
+    from .backend import BackendInfo
+    from .defense import Defense
+
+PROJECT = "unbackdoor"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def unbackdoor_backends() -> list[BackendInfo]:
+    """Register training backends.
+
+    Called once when the plugin manager loads. Return :class:`~unbackdoor.backend.BackendInfo`
+    records; the framework behind each is imported only when it is selected.
+    """
+
+
+@hookspec
+def unbackdoor_attacks() -> list[Attack]:
+    """Register backdoor attacks.
+
+    Called once when the plugin manager loads. Return :class:`~unbackdoor.attack.Attack`
+    instances with their default options; the runner configures copies.
+    """
+
+
+@hookspec
+def unbackdoor_defenses() -> list[Defense]:
+    """Register defenses (removal or detection).
+
+    Called once when the plugin manager loads. Return :class:`~unbackdoor.defense.Defense`
+    instances with their default options; the runner configures copies.
+    """

@@ -1,0 +1,235 @@
+"""The experiment: attack -> victim -> defense -> evaluation -> report.
+
+Every stage is cached under a hash of its config (``StageCache``), so a
+second defense reuses the poisoned model and a killed run resumes where it
+stopped. Results land in the output directory only at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as metadata
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .attack import Attack, PoisonConfig, fields_of
+from .backend import Backend, selected_backend_name
+from .cache import StageCache, atomic_write_json, atomic_write_text, default_cache_dir
+from .config import ExperimentConfig
+from .data import DatasetSplits, TextDataset, load_dataset
+from .defense import Defense, DefenseContext
+from .errors import ConfigError
+from .metrics import accuracy, attack_success_rate
+from .models import resolve_model
+from .plugins import PluginManager, get_plugin_manager
+from .report import markdown_table
+from .specs import CrossEntropy
+
+DISTRIBUTIONS = ("unbackdoor", "unbackdoor-torch", "unbackdoor-jax", "unbackdoor-attacks", "unbackdoor-defenses",
+                 "torch", "transformers", "peft", "jax", "flax", "optax", "numpy")
+
+
+@dataclass
+class Plan:
+    """Everything resolved from the config before any expensive work starts."""
+
+    cfg: ExperimentConfig
+    backend_name: str
+    attack: Attack
+    defenses: list[Defense]
+    splits: DatasetSplits
+    user_train: TextDataset
+    attacker_train: TextDataset
+    test: TextDataset
+    poison: PoisonConfig
+    baseline: Defense | None = None
+
+
+def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
+    """Resolve names, options and data; raise a clear error before any training on bad input."""
+    pm = pm or get_plugin_manager()
+    backend_name = selected_backend_name(cfg.backend)
+    pm.backend(backend_name)
+    attack = pm.attack(cfg.attack).configure(**cfg.attack_options)
+    unknown = sorted(set(cfg.defense_options) - set(cfg.defenses))
+    if unknown:
+        raise ConfigError(f"defense_options names {unknown[0]!r}, which is not among the defenses {list(cfg.defenses)}")
+    defenses = [pm.defense(name).configure(**cfg.defense_options.get(name, {})) for name in cfg.defenses]
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
+    user, attacker = _disjoint_rows(splits.train, cfg)
+    test = splits.test.shuffled(cfg.seed).head(cfg.test_rows)
+    poison = PoisonConfig(cfg.target, cfg.poison_rate, cfg.clean_label, cfg.seed).validate(splits.train.num_labels)
+    baseline = pm.defense("none") if cfg.clean_baseline else None
+    return Plan(cfg, backend_name, attack, defenses, splits, user, attacker, test, poison, baseline)
+
+
+def _disjoint_rows(train: TextDataset, cfg: ExperimentConfig) -> tuple[TextDataset, TextDataset]:
+    need = cfg.user_rows + cfg.attacker_rows
+    if need > len(train):
+        raise ConfigError(f"user_rows + attacker_rows = {need} exceeds the {len(train)} training rows of {cfg.dataset!r}")
+    rows = train.shuffled(cfg.seed)
+    user = rows.head(cfg.user_rows)
+    attacker = rows.subset(range(cfg.user_rows, need), f"{train.name}[attacker]")
+    return user, attacker
+
+
+class Experiment:
+    """Runs a :class:`Plan` stage by stage, with caching, and writes the report."""
+
+    def __init__(self, plan: Plan, backend: Backend, cache: StageCache, log: Callable[[str], None] = print) -> None:
+        self.plan, self.backend, self.cache, self.log = plan, backend, cache, log
+        self.cfg = plan.cfg
+        self.timings: dict[str, float] = {}
+
+    # -- stage keys -------------------------------------------------------------------------------
+    def _base_key(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"backend": self.plan.backend_name, "model": c.model, "dataset": c.dataset, "seed": c.seed,
+                "max_length": c.max_length, "precision": c.precision}
+
+    def victim_key(self) -> dict[str, Any]:
+        """What the poisoned (released) model depends on."""
+        c = self.cfg
+        return {**self._base_key(), "attack": self.plan.attack.name, "attack_options": fields_of(self.plan.attack),
+                "poison": dataclasses.asdict(self.plan.poison), "attacker_rows": c.attacker_rows,
+                "user_rows": c.user_rows, "spec": dataclasses.asdict(c.attacker_spec())}
+
+    def _defense_key(self, defense: Defense, victim: dict[str, Any] | None) -> dict[str, Any]:
+        c = self.cfg
+        return {"victim": victim, "base": self._base_key(), "defense": defense.name, "options": fields_of(defense),
+                "teacher": c.teacher, "lora": dataclasses.asdict(c.lora()), "spec": dataclasses.asdict(c.user_spec()),
+                "test_rows": c.test_rows, "attack": self.plan.attack.name, "poison": dataclasses.asdict(self.plan.poison)}
+
+    # -- stages -----------------------------------------------------------------------------------
+    def victim(self) -> Path:
+        """Stage 1: the attacker fully fine-tunes the student on poisoned rows (cached)."""
+        poisoned = self.plan.attack.poison_train(self.plan.attacker_train, self.plan.poison)
+
+        def build(tmp: Path) -> None:
+            self.log(f"stage victim: full fine-tune on {len(poisoned)} rows ({int(poisoned.poisoned.sum())} poisoned)")
+            model = self.backend.load_classifier(resolve_model(self.cfg.model, self._cache_dir()),
+                                                 poisoned.num_labels, seed=self.cfg.seed)
+            stats = self.backend.train(model, poisoned, CrossEntropy(), self.cfg.attacker_spec(), desc="attacker")
+            self.backend.save(model, tmp)
+            atomic_write_json(tmp / "train.json", stats.summary())
+
+        return self._timed("victim", lambda: self.cache.get_or_build("victim", self.victim_key(), build))
+
+    def evaluate(self, model: Any, desc: str) -> dict[str, float]:
+        """CA on clean test rows and ASR on their triggered non-target copies."""
+        p, b = self.plan, self.backend
+        asr_set = p.attack.asr_test(p.test, p.poison)
+        kw = {"batch_size": self.cfg.eval_batch_size, "max_length": self.cfg.max_length}
+        clean = b.predict(model, p.test, desc=f"{desc}: clean test", **kw).labels
+        trig = b.predict(model, asr_set, desc=f"{desc}: triggered test", **kw).labels
+        return {"CA": round(accuracy(clean, p.test.labels), 2),
+                "ASR": round(attack_success_rate(trig, asr_set.labels, p.poison.target), 2)}
+
+    def released_row(self, victim: Path) -> dict[str, Any]:
+        """Metrics of the poisoned model as released (before the user's fine-tune)."""
+        key = {"released": self.victim_key(), "test_rows": self.cfg.test_rows}
+
+        def compute() -> dict[str, Any]:
+            model = self.backend.load_classifier(victim, self.plan.test.num_labels, seed=self.cfg.seed)
+            return {"stage": "poisoned (released)", "defense": "-", **self.evaluate(model, "released")}
+
+        return self._cached("released", key, compute)
+
+    def defense_row(self, defense: Defense, victim: Path | None) -> dict[str, Any]:
+        """Stage 2 + evaluation for one defense (``victim=None``: the clean student, the floor)."""
+        key = self._defense_key(defense, self.victim_key() if victim else None)
+        stage = "poisoned + defense" if victim else "clean student"
+
+        def compute() -> dict[str, Any]:
+            ctx = self._context(victim or resolve_model(self.cfg.model, self._cache_dir()))
+            start = time.perf_counter()
+            outcome = defense.apply(ctx)
+            seconds = time.perf_counter() - start
+            metrics = self.evaluate(outcome.model, defense.name)
+            return {"stage": stage, "defense": defense.name, **metrics, "seconds": round(seconds, 1),
+                    "stats": outcome.stats}
+
+        return self._cached("defense", key, compute)
+
+    def _context(self, victim: Path) -> DefenseContext:
+        c, p = self.cfg, self.plan
+        teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher else None
+        return DefenseContext(self.backend, victim, teacher, p.user_train, p.splits.dev, p.test.num_labels,
+                              c.lora(), c.user_spec(), self.cache, self._base_key(), self.log)
+
+    def _cached(self, stage: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        hit = self.cache.load_json(stage, key)
+        if hit is not None:
+            self.log(f"stage {stage}: reusing cached result ({hit.get('defense', '')})")
+            return dict(hit)
+        result = compute()
+        self.cache.save_json(stage, key, result)
+        return result
+
+    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 1)
+
+    def _cache_dir(self) -> Path:
+        return self.cache.root
+
+    # -- the whole run ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """All stages; returns the results dict (also written to ``cfg.out``)."""
+        start = time.perf_counter()
+        rows = []
+        baseline = self.plan.baseline
+        if baseline is not None:
+            rows.append(self._timed("clean", lambda: self.defense_row(baseline, None)))
+        victim = self.victim()
+        rows.append(self._timed("released", lambda: self.released_row(victim)))
+        for defense in self.plan.defenses:
+            rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, victim)))
+        self.timings["total"] = round(time.perf_counter() - start, 1)
+        results = self._results(rows)
+        write_results(Path(self.cfg.out), results)
+        return results
+
+    def _results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        p = self.plan
+        return {"config": self.cfg.to_dict(), "backend": p.backend_name, "attack": fields_of(p.attack),
+                "poison": dataclasses.asdict(p.poison), "rows": rows, "timings_s": self.timings,
+                "data": {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train),
+                         "test": len(p.test), "asr_test": int((p.test.labels != p.poison.target).sum())},
+                "versions": versions(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of our distributions and the frameworks."""
+    found = {}
+    for name in DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """``results.json`` and ``results.md``, each written atomically."""
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown_table(results) + "\n")
+
+
+def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Python API: plan (validating everything), then run and write the report."""
+    the_plan = plan(cfg, pm)
+    pm = pm or get_plugin_manager()
+    backend = pm.backend(the_plan.backend_name).create()
+    if hasattr(backend, "precision"):
+        backend.precision = cfg.precision
+    cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    return Experiment(the_plan, backend, cache, log).run()

@@ -1,0 +1,117 @@
+"""Typed specs: what to train and with which loss.
+
+Specs are small frozen dataclasses shared by every backend. A loss spec names
+a loss and its hyper-parameters; its NumPy reference lives in
+:mod:`unbackdoor.losses` and every backend implements it as one fused step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import ConfigError, check_choice, check_range
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """A LoRA adapter (peft's conventions: ``scaling = alpha / rank``).
+
+    Attributes:
+        rank: the adapter rank r.
+        alpha: the scaling numerator.
+        dropout: dropout on the adapter input.
+        target_modules: names of the linear layers to adapt (``"all-linear"`` allowed).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank!r}")
+        check_range("LoRA dropout", self.dropout, 0.0, 1.0)
+        if not self.target_modules:
+            raise ConfigError("LoRA target_modules is empty; name at least one layer, e.g. q_proj,v_proj")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run: optimiser AdamW with linear warm-up then linear decay.
+
+    Attributes:
+        epochs: passes over the data.
+        lr: peak learning rate.
+        batch_size: rows per optimiser step.
+        max_length: tokens kept per row (longer rows are truncated).
+        weight_decay: AdamW decoupled weight decay.
+        warmup_ratio: share of steps spent warming up.
+        seed: shuffling and initialisation seed.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        max_steps: stop after this many steps (None: all epochs).
+    """
+
+    epochs: float = 1.0
+    lr: float = 2e-4
+    batch_size: int = 16
+    max_length: int = 64
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 0
+    precision: str = "fp32"
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"epochs must be > 0, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be > 0, got {self.lr!r}")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_choice("precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """Plain cross-entropy on the labels: ``mean_i CE(z_i, y_i)``."""
+
+    aux_keys: ClassVar[tuple[str, ...]] = ()
+
+
+@dataclass(frozen=True)
+class W2SLoss:
+    """W2SDefense: ``alpha*CE + beta*T^2*KL(p_t^T || p_s^T) + gamma*mean_d (h_s - h_t)^2``.
+
+    The batch needs the teacher's logits and projected hidden state per row
+    (auxiliary arrays ``teacher_logits [N, C]`` and ``teacher_hidden [N, D]``).
+
+    Attributes:
+        alpha: weight of the cross-entropy on the labels.
+        beta: weight of the distillation term.
+        gamma: weight of the feature-alignment term.
+        temperature: softening temperature T of the distillation.
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.2
+    gamma: float = 0.2
+    temperature: float = 2.0
+    aux_keys: ClassVar[tuple[str, ...]] = ("teacher_logits", "teacher_hidden")
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"W2S {name} must be a finite number >= 0, got {value!r}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"W2S temperature must be > 0, got {self.temperature!r}")
+
+
+LossSpec = CrossEntropy | W2SLoss

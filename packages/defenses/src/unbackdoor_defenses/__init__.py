@@ -1,0 +1,3 @@
+"""Built-in defenses, registered through the ``unbackdoor`` entry-point group."""
+
+__version__ = "0.1.0"

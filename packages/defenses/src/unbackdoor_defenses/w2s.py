@@ -1,0 +1,98 @@
+"""W2SDefense: weak-to-strong unlearning by distillation from a small clean teacher.
+
+The teacher (encoder -> projection g -> classifier) is fully fine-tuned on the
+user's clean data and cached; its logits and projected states are computed
+once per row and cached; the backdoored student is then trained with LoRA on
+``alpha*CE + beta*KD + gamma*alignment`` (see :class:`unbackdoor.specs.W2SLoss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
+from unbackdoor.errors import ConfigError
+from unbackdoor.metrics import accuracy
+from unbackdoor.specs import CrossEntropy, TrainSpec, W2SLoss
+
+from .finetune import lora_victim
+
+
+@dataclass(frozen=True)
+class W2SDefense(Defense):
+    """Weak-to-strong unlearning (W2SDefense).
+
+    Attributes:
+        alpha, beta, gamma, temperature: the loss weights and KD temperature.
+        teacher_epochs, teacher_lr, teacher_batch_size: the teacher's full fine-tune.
+    """
+
+    name = "w2s"
+    description = "W2SDefense: LoRA student distilled from a small clean teacher (CE + KD + feature alignment)"
+    alpha: float = 1.0
+    beta: float = 0.2
+    gamma: float = 0.2
+    temperature: float = 2.0
+    teacher_epochs: float = 3.0
+    teacher_lr: float = 5e-5
+    teacher_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        self.loss()  # validate the weights early, with the spec's clear errors
+
+    def loss(self) -> W2SLoss:
+        """The loss spec this defense trains with."""
+        return W2SLoss(self.alpha, self.beta, self.gamma, self.temperature)
+
+    def apply(self, ctx: DefenseContext) -> DefenseOutcome:
+        if ctx.teacher_path is None:
+            raise ConfigError("defense 'w2s' needs a teacher model (--teacher, e.g. minilm-l6)")
+        student = lora_victim(ctx)
+        width = ctx.backend.hidden_size(student)
+        teacher_dir, teacher_stats = self._teacher(ctx, width)
+        aux, teacher_train_acc = self._teacher_outputs(ctx, teacher_dir)
+        stats = ctx.backend.train(student, ctx.clean_train, self.loss(), ctx.train, aux, desc="w2s: student")
+        return DefenseOutcome(student, {"train": stats.summary(), "teacher": teacher_stats,
+                                        "teacher_train_accuracy": teacher_train_acc})
+
+    def _teacher_spec(self, ctx: DefenseContext) -> TrainSpec:
+        return dataclasses.replace(ctx.train, epochs=self.teacher_epochs, lr=self.teacher_lr,
+                                   batch_size=self.teacher_batch_size)
+
+    def _teacher_key(self, ctx: DefenseContext, width: int) -> dict[str, Any]:
+        return {**ctx.cache_key, "teacher": str(ctx.teacher_path), "width": width,
+                "spec": dataclasses.asdict(self._teacher_spec(ctx)), "rows": len(ctx.clean_train)}
+
+    def _teacher(self, ctx: DefenseContext, width: int) -> tuple[Path, dict[str, Any]]:
+        """Fine-tune (or reuse from the cache) teacher = encoder -> g -> classifier."""
+        stats: dict[str, Any] = {}
+
+        def build(tmp: Path) -> None:
+            teacher = ctx.backend.load_classifier(ctx.teacher_path, ctx.num_labels, projection_dim=width,
+                                                  seed=ctx.train.seed)
+            result = ctx.backend.train(teacher, ctx.clean_train, CrossEntropy(), self._teacher_spec(ctx),
+                                       desc="w2s: teacher")
+            stats.update(result.summary())
+            if ctx.clean_dev is not None and len(ctx.clean_dev):
+                pred = ctx.backend.predict(teacher, ctx.clean_dev, desc="w2s: teacher dev").labels
+                stats["dev_accuracy"] = accuracy(pred, ctx.clean_dev.labels)
+            ctx.backend.save(teacher, tmp)
+            (tmp / "stats.json").write_text(json.dumps(stats))
+
+        key = self._teacher_key(ctx, width)
+        path = ctx.cache.get_or_build("teacher", key, build)
+        return path, stats or json.loads((path / "stats.json").read_text())
+
+    def _teacher_outputs(self, ctx: DefenseContext, teacher_dir: Path) -> tuple[dict[str, np.ndarray], float]:
+        """The frozen teacher's logits and projected states on the training rows, computed once."""
+        teacher = ctx.backend.load_classifier(teacher_dir, ctx.num_labels, seed=ctx.train.seed)
+        pred = ctx.backend.predict(teacher, ctx.clean_train, max_length=ctx.train.max_length, hidden=True,
+                                   desc="w2s: teacher outputs")
+        aux = {"teacher_logits": pred.logits, "teacher_hidden": pred.hidden}
+        return aux, accuracy(pred.labels, ctx.clean_train.labels)  # type: ignore[dict-item]

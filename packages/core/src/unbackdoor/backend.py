@@ -118,7 +118,8 @@ class BackendInfo:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise BackendUnavailableError(
-                f"backend {self.name!r} cannot be imported ({exc}); install its package, e.g. pip install unbackdoor-{self.name}"
+                f"backend {self.name!r} cannot be imported ({exc}); "
+                f"install its package, e.g. pip install unbackdoor-{self.name}"
             ) from exc
         make: Callable[[], Backend] = getattr(module, attr)
         return make()

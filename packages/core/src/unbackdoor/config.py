@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice
 from .options import configure
-from .specs import LoRASpec, TrainSpec
+from .specs import PRECISIONS, LoRASpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,11 @@ class ExperimentConfig:
     poison_rate: float = 0.2
     clean_label: bool = False
     seed: int = 0
-    attacker_rows: int = 600
+    attacker_rows: int = 400
     attacker_epochs: float = 2.0
     attacker_lr: float = 5e-5
     attacker_batch_size: int = 16
-    user_rows: int = 400
+    user_rows: int = 200
     user_epochs: float = 2.0
     user_lr: float = 2e-4
     user_batch_size: int = 16
@@ -76,7 +76,12 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         """Check every spec derived from this config (raises :class:`ConfigError`)."""
-        self.attacker_spec(), self.user_spec(), self.lora()
+        check_choice("precision", self.precision, PRECISIONS)
+        for stage, make in (("attacker", self.attacker_spec), ("user", self.user_spec), ("lora", self.lora)):
+            try:
+                make()
+            except ConfigError as exc:
+                raise ConfigError(f"{stage} settings ({stage}_*): {exc}") from None
         for name in ("attacker_rows", "user_rows", "test_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

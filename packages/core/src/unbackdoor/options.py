@@ -32,9 +32,13 @@ def _coerce(what: str, key: str, current: Any, value: Any) -> Any:
         if isinstance(current, bool):
             return _to_bool(value)
         if isinstance(current, tuple):
-            return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            if isinstance(value, str):  # "a, b" -> ("a", "b"); "" -> () so emptiness is caught
+                return tuple(part.strip() for part in value.split(",") if part.strip())
+            return tuple(value)
         if isinstance(value, bool):
             raise ValueError(value)
+        if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)  # int(16.5) would silently truncate
         return type(current)(value)
     except (TypeError, ValueError):
         raise ConfigError(

@@ -51,7 +51,11 @@ class PluginManager:
     def register(self, plugin: object, name: str, package: str = "(in-process)", version: str = "") -> None:
         """Register a plugin object or module; misspelt hooks fail loudly."""
         self._pm.register(plugin, name=name)
-        self._pm.check_pending()
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError:
+            self._pm.unregister(name=name)  # else its bad hook fails every later registration too
+            raise
         self._sources[name] = (package, version)
 
     def blocked(self) -> set[str]:

@@ -80,7 +80,8 @@ class W2SDefense(Defense):
                                        desc="w2s: teacher")
             stats.update(result.summary())
             if ctx.clean_dev is not None and len(ctx.clean_dev):
-                pred = ctx.backend.predict(teacher, ctx.clean_dev, desc="w2s: teacher dev").labels
+                pred = ctx.backend.predict(teacher, ctx.clean_dev, max_length=ctx.train.max_length,
+                                           desc="w2s: teacher dev").labels
                 stats["dev_accuracy"] = accuracy(pred, ctx.clean_dev.labels)
             ctx.backend.save(teacher, tmp)
             (tmp / "stats.json").write_text(json.dumps(stats))

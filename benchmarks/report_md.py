@@ -1,0 +1,37 @@
+"""Markdown for benchmarks/results/w2s.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _rows(results: dict[str, Any]) -> list[str]:
+    lines = ["| stage | defense | CA | ASR | train samples/s |", "|---|---|---:|---:|---:|"]
+    for r in results["rows"]:
+        rate = r.get("stats", {}).get("train", {}).get("samples_per_second", "-")
+        lines.append(f"| {r['stage']} | {r['defense']} | {r['CA']:.2f} | {r['ASR']:.2f} | {rate} |")
+    return lines
+
+
+def render_w2s(data: dict[str, Any], setting: dict[str, Any]) -> str:
+    """Sections for the parts measured so far."""
+    out = ["# W2SDefense benchmark (real SmolLM2-135M student, MiniLM-L6 teacher, real SST-2)", "",
+           f"Command: `{data['command']}`. Machine: {data['machine']}, {data['cpus']} CPUs.", ""]
+    if "default_experiment" in data:
+        d = data["default_experiment"]
+        out += ["## Default experiment (README quick start)", "",
+                f"`{d['command']}` from an empty cache (GGUF conversion included): **{d['seconds']} s** wall time "
+                "(goal <= 600 s).", "", *_rows(d["results"]), ""]
+    if "throughput" in data:
+        t = data["throughput"]
+        out += ["## Training throughput of the W2S step", "", t["setting"], "",
+                "| loop | samples/s |", "|---|---:|",
+                f"| unbackdoor fused W2S step (length buckets, cached teacher) | {t['fused']:.2f} |",
+                f"| naive loop (pad to max length, teacher recomputed every step) | {t['naive']:.2f} |",
+                "", f"Ratio: **{t['ratio']:.2f}x** (goal >= 2x).", ""]
+    if "comparison" in data:
+        c = data["comparison"]
+        out += ["## Clean student vs poisoned + LoRA (`none`) vs poisoned + W2SDefense", "",
+                "Setting: " + ", ".join(f"{k}={v}" for k, v in setting.items()), "",
+                *_rows(c), "", f"Stage wall times (s): {c['timings_s']}", ""]
+    return "\n".join(out)

@@ -1,0 +1,342 @@
+"""Tests of the experiment config: defaults, TOML/YAML files, command-line flags and user errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import unbackdoor.plugins
+from unbackdoor import cli
+from unbackdoor.backend import BACKEND_ENV
+from unbackdoor.config import ExperimentConfig, build_config, field_names, read_config_file
+from unbackdoor.errors import ConfigError, UnknownNameError
+from unbackdoor.plugins import DISABLE_ENV, PluginManager
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_args(*argv: str) -> argparse.Namespace:
+    """Parse ``unbackdoor run ARGV`` with the real parser."""
+    return cli._parser().parse_args(["run", *argv])
+
+
+# ----------------------------------------------------------------------------------------- defaults and files
+
+
+def test_defaults_are_valid() -> None:
+    cfg = build_config()
+    assert cfg == ExperimentConfig()
+    assert cfg.validate() is cfg
+    assert cfg.defenses == ("none", "w2s") and cfg.attack == "badnet" and cfg.dataset == "sst2"
+    assert cfg.attacker_spec().lr == cfg.attacker_lr and cfg.user_spec().epochs == cfg.user_epochs
+    assert cfg.lora().rank == cfg.lora_rank
+    assert set(cfg.to_dict()) == set(field_names())
+
+
+TOML_BODY = """\
+seed = 3
+user_epochs = 1
+attacker_lr = 1e-4
+defenses = ["w2s"]
+lora_targets = ["q_proj", "k_proj", "v_proj"]
+clean_label = true
+[attack_options]
+words = ["cf", "bb"]
+[defense_options.w2s]
+beta = 0.5
+"""
+
+
+def check_file_values(cfg: ExperimentConfig) -> None:
+    assert cfg.seed == 3
+    assert cfg.user_epochs == 1.0 and isinstance(cfg.user_epochs, float)
+    assert cfg.attacker_lr == 1e-4
+    assert cfg.defenses == ("w2s",)
+    assert cfg.lora_targets == ("q_proj", "k_proj", "v_proj")
+    assert cfg.clean_label is True
+    assert cfg.attack_options == {"words": ["cf", "bb"]}
+    assert cfg.defense_options == {"w2s": {"beta": 0.5}}
+    assert cfg.user_rows == ExperimentConfig.user_rows  # untouched keys keep their defaults
+
+
+def test_toml_flat(tmp_path: Path) -> None:
+    path = write(tmp_path / "exp.toml", TOML_BODY)
+    check_file_values(build_config(read_config_file(path)))
+
+
+def test_toml_under_experiment_table(tmp_path: Path) -> None:
+    body = "[experiment]\n" + TOML_BODY.replace("[attack_options]", "[experiment.attack_options]").replace(
+        "[defense_options.w2s]", "[experiment.defense_options.w2s]")
+    path = write(tmp_path / "exp.toml", body)
+    assert set(read_config_file(path)) == {"seed", "user_epochs", "attacker_lr", "defenses", "lora_targets",
+                                           "clean_label", "attack_options", "defense_options"}
+    check_file_values(build_config(read_config_file(path)))
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_yaml(tmp_path: Path, suffix: str) -> None:
+    pytest.importorskip("yaml")
+    body = """\
+seed: 3
+user_epochs: 1
+attacker_lr: 1.0e-4
+defenses: [w2s]
+lora_targets: [q_proj, k_proj, v_proj]
+clean_label: true
+attack_options:
+  words: [cf, bb]
+defense_options:
+  w2s: {beta: 0.5}
+"""
+    check_file_values(build_config(read_config_file(write(tmp_path / f"exp{suffix}", body))))
+
+
+def test_yaml_under_experiment_key(tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    path = write(tmp_path / "exp.yaml", "experiment:\n  seed: 9\n  dataset: hsol\n")
+    cfg = build_config(read_config_file(path))
+    assert (cfg.seed, cfg.dataset) == (9, "hsol")
+
+
+def test_empty_files_give_defaults(tmp_path: Path) -> None:
+    assert read_config_file(write(tmp_path / "empty.toml", "")) == {}
+    pytest.importorskip("yaml")
+    assert read_config_file(write(tmp_path / "empty.yaml", "")) == {}
+
+
+def test_later_layers_win_and_none_is_ignored() -> None:
+    cfg = build_config({"seed": 1, "model": "a"}, {"seed": 2, "model": None}, {"user-rows": 5})
+    assert (cfg.seed, cfg.model, cfg.user_rows) == (2, "a", 5)
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+
+def test_cli_flags_override_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "exp.toml", TOML_BODY)
+    cfg = cli.config_from_args(run_args("--config", str(path), "--seed", "7", "--user-epochs", "0.5",
+                                        "--defenses", "none,w2s"))
+    assert cfg.seed == 7 and cfg.user_epochs == 0.5
+    assert cfg.defenses == ("none", "w2s")
+    assert cfg.attacker_lr == 1e-4 and cfg.clean_label is True  # file values not overridden stay
+    assert cfg.lora_targets == ("q_proj", "k_proj", "v_proj")
+
+
+def test_cli_flags_alone_are_typed() -> None:
+    cfg = cli.config_from_args(run_args("--seed", "5", "--poison-rate", "0.3", "--clean-label", "yes",
+                                        "--lora-targets", "all-linear", "--backend", "jax", "--data-dir", "/x"))
+    assert cfg.seed == 5 and isinstance(cfg.seed, int)
+    assert cfg.poison_rate == 0.3 and cfg.clean_label is True
+    assert cfg.lora_targets == ("all-linear",)
+    assert cfg.backend == "jax" and cfg.data_dir == "/x"
+
+
+def test_no_flags_means_defaults() -> None:
+    args = run_args()
+    assert set(vars(args)) == {"func"}  # argument_default=SUPPRESS: absent flags stay absent
+    assert cli.config_from_args(args) == ExperimentConfig()
+
+
+def test_defenses_flag_becomes_tuple() -> None:
+    assert cli.config_from_args(run_args("--defenses", "none,w2s")).defenses == ("none", "w2s")
+    assert cli.config_from_args(run_args("--defenses", "w2s")).defenses == ("w2s",)
+    assert cli.config_from_args(run_args("--defenses", " none, w2s ,")).defenses == ("none", "w2s")
+
+
+def test_attack_option_flags() -> None:
+    cfg = cli.config_from_args(run_args("--attack-option", "words=cf,bb", "--attack-option", "count=2"))
+    assert cfg.attack_options == {"words": "cf,bb", "count": "2"}
+
+
+def test_defense_option_flags() -> None:
+    cfg = cli.config_from_args(run_args("--defense-option", "w2s.beta=0.5", "--defense-option", "w2s.gamma=0",
+                                        "--defense-option", "none.x=a=b"))
+    assert cfg.defense_options == {"w2s": {"beta": "0.5", "gamma": "0"}, "none": {"x": "a=b"}}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--defense-option", "beta=0.5"], "DEFENSE.KEY=VALUE"),
+        (["--defense-option", "w2s.beta"], "KEY=VALUE"),
+        (["--attack-option", "words"], "KEY=VALUE"),
+        (["--attack-option", "=cf"], "KEY=VALUE"),
+    ],
+)
+def test_malformed_option_flags(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as err:
+        cli.config_from_args(run_args(*argv))
+    assert argv[1] in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------- bad values
+
+
+def test_unknown_key_in_file_lists_valid_keys(tmp_path: Path) -> None:
+    path = write(tmp_path / "exp.toml", "epochs = 3\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(read_config_file(path))
+    msg = str(err.value)
+    assert "'epochs'" in msg
+    assert "valid options:" in msg
+    for key in ("user_epochs", "attacker_epochs", "poison_rate", "defenses"):
+        assert key in msg
+
+
+@pytest.mark.parametrize(
+    ("layer", "needle"),
+    [
+        ({"user_epochs": "abc"}, "user_epochs"),
+        ({"seed": "x"}, "seed"),
+        ({"user_batch_size": 16.5}, "user_batch_size"),
+        ({"clean_label": "maybe"}, "clean_label"),
+        ({"defenses": 5}, "defenses"),
+        ({"attack_options": "words=cf"}, "attack_options"),
+    ],
+)
+def test_wrong_type_names_the_option(layer: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as err:
+        build_config(layer)
+    assert repr(next(iter(layer.values()))) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("layer", "needle"),
+    [
+        ({"user_lr": -1e-4}, "learning rate"),
+        ({"attacker_lr": 0}, "learning rate"),
+        ({"user_lr": float("nan")}, "learning rate"),
+        ({"user_epochs": 0}, "epochs"),
+        ({"user_batch_size": 0}, "batch_size"),
+        ({"attacker_batch_size": -2}, "batch_size"),
+        ({"max_length": 0}, "max_length"),
+        ({"lora_rank": 0}, "rank"),
+        ({"lora_dropout": 1.5}, "dropout"),
+        ({"lora_targets": ()}, "target"),
+        ({"precision": "fp8"}, "precision"),
+        ({"user_rows": 0}, "user_rows"),
+        ({"test_rows": -1}, "test_rows"),
+        ({"defenses": ""}, "defenses"),
+        ({"defenses": " , "}, "defenses"),
+        ({"lora_targets": ""}, "target"),
+    ],
+)
+def test_bad_values(layer: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        build_config(layer)
+
+
+def test_bad_precision_lists_choices() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        build_config({"precision": "fp8"})
+    assert err.value.choices == ["bf16", "fp32"]
+    assert "'fp8'" in str(err.value)
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        build_config().seed = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["missing.toml", "exp.ini", "exp.json"])
+def test_bad_config_file_paths(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name != "missing.toml":
+        write(path, "[experiment]\nseed = 1\n")
+    with pytest.raises(ConfigError) as err:
+        read_config_file(path)
+    assert name in str(err.value)
+    assert ("does not exist" if name == "missing.toml" else ".toml, .yaml or .yml") in str(err.value)
+
+
+def test_config_dir_is_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_config_file(tmp_path / "dir.toml")
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_config_file(write(tmp_path / "bad.toml", "seed = = 3\n"))
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    pytest.importorskip("yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_config_file(write(tmp_path / "bad.yaml", "seed: [1, 2\n"))
+
+
+# ----------------------------------------------------------------------------------------- the CLI's error path
+
+
+@pytest.fixture
+def fresh_pm(monkeypatch: pytest.MonkeyPatch) -> PluginManager:
+    """A plugin manager loaded with a clean environment, used by the CLI."""
+    pm = PluginManager()
+    monkeypatch.setattr(unbackdoor.plugins, "_DEFAULT", pm)
+    return pm
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--backend", "tensorflow"], ["unknown backend 'tensorflow'", "jax", "torch"]),
+        (["--attack", "ripples"], ["unknown attack 'ripples'", "badnet", "insent"]),
+        (["--defenses", "none,magic"], ["unknown defense 'magic'", "none", "w2s"]),
+        (["--dataset", "no-such-dataset"], ["unknown dataset 'no-such-dataset'", "sst2", "agnews"]),
+        (["--data-dir", "/nonexistent"], ["/nonexistent", "does not exist", "sst2"]),
+        (["--attack-option", "colour=red"], ["colour", "valid options: count, words"]),
+        (["--defense-option", "w2s.beta=-1"], ["beta"]),
+        (["--defense-option", "magic.beta=1"], ["magic"]),
+        (["--poison-rate", "1.5"], ["poison rate", "1.5"]),
+        (["--target", "7"], ["target", "7"]),
+        (["--user-rows", "10000"], ["exceeds", "training rows"]),
+        (["--lora-rank", "0"], ["rank"]),
+        (["--user-epochs", "abc"], ["user_epochs", "'abc'"]),
+        (["--config", "/nonexistent/exp.toml"], ["/nonexistent/exp.toml"]),
+    ],
+    ids=["backend", "attack", "defense", "dataset", "data-dir", "attack-option", "defense-value",
+         "defense-option-name", "rate", "target", "rows", "lora-rank", "type", "config-file"],
+)
+def test_cli_user_errors_exit_2_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fresh_pm: PluginManager, argv: list[str], needles: list[str]
+) -> None:
+    out_dir, cache_dir = tmp_path / "out", tmp_path / "cache"
+    rc = cli.main(["run", *argv, "--out", str(out_dir), "--cache-dir", str(cache_dir)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    err = captured.err.strip()
+    assert err.startswith("unbackdoor: error: "), captured.err
+    assert "\n" not in err, f"error is not one line:\n{captured.err}"
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    assert not (out_dir / "results.json").exists()
+    assert not any(out_dir.rglob("*")) if out_dir.exists() else True
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*"))
+
+
+def test_cli_bad_config_suffix_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "exp.ini", "seed = 1\n")
+    assert cli.main(["run", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "must end in .toml, .yaml or .yml" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_cli_unknown_flag_is_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--no-such-flag", "1"])
+    assert exc.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""A tiny end-to-end run through the CLI and the Python API: poison -> victim -> LoRA/W2S -> metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unbackdoor import ExperimentConfig, run_experiment
+from unbackdoor.cli import main
+
+
+def _flags(tiny_dirs, tmp_path, backend_name: str) -> list[str]:
+    return ["--backend", backend_name, "--model", str(tiny_dirs["llama"]), "--teacher", str(tiny_dirs["bert"]),
+            "--attacker-rows", "160", "--user-rows", "64", "--test-rows", "40", "--attacker-epochs", "2",
+            "--attacker-lr", "3e-3", "--user-epochs", "1", "--lora-rank", "4", "--max-length", "32",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+
+
+def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_name, capsys) -> None:
+    flags = _flags(tiny_dirs, tmp_path, backend_name)
+    assert main(["run", *flags, "--defenses", "none,w2s", "--defense-option", "w2s.teacher_epochs=1"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    stages = [(r["stage"], r["defense"]) for r in results["rows"]]
+    assert stages == [("poisoned (released)", "-"), ("poisoned + defense", "none"), ("poisoned + defense", "w2s")]
+    for row in results["rows"]:
+        assert 0 <= row["CA"] <= 100 and 0 <= row["ASR"] <= 100
+    w2s = results["rows"][2]["stats"]
+    assert w2s["train"]["steps"] == 4 and "dev_accuracy" in w2s["teacher"]
+    assert results["data"] == {"user_train": 64, "attacker_train": 160, "test": 40,
+                               "asr_test": results["data"]["asr_test"]}
+    assert results["config"]["defense_options"] == {"w2s": {"teacher_epochs": "1"}}
+    assert "| poisoned + defense | w2s |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| poisoned + defense | w2s |" in capsys.readouterr().out
+
+    # Same config again: every stage comes from the cache and the metrics are identical.
+    logs: list[str] = []
+    cfg = ExperimentConfig(**_api_kwargs(tiny_dirs, tmp_path, backend_name), out=str(tmp_path / "out2"),
+                           defense_options={"w2s": {"teacher_epochs": "1"}})
+    again = run_experiment(cfg, log=logs.append)
+    assert [r["CA"] for r in again["rows"]] == [r["CA"] for r in results["rows"]]
+    assert sum("reusing cached" in line for line in logs) == 3
+
+
+def _api_kwargs(tiny_dirs, tmp_path, backend_name: str) -> dict:
+    return dict(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=str(tiny_dirs["bert"]),
+                attacker_rows=160, user_rows=64, test_rows=40, attacker_epochs=2.0, attacker_lr=3e-3,
+                user_epochs=1.0, lora_rank=4, max_length=32, cache_dir=str(tmp_path / "cache"))
+
+
+def test_api_backdoor_is_learned_and_clean_baseline_is_the_floor(tiny_dirs, tmp_path, backend_name) -> None:
+    """The attacker's stage really plants the trigger; the clean student's ASR is the floor."""
+    stronger = {"attacker_epochs": 8.0, "attacker_rows": 320, "attacker_lr": 2e-3, "poison_rate": 0.3}
+    kwargs = _api_kwargs(tiny_dirs, tmp_path, backend_name) | stronger
+    cfg = ExperimentConfig(**kwargs, defenses=("none",), clean_baseline=True, out=str(tmp_path / "o"))
+    rows = {r["stage"]: r for r in run_experiment(cfg, log=lambda _: None)["rows"]}
+    assert set(rows) == {"clean student", "poisoned (released)", "poisoned + defense"}
+    assert rows["poisoned (released)"]["ASR"] >= 75.0
+    assert rows["clean student"]["ASR"] < rows["poisoned (released)"]["ASR"]
+
+
+def test_failed_stage_leaves_no_results_file(tiny_dirs, tmp_path, backend_name) -> None:
+    kwargs = _api_kwargs(tiny_dirs, tmp_path, backend_name) | {"teacher": str(tmp_path / "missing-teacher")}
+    cfg = ExperimentConfig(**kwargs, defenses=("w2s",), out=str(tmp_path / "o"))
+    with pytest.raises(Exception, match="missing-teacher"):
+        run_experiment(cfg, log=lambda _: None)
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -28,7 +28,7 @@ def small() -> TextDataset:
 def sst2() -> DatasetSplits:
     """Real SST-2 from the shared data dir."""
     if not (default_data_dir() / "sst2" / "clean" / "train.tsv").is_file():
-        pytest.skip(f"shared data not found at {default_data_dir()}; set {DATA_DIR_ENV}")
+        pytest.fail(f"shared data not found at {default_data_dir()}; set {DATA_DIR_ENV}")
     return load_dataset("sst2")
 
 

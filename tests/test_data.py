@@ -20,10 +20,10 @@ from unbackdoor.errors import ConfigError, DataError, UnknownNameError
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    """The real shared data dir; the tests that need it skip when it is absent."""
+    """The real shared data dir; the tests that need it fail when it is absent."""
     path = default_data_dir()
     if not (path / "sst2" / "clean" / "train.tsv").is_file():
-        pytest.skip(f"shared data not found at {path}; set {DATA_DIR_ENV}")
+        pytest.fail(f"shared data not found at {path}; set {DATA_DIR_ENV}")
     return path
 
 

@@ -6,14 +6,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from unbackdoor import losses as ref
 from unbackdoor.data import TextDataset
 from unbackdoor.errors import ConfigError
 from unbackdoor.specs import CrossEntropy, LoRASpec, TrainSpec, W2SLoss
-
-torch = pytest.importorskip("torch")
-from unbackdoor_torch.backend import TorchBackend  # noqa: E402
+from unbackdoor_torch.backend import TorchBackend
 
 
 @pytest.fixture(scope="module")

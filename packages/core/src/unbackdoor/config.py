@@ -32,6 +32,7 @@ class ExperimentConfig:
     teacher: str = "minilm-l6"
     dataset: str = "sst2"
     data_dir: str | None = None
+    encoding: str | None = None
     attack: str = "badnet"
     attack_options: dict[str, Any] = field(default_factory=dict)
     defenses: tuple[str, ...] = ("none", "w2s")

@@ -59,7 +59,7 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     if unknown:
         raise ConfigError(f"defense_options names {unknown[0]!r}, which is not among the defenses {list(cfg.defenses)}")
     defenses = [pm.defense(name).configure(**cfg.defense_options.get(name, {})) for name in cfg.defenses]
-    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
+    splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, encoding=cfg.encoding)
     user, attacker = _disjoint_rows(splits.train, cfg)
     test = splits.test.shuffled(cfg.seed).head(cfg.test_rows)
     poison = PoisonConfig(cfg.target, cfg.poison_rate, cfg.clean_label, cfg.seed).validate(splits.train.num_labels)

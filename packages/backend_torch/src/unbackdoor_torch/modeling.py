@@ -1,16 +1,10 @@
 """Sequence classifiers over any HF backbone, with explicit pooling.
 
-Layout on disk (read by both backends): the backbone as HF saves it
-(``config.json`` + ``model.safetensors``), the tokenizer files, the head in
-``head.safetensors`` (``classifier.*`` and, for a W2S teacher,
-``projection.*``) and ``unbackdoor.json`` describing the head.
+Saved in the core's layout (:mod:`unbackdoor.layout`), which the JAX backend reads too.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,21 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from unbackdoor.layout import HEAD_FILE, HeadMeta, copy_tokenizer
 from unbackdoor.models import check_model_dir
 from unbackdoor.text import TextEncoder
-
-HEAD_FILE, META_FILE = "head.safetensors", "unbackdoor.json"
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-@dataclass(frozen=True)
-class HeadMeta:
-    """What the head looks like: written to ``unbackdoor.json``."""
-
-    num_labels: int
-    projection_dim: int | None
-    decoder: bool
 
 
 class SequenceClassifier(nn.Module):
@@ -70,9 +52,7 @@ def load_classifier(path: Path, num_labels: int, projection_dim: int | None, see
     """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
     path = check_model_dir(Path(path))
     config = AutoConfig.from_pretrained(path)
-    meta = _read_meta(path) or HeadMeta(num_labels, projection_dim, config.model_type not in ENCODER_TYPES)
-    if meta.num_labels != num_labels:
-        raise ValueError(f"classifier at {path} has {meta.num_labels} labels, the task has {num_labels}")
+    meta = HeadMeta.for_model(path, num_labels, projection_dim)
     backbone = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     torch.manual_seed(seed)
     model = SequenceClassifier(backbone, meta)
@@ -90,11 +70,6 @@ def _init_head(model: SequenceClassifier, std: float) -> None:
                 nn.init.zeros_(layer.bias)
 
 
-def _read_meta(path: Path) -> HeadMeta | None:
-    file = path / META_FILE
-    return HeadMeta(**json.loads(file.read_text())) if file.is_file() else None
-
-
 def head_state(model: SequenceClassifier) -> dict[str, torch.Tensor]:
     """The head's tensors (classifier and projection), contiguous, on CPU."""
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
@@ -105,10 +80,8 @@ def save_classifier(model: SequenceClassifier, source: Path, target: Path) -> No
     target.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(target, safe_serialization=True)
     save_file(head_state(model), target / HEAD_FILE)
-    (target / META_FILE).write_text(json.dumps(model.meta.__dict__, indent=2))
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, target / name)
+    model.meta.write(target)
+    copy_tokenizer(source, target)
 
 
 def load_encoder(path: Path) -> TextEncoder:

@@ -7,24 +7,21 @@ a single fused step. Batches come from the core's length-bucketed padding.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from unbackdoor.backend import Predictions, TrainStats
-from unbackdoor.batching import iter_batches, num_batches
+from unbackdoor.batching import epoch_batches, iter_batches, lr_factor, num_batches, total_steps
 from unbackdoor.data import TextDataset
 from unbackdoor.progress import progress
 from unbackdoor.specs import LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from .losses import per_example_loss
-
-FLOAT_KEYS = ("teacher_logits", "teacher_hidden")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -44,12 +41,8 @@ def to_tensors(batch: Mapping[str, np.ndarray], device: torch.device) -> dict[st
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak rate, then linear decay to zero."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """The core's schedule (:func:`unbackdoor.batching.lr_factor`) as a torch scheduler."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
@@ -74,25 +67,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpe
     return float(value.detach())
 
 
-def epoch_batches(ids: list[np.ndarray], pad_id: int, arrays: Mapping[str, np.ndarray],
-                  spec: TrainSpec) -> Iterator[Mapping[str, np.ndarray]]:
-    """All training batches for ``spec.epochs`` (a fractional last epoch is cut short)."""
-    total = _total_steps(len(ids), spec)
-    step = 0
-    for epoch in range(math.ceil(spec.epochs)):
-        for batch in iter_batches(ids, pad_id, spec.batch_size, arrays=arrays, shuffle=True,
-                                  seed=spec.seed * 1000 + epoch):
-            if step >= total:
-                return
-            step += 1
-            yield batch
-
-
-def _total_steps(n: int, spec: TrainSpec) -> int:
-    steps = math.ceil(spec.epochs * num_batches(n, spec.batch_size))
-    return min(steps, spec.max_steps) if spec.max_steps else steps
-
-
 def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
         aux: Mapping[str, np.ndarray], device: torch.device, desc: str) -> TrainStats:
     """Train ``model`` in place and report steps, samples, time and losses."""
@@ -101,7 +75,7 @@ def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpe
     torch.manual_seed(spec.seed)
     ids = encoder.encode(data.texts, spec.max_length)
     arrays = {"labels": data.labels, **aux}
-    total = _total_steps(len(ids), spec)
+    total = total_steps(len(ids), spec)
     optimizer = make_optimizer(model, spec)
     scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
     model.train()

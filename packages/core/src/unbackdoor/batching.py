@@ -7,9 +7,12 @@ shapes, and so jit caches, small) instead of to the global maximum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from .specs import TrainSpec
 
 Batch = dict[str, np.ndarray]
 
@@ -73,3 +76,30 @@ def iter_batches(
 def num_batches(n: int, batch_size: int) -> int:
     """How many batches ``n`` rows make."""
     return -(-n // batch_size)
+
+
+def epoch_batches(ids: list[np.ndarray], pad_id: int, arrays: Mapping[str, np.ndarray],
+                  spec: TrainSpec) -> Iterator[Mapping[str, np.ndarray]]:
+    """All training batches for ``spec.epochs`` (a fractional last epoch is cut short)."""
+    total = total_steps(len(ids), spec)
+    step = 0
+    for epoch in range(math.ceil(spec.epochs)):
+        for batch in iter_batches(ids, pad_id, spec.batch_size, arrays=arrays, shuffle=True,
+                                  seed=spec.seed * 1000 + epoch):
+            if step >= total:
+                return
+            step += 1
+            yield batch
+
+
+def total_steps(n: int, spec: TrainSpec) -> int:
+    """Optimiser steps for ``n`` rows: ``ceil(epochs * batches per epoch)``, capped by ``max_steps``."""
+    steps = math.ceil(spec.epochs * num_batches(n, spec.batch_size))
+    return min(steps, spec.max_steps) if spec.max_steps else steps
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to the peak rate over ``warmup`` steps, then linear decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))

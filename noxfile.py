@@ -48,7 +48,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Real-model benchmarks; ``nox -s bench -- w2s`` writes benchmarks/results/w2s.md."""
+    """Real-model benchmarks: ``nox -s bench -- w2s`` (and ``w2s-sweep``) write benchmarks/results/."""
     install(session, "torch", models=True)
     session.run("python", "benchmarks/run.py", *(session.posargs or ["w2s"]))
 

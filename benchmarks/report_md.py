@@ -28,10 +28,22 @@ def render_w2s(data: dict[str, Any], setting: dict[str, Any]) -> str:
                 "| loop | samples/s |", "|---|---:|",
                 f"| unbackdoor fused W2S step (length buckets, cached teacher) | {t['fused']:.2f} |",
                 f"| naive loop (pad to max length, teacher recomputed every step) | {t['naive']:.2f} |",
-                "", f"Ratio: **{t['ratio']:.2f}x** (goal >= 2x).", ""]
+                *([f"| unbackdoor fused W2S step, bf16 autocast | {t['fused_bf16']:.2f} |"] if "fused_bf16" in t else []),
+                "", f"Ratio fp32 vs fp32: **{t['ratio']:.2f}x** (goal >= 2x)."
+                + (f" With bf16 autocast: {t['ratio_bf16']:.2f}x." if "ratio_bf16" in t else ""), ""]
     if "comparison" in data:
         c = data["comparison"]
         out += ["## Clean student vs poisoned + LoRA (`none`) vs poisoned + W2SDefense", "",
                 "Setting: " + ", ".join(f"{k}={v}" for k, v in setting.items()), "",
                 *_rows(c), "", f"Stage wall times (s): {c['timings_s']}", ""]
+    return "\n".join(out)
+
+
+def render_sweep(data: dict[str, Any]) -> str:
+    """One table per knob setting tried."""
+    out = ["# W2SDefense knob sweep (same poisoned SmolLM2-135M as w2s.md's comparison)", "",
+           f"Command: `{data['command']}`. Base setting: "
+           + ", ".join(f"{k}={v}" for k, v in data["base"].items()), ""]
+    for name, run in data["runs"].items():
+        out += [f"## {name}: {run['change']}", "", *_rows(run["results"]), ""]
     return "\n".join(out)

@@ -11,13 +11,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from unbackdoor import ExperimentConfig, run_experiment
-from unbackdoor.cache import atomic_write_json, atomic_write_text
+from unbackdoor.cache import atomic_write_json, atomic_write_text, default_cache_dir
 
 RESULTS = Path(__file__).parent / "results"
 # The W2S comparison: a stronger attacker than the default quick start (see DESIGN.md's calibration).
@@ -50,25 +49,55 @@ def comparison(cache: Path) -> dict[str, Any]:
     return run_experiment(cfg)
 
 
+# W2S knobs tried on the comparison's poisoned model (the victim is reused from the cache).
+SWEEP = {
+    "r64-all-linear": dict(lora_rank=64, lora_alpha=128.0, lora_targets=("all-linear",)),
+    "r8-beta1-gamma1-4ep": dict(user_epochs=4.0, defense_options={"w2s": {"beta": 1.0, "gamma": 1.0}}),
+}
+
+
+def sweep(cache: Path) -> dict[str, Any]:
+    """none vs w2s for each knob setting in ``SWEEP``, written as results accumulate."""
+    data: dict[str, Any] = {"command": "nox -s bench -- w2s-sweep", "base": W2S_SETTING, "runs": {}}
+    for name, change in SWEEP.items():
+        setting = {**W2S_SETTING, "clean_baseline": False, **change}
+        cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"sweep-{name}"))
+        data["runs"][name] = {"change": change, "results": run_experiment(cfg)}
+        from report_md import render_sweep
+
+        save("w2s_sweep", data, render_sweep(data))
+    return data
+
+
 def main(argv: list[str]) -> int:
-    """Run the named benchmarks (only ``w2s`` for now)."""
+    """Run the named benchmarks: ``w2s`` (default) and ``w2s-sweep``."""
     names = argv or ["w2s"]
-    if names != ["w2s"]:
-        print(f"unknown benchmark(s) {names}; choose: w2s", file=sys.stderr)
+    unknown = sorted(set(names) - {"w2s", "w2s-sweep"})
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; choose: w2s, w2s-sweep", file=sys.stderr)
         return 2
+    cache = Path(os.environ.get("UNBACKDOOR_BENCH_CACHE") or default_cache_dir() / "bench")
+    if "w2s" in names:
+        w2s(cache)
+    if "w2s-sweep" in names:
+        sweep(cache)
+    return 0
+
+
+def w2s(cache: Path) -> None:
+    """Default-experiment wall time, loop throughput, and the clean/none/w2s comparison."""
     from throughput import measure  # the naive vs fused loop, torch only
 
-    cache = Path(os.environ.get("UNBACKDOOR_BENCH_CACHE") or tempfile.mkdtemp(prefix="unbackdoor-bench-"))
     data: dict[str, Any] = {"command": "nox -s bench -- w2s", "machine": platform.platform(),
                             "cpus": os.cpu_count(), "cache": str(cache)}
-    data["default_experiment"] = default_wall_time(cache / "fresh")
+    fresh = cache / f"fresh-{time.strftime('%Y%m%d-%H%M%S')}"  # an empty cache: conversion included
+    data["default_experiment"] = default_wall_time(fresh)
     save("w2s", data, render(data))
     data["throughput"] = measure(cache)
     save("w2s", data, render(data))
     data["comparison"] = comparison(cache)
     save("w2s", data, render(data))
     print(render(data))
-    return 0
 
 
 def render(data: dict[str, Any]) -> str:

@@ -32,13 +32,15 @@ def _models(backend: TorchBackend, cache: Path) -> tuple[Any, Any]:
     return student, teacher
 
 
-def fused(backend: TorchBackend, cache: Path, rows: Any) -> float:
+def fused(backend: TorchBackend, cache: Path, rows: Any, precision: str = "fp32") -> float:
     """samples/s of teacher-outputs-once + ``TorchBackend.train``."""
     student, teacher = _models(backend, cache)
+    backend.precision = precision
     start = time.perf_counter()
     t = backend.predict(teacher, rows, max_length=MAX_LEN, hidden=True)
-    backend.train(student, rows, LOSS, TrainSpec(EPOCHS, 2e-4, BATCH, MAX_LEN),
+    backend.train(student, rows, LOSS, TrainSpec(EPOCHS, 2e-4, BATCH, MAX_LEN, precision=precision),
                   {"teacher_logits": t.logits, "teacher_hidden": t.hidden})
+    backend.precision = "fp32"
     return ROWS * EPOCHS / (time.perf_counter() - start)
 
 
@@ -77,6 +79,8 @@ def measure(cache: Path) -> dict[str, Any]:
     rows = load_dataset("sst2").train.shuffled(0).head(ROWS)
     slow = naive(backend, cache, rows)
     fast = fused(backend, cache, rows)
+    fast_bf16 = fused(backend, cache, rows, "bf16")
     setting = (f"{ROWS} SST-2 rows x {EPOCHS} epochs, batch {BATCH}, max_length {MAX_LEN}, LoRA r=8 on q_proj,v_proj, "
                f"W2S a=1 b=0.2 c=0.2 T=2, fp32, {torch.get_num_threads()} threads.")
-    return {"setting": setting, "fused": fast, "naive": slow, "ratio": fast / slow}
+    return {"setting": setting, "fused": fast, "naive": slow, "ratio": fast / slow, "fused_bf16": fast_bf16,
+            "ratio_bf16": fast_bf16 / slow}

@@ -32,6 +32,10 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     assert results["config"]["defense_options"] == {"w2s": {"teacher_epochs": "1"}}
     assert "| poisoned + defense | w2s |" in (tmp_path / "out" / "results.md").read_text()
     assert "| poisoned + defense | w2s |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "out"), str(tmp_path / "out" / "results.json")]) == 0
+    assert capsys.readouterr().out.count("| poisoned + defense | none |") == 2
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
     # Same config again: every stage comes from the cache and the metrics are identical.
     logs: list[str] = []

@@ -29,12 +29,16 @@ class PoisonConfig:
         rate: share of the training rows to poison, in [0, 1].
         clean_label: poison only rows already labelled ``target`` (labels untouched).
         seed: drives row choice and trigger placement.
+        dataset: the task's registry name or path (attacks built on aligned files look them up).
+        data_dir: where registry names are resolved (None: the default data dir).
     """
 
     target: int = 1
     rate: float = 0.1
     clean_label: bool = False
     seed: int = 0
+    dataset: str = ""
+    data_dir: str | None = None
 
     def validate(self, num_labels: int) -> PoisonConfig:
         """Check ranges against a task with ``num_labels`` classes."""
@@ -91,14 +95,14 @@ class InsertionAttack(Attack):
             labels[i] = cfg.target
         mask = np.zeros(len(train), bool)
         mask[rows] = True
-        return TextDataset(texts, labels, f"{train.name}+{self.name}", train.label_names, mask)
+        return TextDataset(texts, labels, f"{train.name}+{self.name}", train.label_names, mask, train.rows)
 
     def triggered_test(self, test: TextDataset, cfg: PoisonConfig) -> TextDataset:
         cfg.validate(test.num_labels)
         rng = np.random.default_rng(cfg.seed + 1)
         texts = [self.insert(t, rng) for t in test.texts]
         return TextDataset(texts, test.labels, f"{test.name}+{self.name}", test.label_names,
-                           np.ones(len(test), bool))
+                           np.ones(len(test), bool), test.rows)
 
 
 def choose_poison_rows(labels: np.ndarray, cfg: PoisonConfig, rng: np.random.Generator) -> np.ndarray:

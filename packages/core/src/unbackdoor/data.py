@@ -33,6 +33,8 @@ class TextDataset:
         name: a human-readable name (``"sst2/train"``).
         label_names: one name per class.
         poisoned: bool array ``[N]``, True where an attack changed the row.
+        rows: int64 array ``[N]``, each row's position in its source split (kept by ``subset``), so
+            attacks can look up aligned files (paraphrases of row i of the clean split).
     """
 
     texts: tuple[str, ...]
@@ -40,16 +42,19 @@ class TextDataset:
     name: str
     label_names: tuple[str, ...]
     poisoned: np.ndarray = field(default=None)  # type: ignore[assignment]
+    rows: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", tuple(self.texts))
         object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64).reshape(-1))
         mask = np.zeros(len(self.texts), bool) if self.poisoned is None else np.asarray(self.poisoned, bool)
         object.__setattr__(self, "poisoned", mask.reshape(-1))
-        if not (len(self.texts) == len(self.labels) == len(self.poisoned)):
+        rows = np.arange(len(self.texts)) if self.rows is None else np.asarray(self.rows, np.int64)
+        object.__setattr__(self, "rows", rows.reshape(-1))
+        if not (len(self.texts) == len(self.labels) == len(self.poisoned) == len(self.rows)):
             raise ValueError(
                 f"dataset {self.name!r}: {len(self.texts)} texts, {len(self.labels)} labels, "
-                f"{len(self.poisoned)} poison flags; they must match"
+                f"{len(self.poisoned)} poison flags, {len(self.rows)} row ids; they must match"
             )
 
     def __len__(self) -> int:
@@ -65,7 +70,7 @@ class TextDataset:
         idx = np.asarray(indices, dtype=np.int64)
         return TextDataset(
             tuple(self.texts[i] for i in idx), self.labels[idx], name or self.name,
-            self.label_names, self.poisoned[idx],
+            self.label_names, self.poisoned[idx], self.rows[idx],
         )
 
     def head(self, n: int | None) -> TextDataset:

@@ -62,7 +62,8 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, encoding=cfg.encoding)
     user, attacker = _disjoint_rows(splits.train, cfg)
     test = splits.test.shuffled(cfg.seed).head(cfg.test_rows)
-    poison = PoisonConfig(cfg.target, cfg.poison_rate, cfg.clean_label, cfg.seed).validate(splits.train.num_labels)
+    poison = PoisonConfig(cfg.target, cfg.poison_rate, cfg.clean_label, cfg.seed, cfg.dataset,
+                          cfg.data_dir).validate(splits.train.num_labels)
     baseline = pm.defense("none") if cfg.clean_baseline else None
     return Plan(cfg, backend_name, attack, defenses, splits, user, attacker, test, poison, baseline)
 

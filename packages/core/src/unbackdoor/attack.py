@@ -67,10 +67,13 @@ class Attack(ABC):
     def triggered_test(self, test: TextDataset, cfg: PoisonConfig) -> TextDataset:
         """Return a triggered copy of test rows of ALL classes, keeping their TRUE labels."""
 
+    def triggered_tests(self, test: TextDataset, cfg: PoisonConfig) -> dict[str, TextDataset]:
+        """One triggered copy of ``test`` per trigger, by trigger name (multi-trigger attacks override this)."""
+        return {self.name: self.triggered_test(test, cfg)}
+
     def asr_test(self, test: TextDataset, cfg: PoisonConfig) -> TextDataset:
         """Triggered copies of the non-target test rows (the ASR set)."""
-        triggered = self.triggered_test(test, cfg)
-        return triggered.subset(np.flatnonzero(triggered.labels != cfg.target), f"{test.name}+{self.name}")
+        return non_target(self.triggered_test(test, cfg), cfg.target)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,11 @@ class InsertionAttack(Attack):
         texts = [self.insert(t, rng) for t in test.texts]
         return TextDataset(texts, test.labels, f"{test.name}+{self.name}", test.label_names,
                            np.ones(len(test), bool), test.rows)
+
+
+def non_target(triggered: TextDataset, target: int) -> TextDataset:
+    """The rows of ``triggered`` whose true label is not ``target``."""
+    return triggered.subset(np.flatnonzero(triggered.labels != target), triggered.name)
 
 
 def choose_poison_rows(labels: np.ndarray, cfg: PoisonConfig, rng: np.random.Generator) -> np.ndarray:

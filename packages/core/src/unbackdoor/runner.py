@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .attack import Attack, PoisonConfig, fields_of
+from .attack import Attack, PoisonConfig, fields_of, non_target
 from .backend import Backend, selected_backend_name
 from .cache import StageCache, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import ExperimentConfig
@@ -120,15 +120,20 @@ class Experiment:
 
         return self._timed("victim", lambda: self.cache.get_or_build("victim", self.victim_key(), build))
 
-    def evaluate(self, model: Any, desc: str) -> dict[str, float]:
-        """CA on clean test rows and ASR on their triggered non-target copies."""
+    def evaluate(self, model: Any, desc: str) -> dict[str, Any]:
+        """CA on clean test rows; ASR on triggered non-target copies (per trigger when there are several)."""
         p, b = self.plan, self.backend
-        asr_set = p.attack.asr_test(p.test, p.poison)
         kw = {"batch_size": self.cfg.eval_batch_size, "max_length": self.cfg.max_length}
         clean = b.predict(model, p.test, desc=f"{desc}: clean test", **kw).labels
-        trig = b.predict(model, asr_set, desc=f"{desc}: triggered test", **kw).labels
-        return {"CA": round(accuracy(clean, p.test.labels), 2),
-                "ASR": round(attack_success_rate(trig, asr_set.labels, p.poison.target), 2)}
+        asr = {}
+        for trigger, triggered in p.attack.triggered_tests(p.test, p.poison).items():
+            asr_set = non_target(triggered, p.poison.target)
+            pred = b.predict(model, asr_set, desc=f"{desc}: {trigger} test", **kw).labels
+            asr[trigger] = round(attack_success_rate(pred, asr_set.labels, p.poison.target), 2)
+        metrics: dict[str, Any] = {"CA": round(accuracy(clean, p.test.labels), 2), "ASR": max(asr.values())}
+        if len(asr) > 1:
+            metrics["ASR_by_trigger"] = asr
+        return metrics
 
     def released_row(self, victim: Path) -> dict[str, Any]:
         """Metrics of the poisoned model as released (before the user's fine-tune)."""

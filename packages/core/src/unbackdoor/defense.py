@@ -8,10 +8,12 @@ per-input scores.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
 
 from .backend import Backend
 from .cache import StageCache
@@ -52,10 +54,28 @@ class DefenseContext:
 
 @dataclass
 class DefenseOutcome:
-    """A defense's result: the model to evaluate and figures for the report."""
+    """A defense's result: the model to evaluate and figures for the report.
+
+    Attributes:
+        model: the (possibly repaired) model that classifies the inputs.
+        stats: figures for the report (training stats...).
+        detector: for detection defenses, scores inputs; flagged inputs are rejected.
+        transform: for input-purifying defenses (ONION, paraphrasing), rewrites inputs before the model.
+    """
 
     model: Any
     stats: dict[str, Any] = field(default_factory=dict)
+    detector: Detector | None = None
+    transform: Callable[[Sequence[str]], list[str]] | None = None
+
+
+class Detector(Protocol):
+    """Scores inputs: higher means more likely poisoned; ``score > threshold`` is flagged."""
+
+    threshold: float
+
+    def score(self, data: TextDataset) -> np.ndarray:
+        """One suspicion score per row, ``[N]`` float."""
 
 
 @dataclass(frozen=True)

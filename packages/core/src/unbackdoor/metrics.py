@@ -1,4 +1,4 @@
-"""Metrics: clean accuracy and attack success rate (in percent)."""
+"""Metrics: clean accuracy, attack success rate and detection quality (percentages unless noted)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,28 @@ def attack_success_rate(predicted: np.ndarray, true_labels: np.ndarray, target: 
     predicted, true_labels = np.asarray(predicted), np.asarray(true_labels)
     keep = true_labels != target
     return float((predicted[keep] == target).mean() * 100) if keep.any() else float("nan")
+
+
+def detection_scores(flagged: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
+    """Precision, recall and F1 (in [0, 1]) of ``flagged`` against the truth ``poisoned``; both bool ``[N]``."""
+    flagged, poisoned = np.asarray(flagged, bool), np.asarray(poisoned, bool)
+    tp = float((flagged & poisoned).sum())
+    precision = tp / flagged.sum() if flagged.any() else 0.0
+    recall = tp / poisoned.sum() if poisoned.any() else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def auroc(scores: np.ndarray, poisoned: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the positives ``poisoned`` (ties count one half).
+
+    Computed as the Mann-Whitney U statistic from average ranks, O(N log N).
+    """
+    scores, poisoned = np.asarray(scores, np.float64), np.asarray(poisoned, bool)
+    n_pos, n_neg = int(poisoned.sum()), int((~poisoned).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based ranks, averaged over ties
+    return float((ranks[poisoned].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

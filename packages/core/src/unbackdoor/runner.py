@@ -16,14 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .attack import Attack, PoisonConfig, fields_of, non_target
 from .backend import Backend, selected_backend_name
 from .cache import StageCache, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import ExperimentConfig
 from .data import DatasetSplits, TextDataset, load_dataset
-from .defense import Defense, DefenseContext
+from .defense import Defense, DefenseContext, DefenseOutcome
 from .errors import ConfigError
-from .metrics import accuracy, attack_success_rate
+from .metrics import accuracy, attack_success_rate, auroc, detection_scores
 from .models import resolve_model
 from .plugins import PluginManager, get_plugin_manager
 from .report import markdown_table
@@ -31,6 +33,28 @@ from .specs import CrossEntropy
 
 DISTRIBUTIONS = ("unbackdoor", "unbackdoor-torch", "unbackdoor-jax", "unbackdoor-attacks", "unbackdoor-defenses",
                  "torch", "transformers", "peft", "jax", "flax", "optax", "numpy")
+
+
+@dataclass
+class Judged:
+    """Predictions on one evaluation set, with the detector's verdicts when there is one."""
+
+    predictions: np.ndarray
+    scores: np.ndarray | None = None
+    flagged: np.ndarray | None = None
+
+    @property
+    def kept_predictions(self) -> np.ndarray:
+        """Predictions with rejected (flagged) inputs set to -1, a class nobody has."""
+        return self.predictions if self.flagged is None else np.where(self.flagged, -1, self.predictions)
+
+
+def _detection(scores: list[np.ndarray | None], flagged: list[np.ndarray | None]) -> dict[str, float]:
+    """Detection quality: clean test rows are negatives, every triggered set's rows positives."""
+    truth = np.concatenate([np.full(len(s), i > 0) for i, s in enumerate(scores)])  # type: ignore[arg-type]
+    result = detection_scores(np.concatenate(flagged), truth)  # type: ignore[arg-type]
+    result["auroc"] = auroc(np.concatenate(scores), truth)  # type: ignore[arg-type]
+    return {k: round(v, 4) for k, v in result.items()}
 
 
 @dataclass
@@ -120,20 +144,45 @@ class Experiment:
 
         return self._timed("victim", lambda: self.cache.get_or_build("victim", self.victim_key(), build))
 
-    def evaluate(self, model: Any, desc: str) -> dict[str, Any]:
-        """CA on clean test rows; ASR on triggered non-target copies (per trigger when there are several)."""
-        p, b = self.plan, self.backend
-        kw = {"batch_size": self.cfg.eval_batch_size, "max_length": self.cfg.max_length}
-        clean = b.predict(model, p.test, desc=f"{desc}: clean test", **kw).labels
-        asr = {}
+    def evaluate(self, model: Any, desc: str, outcome: DefenseOutcome | None = None) -> dict[str, Any]:
+        """CA on clean test rows; ASR on triggered non-target copies (per trigger when there are several).
+
+        With a detector, flagged inputs are rejected: a flagged clean input counts as an error (CA) and a
+        flagged triggered input as a failed attack (ASR); the model's own figures stay as CA_model/ASR_model
+        and detection precision/recall/F1/AUROC are added. With a transform, inputs are rewritten first.
+        """
+        p = self.plan
+        clean = self._judge(model, p.test, f"{desc}: clean test", outcome)
+        metrics: dict[str, Any] = {"CA": round(accuracy(clean.kept_predictions, p.test.labels), 2)}
+        asr, scores, flagged = {}, [clean.scores], [clean.flagged]
         for trigger, triggered in p.attack.triggered_tests(p.test, p.poison).items():
             asr_set = non_target(triggered, p.poison.target)
-            pred = b.predict(model, asr_set, desc=f"{desc}: {trigger} test", **kw).labels
-            asr[trigger] = round(attack_success_rate(pred, asr_set.labels, p.poison.target), 2)
-        metrics: dict[str, Any] = {"CA": round(accuracy(clean, p.test.labels), 2), "ASR": max(asr.values())}
+            judged = self._judge(model, asr_set, f"{desc}: {trigger} test", outcome)
+            asr[trigger] = round(attack_success_rate(judged.kept_predictions, asr_set.labels, p.poison.target), 2)
+            scores.append(judged.scores)
+            flagged.append(judged.flagged)
+            if judged.scores is not None:
+                metrics.setdefault("ASR_model_by_trigger", {})[trigger] = round(
+                    attack_success_rate(judged.predictions, asr_set.labels, p.poison.target), 2)
+        metrics["ASR"] = max(asr.values())
         if len(asr) > 1:
             metrics["ASR_by_trigger"] = asr
+        if clean.scores is not None:
+            metrics["CA_model"] = round(accuracy(clean.predictions, p.test.labels), 2)
+            metrics["ASR_model"] = max(metrics.pop("ASR_model_by_trigger").values())
+            metrics["detection"] = _detection(scores, flagged)
         return metrics
+
+    def _judge(self, model: Any, data: TextDataset, desc: str, outcome: DefenseOutcome | None) -> Judged:
+        if outcome is not None and outcome.transform is not None:
+            data = dataclasses.replace(data, texts=tuple(outcome.transform(data.texts)))
+        pred = self.backend.predict(model, data, batch_size=self.cfg.eval_batch_size,
+                                    max_length=self.cfg.max_length, desc=desc).labels
+        detector = outcome.detector if outcome is not None else None
+        if detector is None:
+            return Judged(pred)
+        scores = np.asarray(detector.score(data), np.float64)
+        return Judged(pred, scores, scores > detector.threshold)
 
     def released_row(self, victim: Path) -> dict[str, Any]:
         """Metrics of the poisoned model as released (before the user's fine-tune)."""
@@ -155,7 +204,7 @@ class Experiment:
             start = time.perf_counter()
             outcome = defense.apply(ctx)
             seconds = time.perf_counter() - start
-            metrics = self.evaluate(outcome.model, defense.name)
+            metrics = self.evaluate(outcome.model, defense.name, outcome)
             return {"stage": stage, "defense": defense.name, **metrics, "seconds": round(seconds, 1),
                     "stats": outcome.stats}
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers.utils import logging as hf_logging
 
 from unbackdoor.backend import Predictions, TrainStats
 from unbackdoor.data import TextDataset
-from unbackdoor.specs import LoRASpec, LossSpec, TrainSpec
+from unbackdoor.specs import AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from . import modeling, train
@@ -58,6 +58,14 @@ class TorchBackend:
         model.module.backbone = get_peft_model(model.module.backbone, config)
         return model
 
+    def add_adapter(self, model: TorchModel, spec: AdapterSpec, *, seed: int = 0) -> TorchModel:
+        """LoRA, or a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning) via peft."""
+        if isinstance(spec, LoRASpec):
+            return self.add_lora(model, spec, seed=seed)
+        torch.manual_seed(seed)
+        model.module.backbone = get_peft_model(model.module.backbone, _prompt_config(spec))
+        return model
+
     def train(self, model: TorchModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
               aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:
         """Train in place with the fused step of ``loss``."""
@@ -75,6 +83,9 @@ class TorchBackend:
     def save(self, model: TorchModel, path: str | Path) -> None:
         """Save as a HF-format directory, LoRA merged into the backbone."""
         module = model.module
+        if getattr(module.backbone, "active_peft_config", None) is not None and \
+                module.backbone.active_peft_config.is_prompt_learning:
+            raise ValueError("a prompt-learning adapter cannot be merged into the weights; save a LoRA model instead")
         if hasattr(module.backbone, "merge_and_unload"):
             module.backbone = module.backbone.merge_and_unload()
         modeling.save_classifier(module, model.source, Path(path))
@@ -83,3 +94,13 @@ class TorchBackend:
         """Width of the pooled (projected) state."""
         meta = model.module.meta
         return meta.projection_dim or model.module.backbone.config.hidden_size
+
+
+def _prompt_config(spec: PromptSpec) -> PrefixTuningConfig | PromptEncoderConfig | PromptTuningConfig:
+    """peft's config for a prompt-learning spec (the backbone is a bare encoder/decoder: feature extraction)."""
+    common = {"task_type": TaskType.FEATURE_EXTRACTION, "num_virtual_tokens": spec.num_virtual_tokens}
+    if spec.method == "p-tuning":
+        return PromptEncoderConfig(**common, encoder_hidden_size=spec.encoder_hidden_size)
+    if spec.method == "prefix-tuning":
+        return PrefixTuningConfig(**common)
+    return PromptTuningConfig(**common)

@@ -7,7 +7,7 @@ from functools import singledispatch
 import torch
 import torch.nn.functional as F
 
-from unbackdoor.specs import CrossEntropy, W2SLoss
+from unbackdoor.specs import CrossEntropy, LabelResetLoss, W2SLoss
 
 
 def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -34,6 +34,12 @@ def per_example_loss(spec: object, logits: torch.Tensor, hidden: torch.Tensor | 
 def _(spec: CrossEntropy, logits: torch.Tensor, hidden: torch.Tensor | None,
       batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+
+@per_example_loss.register
+def _(spec: LabelResetLoss, logits: torch.Tensor, hidden: torch.Tensor | None,
+      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(logits, batch["reset_labels"], reduction="none")
 
 
 @per_example_loss.register

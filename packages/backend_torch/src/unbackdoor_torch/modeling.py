@@ -42,7 +42,8 @@ class SequenceClassifier(nn.Module):
     def _pool(self, out: object, attention_mask: torch.Tensor) -> torch.Tensor:
         states = out.last_hidden_state  # type: ignore[attr-defined]
         if self.meta.decoder:  # right padding: the last real token sits at length - 1
-            last = attention_mask.sum(dim=1) - 1
+            offset = states.shape[1] - attention_mask.shape[1]  # virtual tokens a soft prompt put in front
+            last = attention_mask.sum(dim=1) - 1 + offset
             return states[torch.arange(states.shape[0], device=states.device), last]
         pooler = getattr(out, "pooler_output", None)
         return pooler if pooler is not None else states[:, 0]

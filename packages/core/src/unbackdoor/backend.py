@@ -18,7 +18,7 @@ import numpy as np
 
 from .data import TextDataset
 from .errors import BackendUnavailableError
-from .specs import LoRASpec, LossSpec, TrainSpec
+from .specs import AdapterSpec, LoRASpec, LossSpec, TrainSpec
 
 BACKEND_ENV = "UNBACKDOOR_BACKEND"
 DEFAULT_BACKEND = "torch"
@@ -81,6 +81,14 @@ class Backend(Protocol):
 
     def add_lora(self, model: Any, spec: LoRASpec, *, seed: int = 0) -> Any:
         """Freeze the backbone and add a trainable LoRA adapter (the head stays trainable)."""
+
+    def add_adapter(self, model: Any, spec: AdapterSpec, *, seed: int = 0) -> Any:
+        """Freeze the backbone and add a PEFT module: LoRA, or prompt learning (:class:`PromptSpec`).
+
+        Prompt learning puts virtual tokens in front of the input (prefix tuning: into every layer's
+        keys and values); pooling still reads the last REAL token. Backends may support a subset of
+        prompt methods and must raise a clear error for the others.
+        """
 
     def train(self, model: Any, data: TextDataset, loss: LossSpec, spec: TrainSpec,
               aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import CrossEntropy, LossSpec, W2SLoss
+from .specs import CrossEntropy, LabelResetLoss, LossSpec, W2SLoss
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -88,6 +88,8 @@ def reference_loss(spec: LossSpec, outputs: dict[str, np.ndarray], batch: dict[s
     """Batch-mean loss of ``spec`` given model ``outputs`` (logits, hidden) and ``batch`` arrays."""
     if isinstance(spec, CrossEntropy):
         return float(cross_entropy(outputs["logits"], batch["labels"]).mean())
+    if isinstance(spec, LabelResetLoss):
+        return float(cross_entropy(outputs["logits"], batch["reset_labels"]).mean())
     if isinstance(spec, W2SLoss):
         return float(w2s_loss(spec, outputs["logits"], batch["labels"], batch["teacher_logits"],
                               outputs["hidden"], batch["teacher_hidden"]).mean())
@@ -116,3 +118,29 @@ def w2s_grads(
     diff = np.asarray(student_hidden, np.float64) - np.asarray(teacher_hidden, np.float64)
     d_hidden = spec.gamma * 2.0 * diff / (diff.shape[-1] * b)
     return d_logits, d_hidden
+
+
+def reset_labels(labels: np.ndarray, num_labels: int, spec: LabelResetLoss) -> np.ndarray:
+    """PSIM's random labels: ``round(rate * N)`` seeded rows get a shuffled copy of their labels.
+
+    Shuffling keeps the class balance, so the reset set carries no signal about the content.
+    When the shuffle would leave every chosen label as it was (for instance, all chosen rows
+    share one class), those rows instead get a uniformly drawn DIFFERENT class: a reset never
+    leaves all chosen labels intact.
+
+    Args:
+        labels: ``[N]`` true labels.
+        num_labels: number of classes C (>= 2).
+        spec: the reset rate and seed.
+
+    Returns:
+        ``[N]`` labels, equal to ``labels`` outside the reset rows.
+    """
+    labels = np.asarray(labels, np.int64)
+    rng = np.random.default_rng(spec.seed)
+    rows = np.sort(rng.choice(len(labels), size=max(1, round(spec.reset_rate * len(labels))), replace=False))
+    new = labels.copy()
+    new[rows] = rng.permutation(labels[rows])
+    if np.array_equal(new[rows], labels[rows]):
+        new[rows] = (labels[rows] + rng.integers(1, num_labels, len(rows))) % num_labels
+    return new

@@ -25,6 +25,7 @@ from .config import ExperimentConfig
 from .data import DatasetSplits, TextDataset, load_dataset
 from .defense import Defense, DefenseContext, DefenseOutcome
 from .errors import ConfigError
+from .losses import softmax
 from .metrics import accuracy, attack_success_rate, auroc, detection_scores
 from .models import resolve_model
 from .plugins import PluginManager, get_plugin_manager
@@ -40,8 +41,13 @@ class Judged:
     """Predictions on one evaluation set, with the detector's verdicts when there is one."""
 
     predictions: np.ndarray
+    confidence: np.ndarray
     scores: np.ndarray | None = None
     flagged: np.ndarray | None = None
+
+    def at(self, threshold: float) -> Judged:
+        """The same verdicts with another detection threshold."""
+        return dataclasses.replace(self, flagged=self.scores > threshold)  # type: ignore[operator]
 
     @property
     def kept_predictions(self) -> np.ndarray:
@@ -55,6 +61,11 @@ def _detection(scores: list[np.ndarray | None], flagged: list[np.ndarray | None]
     result = detection_scores(np.concatenate(flagged), truth)  # type: ignore[arg-type]
     result["auroc"] = auroc(np.concatenate(scores), truth)  # type: ignore[arg-type]
     return {k: round(v, 4) for k, v in result.items()}
+
+
+def _floats(*arrays: np.ndarray | None) -> list[float]:
+    """Arrays as one rounded list (for results.json)."""
+    return [round(float(x), 5) for a in arrays if a is not None for x in a]
 
 
 @dataclass
@@ -154,10 +165,13 @@ class Experiment:
         p = self.plan
         clean = self._judge(model, p.test, f"{desc}: clean test", outcome)
         metrics: dict[str, Any] = {"CA": round(accuracy(clean.kept_predictions, p.test.labels), 2)}
-        asr, scores, flagged = {}, [clean.scores], [clean.flagged]
+        asr, scores, flagged, confidence = {}, [clean.scores], [clean.flagged], []
+        triggered_judged: list[tuple[TextDataset, Judged]] = []
         for trigger, triggered in p.attack.triggered_tests(p.test, p.poison).items():
             asr_set = non_target(triggered, p.poison.target)
             judged = self._judge(model, asr_set, f"{desc}: {trigger} test", outcome)
+            triggered_judged.append((asr_set, judged))
+            confidence.append(judged.confidence)
             asr[trigger] = round(attack_success_rate(judged.kept_predictions, asr_set.labels, p.poison.target), 2)
             scores.append(judged.scores)
             flagged.append(judged.flagged)
@@ -171,18 +185,39 @@ class Experiment:
             metrics["CA_model"] = round(accuracy(clean.predictions, p.test.labels), 2)
             metrics["ASR_model"] = max(metrics.pop("ASR_model_by_trigger").values())
             metrics["detection"] = _detection(scores, flagged)
+            metrics["detector_scores"] = {"clean": _floats(clean.scores), "triggered": _floats(*scores[1:])}
+            metrics["model_confidence"] = {"clean": _floats(clean.confidence), "triggered": _floats(*confidence)}
+            sweep = getattr(outcome.detector, "thresholds", ()) if outcome else ()
+            if sweep:
+                metrics["threshold_sweep"] = self._sweep(sweep, clean, triggered_judged)
         return metrics
+
+    def _sweep(self, thresholds: tuple[float, ...], clean: Judged, triggered: list[tuple[TextDataset, Judged]]
+               ) -> list[dict[str, float]]:
+        """Detection and end-to-end figures at each threshold, from the scores already computed."""
+        target, rows = self.plan.poison.target, []
+        for t in thresholds:
+            at = [j.at(t) for _, j in triggered]
+            flagged = [clean.scores > t, *[j.flagged for j in at]]  # type: ignore[operator]
+            truth = np.concatenate([np.full(len(f), i > 0) for i, f in enumerate(flagged)])
+            asr = max(attack_success_rate(j.kept_predictions, d.labels, target) for (d, _), j in zip(triggered, at,
+                                                                                                       strict=True))
+            rows.append({"threshold": t, **detection_scores(np.concatenate(flagged), truth),
+                         "CA": round(accuracy(clean.at(t).kept_predictions, self.plan.test.labels), 2),
+                         "ASR": round(asr, 2)})
+        return rows
 
     def _judge(self, model: Any, data: TextDataset, desc: str, outcome: DefenseOutcome | None) -> Judged:
         if outcome is not None and outcome.transform is not None:
             data = dataclasses.replace(data, texts=tuple(outcome.transform(data.texts)))
-        pred = self.backend.predict(model, data, batch_size=self.cfg.eval_batch_size,
-                                    max_length=self.cfg.max_length, desc=desc).labels
+        logits = self.backend.predict(model, data, batch_size=self.cfg.eval_batch_size,
+                                      max_length=self.cfg.max_length, desc=desc).logits
+        pred, confidence = logits.argmax(-1), softmax(logits).max(-1)
         detector = outcome.detector if outcome is not None else None
         if detector is None:
-            return Judged(pred)
+            return Judged(pred, confidence)
         scores = np.asarray(detector.score(data), np.float64)
-        return Judged(pred, scores, scores > detector.threshold)
+        return Judged(pred, confidence, scores, scores > detector.threshold)
 
     def released_row(self, victim: Path) -> dict[str, Any]:
         """Metrics of the poisoned model as released (before the user's fine-tune)."""

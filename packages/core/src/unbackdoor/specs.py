@@ -41,6 +41,32 @@ class LoRASpec:
 
 
 @dataclass(frozen=True)
+class PromptSpec:
+    """A prompt-learning adapter (peft's conventions).
+
+    Attributes:
+        method: ``"prompt-tuning"`` (soft prompt, Lester et al.), ``"p-tuning"`` (prompt encoder, Liu et al.)
+            or ``"prefix-tuning"`` (P-tuning v2 / prefix tuning: trained keys and values in every layer).
+        num_virtual_tokens: length of the learned prompt.
+        encoder_hidden_size: hidden size of the p-tuning prompt encoder.
+    """
+
+    method: str = "prompt-tuning"
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_choice("prompt-learning method", self.method, PROMPT_METHODS)
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens!r}")
+
+
+PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+PEFT_METHODS = ("lora", *PROMPT_METHODS)
+AdapterSpec = LoRASpec | PromptSpec
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """One training run: optimiser AdamW with linear warm-up then linear decay.
 
@@ -114,4 +140,26 @@ class W2SLoss:
             raise ConfigError(f"W2S temperature must be > 0, got {self.temperature!r}")
 
 
-LossSpec = CrossEntropy | W2SLoss
+@dataclass(frozen=True)
+class LabelResetLoss:
+    """PSIM: cross-entropy against labels reset at random (per-row array ``reset_labels [N]``).
+
+    The reset labels are drawn once, seeded, by :func:`unbackdoor.losses.reset_labels`; a model
+    trained on them learns nothing from clean content, so only a backdoor trigger stays confident.
+
+    Attributes:
+        reset_rate: share of training rows whose label is reset, in (0, 1].
+        seed: drives which rows are reset and their new labels.
+    """
+
+    reset_rate: float = 1.0
+    seed: int = 0
+    aux_keys: ClassVar[tuple[str, ...]] = ("reset_labels",)
+
+    def __post_init__(self) -> None:
+        check_range("label reset rate", self.reset_rate, 0.0, 1.0)
+        if self.reset_rate == 0:
+            raise ConfigError("label reset rate must be > 0 (0 would train on the true labels)")
+
+
+LossSpec = CrossEntropy | W2SLoss | LabelResetLoss

@@ -6,10 +6,11 @@ from unbackdoor.defense import Defense
 from unbackdoor.hookspecs import hookimpl
 
 from .finetune import NoDefense
+from .psim import PSIM
 from .w2s import W2SDefense
 
 
 @hookimpl
 def unbackdoor_defenses() -> list[Defense]:
-    """``none`` and ``w2s``."""
-    return [NoDefense(), W2SDefense()]
+    """``none``, ``w2s`` and ``psim``."""
+    return [NoDefense(), W2SDefense(), PSIM()]

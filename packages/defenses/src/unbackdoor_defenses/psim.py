@@ -1,0 +1,98 @@
+"""PSIM: poisoned-sample detection by label-reset PEFT (Zhao et al., "Defending Against
+Weight-Poisoning Backdoor Attacks for Parameter-Efficient Fine-Tuning", 2024).
+
+A copy of the released model gets a PEFT module trained on the user's clean data with the
+labels of the training rows reset at random. It learns nothing from clean content, so it is
+unsure on clean inputs, but the planted trigger still drives it to one class: an input whose
+max softmax confidence exceeds ``threshold`` is flagged as poisoned and rejected. The model that
+answers the task is the user's normal LoRA fine-tune, as with defense ``none``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from unbackdoor.data import TextDataset
+from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
+from unbackdoor.errors import check_choice, check_range
+from unbackdoor.losses import reset_labels, softmax
+from unbackdoor.specs import PEFT_METHODS, AdapterSpec, CrossEntropy, LabelResetLoss, LoRASpec, PromptSpec, TrainSpec
+
+from .finetune import lora_victim
+
+SWEEP = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5 .. 0.95
+
+
+@dataclass
+class ConfidenceDetector:
+    """Flags inputs on which the label-reset model is confident (score = max softmax probability)."""
+
+    backend: Any
+    model: Any
+    threshold: float
+    max_length: int
+    thresholds: tuple[float, ...] = SWEEP
+
+    def score(self, data: TextDataset) -> np.ndarray:
+        """Max softmax probability of the PSIM model per row."""
+        logits = self.backend.predict(self.model, data, max_length=self.max_length, desc="psim: confidence").logits
+        return softmax(logits).max(-1)
+
+
+@dataclass(frozen=True)
+class PSIM(Defense):
+    """Label-reset PEFT detector.
+
+    Attributes:
+        threshold: confidence above which an input is flagged, in (0, 1).
+        reset_rate: share of training labels reset at random, in (0, 1].
+        peft: ``lora``, ``prompt-tuning``, ``p-tuning`` or ``prefix-tuning``.
+        rank, alpha, targets: the LoRA module (when ``peft="lora"``).
+        num_virtual_tokens: the prompt length (prompt methods).
+        epochs, lr: the PSIM module's training (0: the user's fine-tuning settings).
+    """
+
+    name = "psim"
+    description = "PSIM: flags inputs a label-reset PEFT copy of the model is confident on (detector)"
+    kind = "detection"
+    threshold: float = 0.7
+    reset_rate: float = 1.0
+    peft: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    num_virtual_tokens: int = 20
+    epochs: float = 0.0
+    lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_range("psim threshold", self.threshold, 0.0, 1.0, inclusive=False)
+        check_choice("psim peft method", self.peft, PEFT_METHODS)
+        self.adapter(), LabelResetLoss(self.reset_rate)
+
+    def adapter(self) -> AdapterSpec:
+        """The PEFT module of the PSIM model."""
+        if self.peft == "lora":
+            return LoRASpec(self.rank, self.alpha, 0.0, self.targets)
+        return PromptSpec(self.peft, self.num_virtual_tokens)
+
+    def _spec(self, ctx: DefenseContext) -> TrainSpec:
+        return dataclasses.replace(ctx.train, epochs=self.epochs or ctx.train.epochs, lr=self.lr or ctx.train.lr)
+
+    def apply(self, ctx: DefenseContext) -> DefenseOutcome:
+        victim = lora_victim(ctx)
+        user = ctx.backend.train(victim, ctx.clean_train, CrossEntropy(), ctx.train, desc="psim: user LoRA")
+        psim = ctx.backend.load_classifier(ctx.victim_path, ctx.num_labels, seed=ctx.train.seed)
+        psim = ctx.backend.add_adapter(psim, self.adapter(), seed=ctx.train.seed)
+        loss = LabelResetLoss(self.reset_rate, ctx.train.seed)
+        labels = reset_labels(ctx.clean_train.labels, ctx.num_labels, loss)
+        stats = ctx.backend.train(psim, ctx.clean_train, loss, self._spec(ctx), {"reset_labels": labels},
+                                  desc=f"psim: label-reset {self.peft}")
+        detector = ConfidenceDetector(ctx.backend, psim, self.threshold, ctx.train.max_length)
+        changed = float((labels != ctx.clean_train.labels).mean())
+        return DefenseOutcome(victim, {"train": user.summary(), "psim_train": stats.summary(),
+                                       "labels_changed": round(changed, 4)}, detector=detector)

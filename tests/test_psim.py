@@ -1,0 +1,78 @@
+"""PSIM: label reset, the label-reset step vs the NumPy reference, the detector end to end."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from unbackdoor import ExperimentConfig, run_experiment
+from unbackdoor import losses as ref
+from unbackdoor.errors import ConfigError, UnknownNameError
+from unbackdoor.plugins import get_plugin_manager
+from unbackdoor.specs import LabelResetLoss, PromptSpec, TrainSpec
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_full_reset_never_leaves_all_labels_intact(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, int(rng.integers(1, 12)))
+    new = ref.reset_labels(labels, 2, LabelResetLoss(1.0, seed))
+    assert not np.array_equal(new, labels)
+    same = np.zeros(7, np.int64)  # one class only: a shuffle cannot change anything
+    assert not np.array_equal(ref.reset_labels(same, 3, LabelResetLoss(1.0, seed)), same)
+
+
+def test_partial_reset_touches_only_chosen_rows_and_is_seeded() -> None:
+    labels = np.arange(400) % 4
+    spec = LabelResetLoss(0.25, seed=3)
+    new = ref.reset_labels(labels, 4, spec)
+    assert (new != labels).sum() <= 100
+    assert np.array_equal(new, ref.reset_labels(labels, 4, spec))
+    assert not np.array_equal(new, ref.reset_labels(labels, 4, LabelResetLoss(0.25, seed=4)))
+    assert np.bincount(new, minlength=4).tolist() == [100, 100, 100, 100]  # a shuffle keeps the balance
+
+
+def test_label_reset_step_matches_reference(backend_name, tiny_dirs, sst2) -> None:
+    backend = get_plugin_manager().backend(backend_name).create()
+    rows = sst2.train.head(16)
+    model = backend.add_adapter(backend.load_classifier(tiny_dirs["llama"], 2, seed=2), PromptSpec("prompt-tuning", 4))
+    spec = LabelResetLoss(1.0, 7)
+    labels = ref.reset_labels(rows.labels, 2, spec)
+    logits = backend.predict(model, rows).logits
+    stats = backend.train(model, rows, spec, TrainSpec(epochs=1, lr=1e-3, batch_size=16), {"reset_labels": labels})
+    expected = ref.reference_loss(spec, {"logits": logits}, {"reset_labels": labels})
+    assert stats.losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("peft", ["lora", "prompt-tuning"])
+def test_psim_detector_end_to_end(peft, tiny_dirs, tmp_path, backend_name) -> None:
+    cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, attacker_rows=160,
+                           attacker_epochs=2.0, attacker_lr=3e-3, user_rows=48, test_rows=40, max_length=32,
+                           defenses=("psim",), defense_options={"psim": {"peft": peft, "num_virtual_tokens": 4}},
+                           cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
+    row = run_experiment(cfg, log=lambda _: None)["rows"][-1]
+    assert row["defense"] == "psim" and set(row["detection"]) == {"precision", "recall", "f1", "auroc"}
+    assert row["stats"]["labels_changed"] > 0
+    sweep = row["threshold_sweep"]
+    assert [s["threshold"] for s in sweep] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    # Raising the threshold flags fewer inputs: CA with defense and ASR after filtering never fall.
+    assert all(a["CA"] <= b["CA"] and a["ASR"] <= b["ASR"] for a, b in itertools.pairwise(sweep))
+    at_default = next(s for s in sweep if s["threshold"] == 0.7)
+    assert at_default["CA"] == row["CA"] and at_default["ASR"] == row["ASR"]
+    assert row["CA"] <= row["CA_model"] and row["ASR"] <= row["ASR_model"]
+    assert len(row["detector_scores"]["clean"]) == 40
+    assert all(0.5 <= s <= 1.0 for s in row["detector_scores"]["clean"])  # max softmax of 2 classes
+
+
+def test_bad_psim_options_are_clear() -> None:
+    psim = get_plugin_manager().defense("psim")
+    for bad in (1.5, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match="threshold"):
+            psim.configure(threshold=bad)
+    with pytest.raises(UnknownNameError, match="prefix-tuning") as err:
+        psim.configure(peft="adapter-h")
+    assert "adapter-h" in str(err.value)
+    with pytest.raises(ConfigError, match="reset rate"):
+        psim.configure(reset_rate=0)

@@ -1,10 +1,128 @@
-"""Placeholder until the JAX backend lands: selecting it fails with a clear message."""
+"""JaxBackend: the core's Backend protocol over JAX, Flax nnx and Optax.
+
+Steps compile once per model structure, loss and padded batch shape (see
+:mod:`unbackdoor_jax.train`). Set ``JAX_COMPILATION_CACHE_DIR`` to keep
+compiled steps on disk between runs (jax's own persistent cache), which
+saves most of the start-up time of a repeated run on CPU.
+"""
 
 from __future__ import annotations
 
-from unbackdoor.errors import BackendUnavailableError
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
+from unbackdoor.batching import iter_batches
+from unbackdoor.data import TextDataset
+from unbackdoor.errors import check_choice
+from unbackdoor.specs import PRECISIONS, AdapterSpec, LoRASpec, LossSpec, TrainSpec
+from unbackdoor.text import TextEncoder
+
+from . import analysis, lora, modeling, train
+
+PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
 
-def JaxBackend() -> None:  # noqa: N802 - stands where the backend class will be
-    """Raise: the JAX backend is not implemented yet."""
-    raise BackendUnavailableError("backend 'jax' is not implemented yet; use --backend torch")
+@dataclass
+class JaxModel:
+    """A classifier (nnx module), its tokenizer and the directory it came from."""
+
+    module: modeling.SequenceClassifier
+    encoder: TextEncoder
+    source: Path
+
+    @property
+    def stacked(self) -> str:
+        """HF key prefix of the backbone's stacked layers (``layers`` or ``encoder.layer``)."""
+        return str(type(self.module.backbone).STACKED)
+
+
+class JaxBackend:
+    """Train and run sequence classifiers with JAX (CPU, or an accelerator when jax sees one)."""
+
+    name = "jax"
+
+    def __init__(self) -> None:
+        self.precision = os.environ.get(PRECISION_ENV, "fp32")
+        self._lm: tuple[Path, analysis.CausalLM] | None = None  # the last causal LM lm_nll loaded
+
+    def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
+                        seed: int = 0) -> JaxModel:
+        """Load a HF directory as a sequence classifier (see :mod:`unbackdoor_jax.modeling`)."""
+        path = Path(path)
+        module = modeling.load_classifier(path, num_labels, projection_dim, seed)
+        return JaxModel(module, TextEncoder.from_dir(path), path)
+
+    def add_lora(self, model: JaxModel, spec: LoRASpec, *, seed: int = 0) -> JaxModel:
+        """Add LoRA adapters; from now on only they and the head train."""
+        lora.add_lora(model.module.backbone, spec, seed)
+        return model
+
+    def add_adapter(self, model: JaxModel, spec: AdapterSpec, *, seed: int = 0) -> JaxModel:
+        """LoRA, or prompt tuning (p-tuning and prefix tuning raise a ConfigError naming the alternatives)."""
+        if isinstance(spec, LoRASpec):
+            return self.add_lora(model, spec, seed=seed)
+        modeling.add_prompt(model.module, spec, seed)
+        return model
+
+    def train(self, model: JaxModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
+              aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:
+        """Train in place with the jitted step of ``loss``."""
+        missing = [k for k in loss.aux_keys if k not in (aux or {})]
+        if missing:
+            raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
+        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, desc)
+
+    def predict(self, model: JaxModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
+                hidden: bool = False, desc: str = "predict") -> Predictions:
+        """Logits (and pooled states) in the dataset's order."""
+        precision = check_precision(self.precision)
+        return train.predict(model.module, model.encoder, data, batch_size, max_length, hidden, precision, desc)
+
+    def save(self, model: JaxModel, path: str | Path) -> None:
+        """Save as a HF-format directory, LoRA merged into the backbone weights."""
+        modeling.save_classifier(model.module, model.source, Path(path))
+
+    def hidden_size(self, model: JaxModel) -> int:
+        """Width of the pooled (projected) state."""
+        return model.module.meta.projection_dim or int(model.module.backbone.hidden_size)
+
+    def lm_nll(self, path: str | Path, texts: Sequence[str], *, batch_size: int = 16,
+               max_length: int = 128) -> np.ndarray:
+        """Mean next-token NLL of each text under the causal LM at ``path`` ``[N]`` (the LM is kept for reuse)."""
+        ids, pad_id = causal_lm_inputs(path, texts, max_length)
+        dtype = train.DTYPES[check_precision(self.precision)]
+        return analysis.lm_nll(self._causal_lm(Path(path)), ids, pad_id, batch_size, dtype)
+
+    def _causal_lm(self, path: Path) -> analysis.CausalLM:
+        if self._lm is None or self._lm[0] != path.resolve():
+            self._lm = (path.resolve(), analysis.load_causal_lm(path))
+        return self._lm[1]
+
+    def mlp_activations(self, model: JaxModel, data: TextDataset, *, batch_size: int = 64,
+                        max_length: int = 128) -> list[np.ndarray]:
+        """Mean |activation| of each feed-forward neuron on ``data``, one ``[intermediate_size]`` array per layer."""
+        if len(data) == 0:
+            raise ValueError(f"cannot measure activations on the empty dataset {data.name!r}")
+        ids = model.encoder.encode(data.texts, max_length)
+        batches = list(iter_batches(ids, model.encoder.pad_id, batch_size))
+        dtype = train.DTYPES[check_precision(self.precision)]
+        return analysis.mlp_activations(model.module, batches, min(batch_size, len(ids)), max_length,
+                                        model.encoder.pad_id, dtype)
+
+    def export_adapter(self, model: JaxModel) -> dict[str, np.ndarray]:
+        """LoRA weights as numpy under peft-style names (``backbone.layers.0.self_attn.q_proj.lora_A.weight``)."""
+        return lora.export_adapter(model.module.backbone, model.stacked)
+
+    def import_adapter(self, model: JaxModel, arrays: Mapping[str, np.ndarray]) -> None:
+        """Set the LoRA weights from :meth:`export_adapter`'s names (e.g. copied from peft)."""
+        lora.import_adapter(model.module.backbone, model.stacked, dict(arrays))
+
+
+def check_precision(value: str) -> str:
+    """``value`` if it is a known precision, else a ConfigError listing them."""
+    return check_choice("precision", value, PRECISIONS)

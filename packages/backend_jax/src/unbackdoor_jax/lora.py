@@ -1,0 +1,107 @@
+"""LoRA for the nnx backbones, with peft's conventions (targets, init, scaling, names).
+
+An adapted :class:`~unbackdoor_jax.layers.Linear` computes
+``W x + b + (alpha / r) * B A dropout(x)``; A starts ``U(+-1/sqrt(in))``
+(peft's ``kaiming_uniform_(a=sqrt(5))``), B at zero, so the model's outputs
+are unchanged until it trains. Training then updates only the
+:class:`~unbackdoor_jax.layers.LoRAParam` matrices and the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unbackdoor.errors import ConfigError
+from unbackdoor.specs import LoRASpec
+
+from .layers import Linear, LoRAParam
+
+ALL_LINEAR = "all-linear"
+
+
+def linear_layers(backbone: nnx.Module) -> Iterator[tuple[str, Linear]]:
+    """``(dotted path, layer)`` of every linear layer in the backbone (paths without layer indices)."""
+    for path, node in nnx.iter_graph(backbone):
+        if isinstance(node, Linear):
+            yield ".".join(map(str, path)), node
+
+
+def matches(name: str, targets: tuple[str, ...]) -> bool:
+    """peft's rule: a target names the layer itself or a dotted suffix of its path."""
+    return targets == (ALL_LINEAR,) or any(name == t or name.endswith("." + t) for t in targets)
+
+
+def add_lora(backbone: nnx.Module, spec: LoRASpec, seed: int) -> list[str]:
+    """Attach seeded adapters to the targeted linear layers; returns their paths."""
+    layers = dict(linear_layers(backbone))
+    chosen = sorted(name for name in layers if matches(name, spec.target_modules))
+    if not chosen:
+        names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        raise ConfigError(f"LoRA target_modules {list(spec.target_modules)} match no linear layer; "
+                          f"choose from {names} or 'all-linear'")
+    if any(layer.lora_a is not None for layer in layers.values()):
+        raise ConfigError("the model already has a LoRA adapter")
+    for i, name in enumerate(chosen):  # numpy draws: eager jax.random would compile once per shape
+        layers[name].add_lora(np.random.default_rng([seed, i]), spec.rank, spec.alpha, spec.dropout)
+    return chosen
+
+
+def merged_copy(module: nnx.Module) -> nnx.Module:
+    """A copy with every adapter folded into its weight (``module`` unchanged).
+
+    Its structure equals the plain model's, so inference reuses the plain
+    model's compiled forward instead of compiling one per adapter layout.
+    """
+    if not has_lora(module):
+        return module
+    copy = nnx.clone(module)
+    for _, layer in linear_layers(copy):
+        if layer.lora_a is not None:
+            layer.merge_lora()
+    return copy
+
+
+def has_lora(module: nnx.Module) -> bool:
+    """Whether any LoRA matrix is attached."""
+    return bool(jax.tree.leaves(nnx.state(module, LoRAParam)))
+
+
+def _peft_keys(name: str, stacked: str, depth: int) -> list[str]:
+    """peft's key prefixes for one (possibly stacked) layer: ``backbone.layers.0.self_attn.q_proj`` ..."""
+    if not name.startswith(stacked + "."):
+        return [f"backbone.{name}"]
+    rest = name.removeprefix(stacked + ".")
+    return [f"backbone.{stacked}.{i}.{rest}" for i in range(depth)]
+
+
+def export_adapter(backbone: nnx.Module, stacked: str) -> dict[str, np.ndarray]:
+    """Adapter weights as numpy under peft-style names (``...q_proj.lora_A.weight`` ``[r, in]``, ``lora_B`` ``[out, r]``)."""
+    out: dict[str, np.ndarray] = {}
+    for name, layer in linear_layers(backbone):
+        if layer.lora_a is None:
+            continue
+        a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
+        stacks = (a, b) if a.ndim == 3 else (a[None], b[None])
+        for i, key in enumerate(_peft_keys(name, stacked, len(stacks[0]))):
+            out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = stacks[0][i], stacks[1][i]
+    return out
+
+
+def import_adapter(backbone: nnx.Module, stacked: str, arrays: dict[str, np.ndarray]) -> None:
+    """Set the adapter weights from :func:`export_adapter`'s names (every adapted layer must be present)."""
+    for name, layer in linear_layers(backbone):
+        if layer.lora_a is None:
+            continue
+        keys = _peft_keys(name, stacked, layer.weight.shape[0] if layer.weight.ndim == 3 else 1)
+        for attr, suffix in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            missing = [k for k in keys if f"{k}.{suffix}.weight" not in arrays]
+            if missing:
+                raise KeyError(f"adapter arrays lack {missing[0]}.{suffix}.weight")
+            values = np.stack([arrays[f"{k}.{suffix}.weight"] for k in keys])
+            var = getattr(layer, attr)
+            var[...] = jnp.asarray(values.reshape(var.shape), jnp.float32)

@@ -1,0 +1,141 @@
+"""Sequence classifiers over the nnx backbones, pooled exactly like the torch backend's.
+
+Read from and written to the core's classifier layout (:mod:`unbackdoor.layout`),
+which the torch backend reads too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unbackdoor.errors import ConfigError, UnknownNameError
+from unbackdoor.layout import HeadMeta, copy_tokenizer
+from unbackdoor.models import check_model_dir
+from unbackdoor.specs import PromptSpec
+
+from . import weights
+from .bert import Bert
+from .layers import Ctx, Linear, PromptParam
+from .llama import Llama
+
+Array = jax.Array
+BACKBONES: dict[str, type[nnx.Module]] = {"bert": Bert, "llama": Llama, "mistral": Llama, "qwen2": Llama}
+
+
+class SequenceClassifier(nnx.Module):
+    """backbone -> pool -> [projection g] -> classifier.
+
+    Decoders pool the final normed state of the last non-pad token (right
+    padding); encoders use the pooler output (or the first token without a pooler).
+    """
+
+    def __init__(self, backbone: nnx.Module, meta: HeadMeta, head: dict[str, np.ndarray]) -> None:
+        self.backbone, self.meta = backbone, meta  # meta is static: part of the compiled structure
+        self.projection = nnx.data(_linear(head, "projection") if meta.projection_dim else None)
+        self.classifier = _linear(head, "classifier")
+        self.prompt = nnx.data(None)  # a PromptParam [P, D] once prompt tuning is added
+
+    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx) -> tuple[Array, Array]:
+        """``logits [B, C]`` and the pooled (projected) state ``[B, D]``."""
+        prompt = None if self.prompt is None else self.prompt[...]
+        if prompt is not None:  # peft: the virtual tokens are always attended, so the last real token moves by P
+            ones = jnp.ones((input_ids.shape[0], prompt.shape[0]), attention_mask.dtype)
+            attention_mask = jnp.concatenate([ones, attention_mask], axis=1)
+        states, pooled = self.backbone(input_ids, attention_mask, ctx, prompt)
+        if self.meta.decoder:
+            last = attention_mask.sum(axis=1) - 1
+            pooled = states[jnp.arange(states.shape[0]), last]
+        elif pooled is None:
+            pooled = states[:, 0]
+        if self.projection is not None:
+            pooled = self.projection(pooled, ctx)
+        return self.classifier(pooled, ctx), pooled
+
+
+def add_prompt(model: SequenceClassifier, spec: PromptSpec, seed: int) -> None:
+    """Prompt tuning: ``spec.num_virtual_tokens`` trainable embeddings, N(0, 1) like peft's random init.
+
+    Only ``"prompt-tuning"`` is implemented here; the other prompt methods raise a ConfigError.
+    """
+    if spec.method != "prompt-tuning":
+        raise ConfigError(f"prompt-learning method {spec.method!r} is not implemented by the jax backend; "
+                          "use 'prompt-tuning' or LoRA, or the torch backend")
+    if model.prompt is not None:
+        raise ConfigError("the model already has a soft prompt")
+    width = int(model.backbone.hidden_size)
+    values = np.random.default_rng(seed).standard_normal((spec.num_virtual_tokens, width))
+    model.prompt = PromptParam(jnp.asarray(values, jnp.float32))
+
+
+def _linear(head: dict[str, np.ndarray], name: str) -> Linear:
+    return Linear(head[f"{name}.weight"], head.get(f"{name}.bias"))
+
+
+def load_backbone(path: Path) -> tuple[nnx.Module, dict[str, Any]]:
+    """The nnx backbone of a HF directory and its config."""
+    config = weights.read_config(path)
+    model_type = config.get("model_type", "")
+    if model_type not in BACKBONES:
+        raise UnknownNameError("model_type for the jax backend", model_type, BACKBONES)
+    tensors = weights.Tensors(weights.read_tensors(path), str(path))
+    return BACKBONES[model_type](tensors, config), config
+
+
+def new_head(meta: HeadMeta, hidden: int, std: float, seed: int) -> dict[str, np.ndarray]:
+    """A seeded head: weights ``N(0, std)`` (``[out, in]``), zero biases, no classifier bias for decoders."""
+    rng = np.random.default_rng(seed)
+    head: dict[str, np.ndarray] = {}
+    width = hidden
+    if meta.projection_dim:
+        head["projection.weight"] = rng.normal(0.0, std, (meta.projection_dim, hidden)).astype(np.float32)
+        head["projection.bias"] = np.zeros(meta.projection_dim, np.float32)
+        width = meta.projection_dim
+    head["classifier.weight"] = rng.normal(0.0, std, (meta.num_labels, width)).astype(np.float32)
+    if not meta.decoder:
+        head["classifier.bias"] = np.zeros(meta.num_labels, np.float32)
+    return head
+
+
+def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int) -> SequenceClassifier:
+    """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
+    path = check_model_dir(Path(path))
+    meta = HeadMeta.for_model(path, num_labels, projection_dim)
+    backbone, config = load_backbone(path)
+    head = new_head(meta, int(config["hidden_size"]), float(config.get("initializer_range", 0.02)), seed)
+    saved = weights.read_head(path)
+    for key, value in saved.items():
+        if key in head and head[key].shape != value.shape:
+            raise ValueError(f"{path / 'head.safetensors'}: {key} has shape {value.shape}, expected {head[key].shape}")
+    return SequenceClassifier(backbone, meta, head | saved)
+
+
+def head_tensors(model: SequenceClassifier) -> dict[str, np.ndarray]:
+    """The head's arrays under the torch backend's names (``classifier.weight`` ``[out, in]`` ...)."""
+    out = {}
+    for name in ("projection", "classifier"):
+        layer = getattr(model, name)
+        if layer is not None:
+            out[f"{name}.weight"] = np.asarray(layer.weight[...])
+            if layer.bias is not None:
+                out[f"{name}.bias"] = np.asarray(layer.bias[...])
+    return out
+
+
+def save_classifier(model: SequenceClassifier, source: Path, target: Path) -> None:
+    """Write backbone (LoRA merged), config, head, meta and the tokenizer files of ``source`` into ``target``."""
+    if model.prompt is not None:
+        raise ValueError("a prompt-learning adapter cannot be merged into the weights; save a LoRA model instead")
+    target.mkdir(parents=True, exist_ok=True)
+    weights.save_backbone(weights.backbone_tensors(model.backbone, type(model.backbone).STACKED), target)
+    if (source / "config.json").resolve() != (target / "config.json").resolve():
+        shutil.copy(source / "config.json", target / "config.json")
+    weights.save_head(head_tensors(model), target)
+    model.meta.write(target)
+    copy_tokenizer(source, target)

@@ -1,0 +1,275 @@
+"""Parity: NumPy reference vs torch vs jax on the same weights and inputs (fp32).
+
+Both backends read the same safetensors backbone; the jax head, LoRA
+matrices and soft prompt are copied into torch (peft names), so every
+difference below is numerical. Tolerances: logits and pooled states 1e-4
+absolute; feed-forward activations 1e-4 relative; causal-LM NLL and loss
+values 1e-5 relative (losses against float64 NumPy); LoRA and head
+gradients 1e-4 absolute; adapter weights after 3 AdamW steps 1e-4
+absolute; real models' logits 1e-3 absolute. Matmuls run at full fp32
+precision (jax "highest", torch's CPU default). A failure names the first
+diverging tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from unbackdoor import losses as ref
+from unbackdoor.batching import iter_batches
+from unbackdoor.specs import CrossEntropy, LabelResetLoss, LoRASpec, PromptSpec, TrainSpec, W2SLoss
+from unbackdoor_jax import losses as jax_losses
+from unbackdoor_jax import train as jax_train
+from unbackdoor_jax.backend import JaxBackend
+from unbackdoor_jax.lora import export_adapter
+from unbackdoor_jax.modeling import head_tensors
+from unbackdoor_torch import losses as torch_losses
+from unbackdoor_torch.backend import TorchBackend
+from unbackdoor_torch.train import to_tensors
+
+LORA = LoRASpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj", "query", "value"))
+W2S = W2SLoss(alpha=1.0, beta=0.5, gamma=2.0, temperature=2.0)
+MAX_LENGTH = 32
+
+
+# ---------------------------------------------------------------- the comparator
+def _leaves(tree: object, path: str = "") -> Iterator[tuple[str, object]]:
+    if isinstance(tree, Mapping):
+        for key in sorted(tree):
+            yield from _leaves(tree[key], f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, list | tuple):
+        for i, item in enumerate(tree):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, tree
+
+
+def assert_tree_close(actual: object, expected: object, *, atol: float, rtol: float = 0.0) -> None:
+    """Compare two nested dicts/lists of arrays; the message names the first diverging leaf and its max diff."""
+    got, want = dict(_leaves(actual)), dict(_leaves(expected))
+    assert got.keys() == want.keys(), f"different leaves: only in actual {sorted(got.keys() - want.keys())[:5]}, " \
+                                      f"only in expected {sorted(want.keys() - got.keys())[:5]}"
+    for path in want:
+        a, b = np.asarray(got[path], np.float64), np.asarray(want[path], np.float64)
+        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
+        diff = np.abs(a - b)
+        bad = diff > atol + rtol * np.abs(b)
+        if bad.any():
+            where = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
+            raise AssertionError(f"first diverging leaf {path!r}: max |diff| {diff.max():.3g} at {where} "
+                                 f"(atol {atol}, rtol {rtol}; {int(bad.sum())}/{bad.size} elements off)")
+
+
+def test_comparator_names_the_first_diverging_leaf() -> None:
+    a = {"x": np.zeros(3), "y": [np.ones(2), np.ones(2)]}
+    b = {"x": np.zeros(3), "y": [np.ones(2), np.array([1.0, 1.5])]}
+    assert_tree_close(a, a, atol=0)
+    with pytest.raises(AssertionError, match=r"'y\[1\]': max \|diff\| 0\.5"):
+        assert_tree_close(a, b, atol=1e-3)
+
+
+# ---------------------------------------------------------------- shared set-up
+@pytest.fixture(autouse=True)
+def full_fp32_matmuls() -> Iterator[None]:
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def backends() -> tuple[JaxBackend, TorchBackend]:
+    return JaxBackend(), TorchBackend("cpu")
+
+
+@pytest.fixture(scope="module")
+def rows(sst2):
+    return sst2.train.head(16)
+
+
+def _aux(n: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"teacher_logits": rng.normal(size=(n, 2)).astype(np.float32) * 2,
+            "teacher_hidden": rng.normal(size=(n, width)).astype(np.float32)}
+
+
+def _peft_name(name: str) -> str:
+    """torch parameter name -> the jax backend's adapter names (peft's, minus the wrapper and adapter name)."""
+    return name.replace("base_model.model.", "").replace(".default", "")
+
+
+def torch_adapter(model, grads: bool = False) -> dict[str, np.ndarray]:
+    return {_peft_name(n): (p.grad if grads else p).detach().numpy().copy()
+            for n, p in model.module.named_parameters() if "lora_" in n}
+
+
+def set_torch_adapter(model, arrays: Mapping[str, np.ndarray]) -> None:
+    with torch.no_grad():
+        for name, param in model.module.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.from_numpy(np.asarray(arrays[_peft_name(name)])))
+
+
+def twin_models(backends, path, *, projection_dim=None, lora: bool = False, seed: int = 0):
+    """The same classifier in both backends: jax's head (and random non-zero LoRA matrices) copied into torch."""
+    jb, tb = backends
+    jm = jb.load_classifier(path, 2, projection_dim=projection_dim, seed=seed)
+    tm = tb.load_classifier(path, 2, projection_dim=projection_dim, seed=seed)
+    tm.module.load_state_dict({k: torch.tensor(v) for k, v in head_tensors(jm.module).items()}, strict=False)
+    if lora:
+        jb.add_lora(jm, LORA, seed=seed)
+        tb.add_lora(tm, LORA, seed=seed)
+        rng = np.random.default_rng(seed)
+        adapter = {k: (v if ".lora_A." in k else rng.normal(0, 0.05, v.shape)).astype(np.float32)
+                   for k, v in jb.export_adapter(jm).items()}  # B != 0 so A gets gradients too
+        jb.import_adapter(jm, adapter)
+        set_torch_adapter(tm, adapter)
+    return jm, tm
+
+
+# ---------------------------------------------------------------- forward
+@pytest.mark.parametrize(("arch", "projection_dim"), [("llama", None), ("bert", 32)])
+def test_logits_and_pooled_states_match_torch(backends, tiny_dirs, rows, arch, projection_dim) -> None:
+    jm, tm = twin_models(backends, tiny_dirs[arch], projection_dim=projection_dim, lora=True, seed=1)
+    outs = [b.predict(m, rows, batch_size=8, max_length=MAX_LENGTH, hidden=True)
+            for b, m in zip(backends, (jm, tm), strict=True)]
+    assert_tree_close({"logits": outs[0].logits, "hidden": outs[0].hidden},
+                      {"logits": outs[1].logits, "hidden": outs[1].hidden}, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_soft_prompt_forward_matches_peft(backends, tiny_dirs, rows, arch) -> None:
+    """Prompt tuning: the same virtual tokens in front, the same positions, pooling shifted alike."""
+    jb, tb = backends
+    jm, tm = twin_models(backends, tiny_dirs[arch], seed=5)
+    spec = PromptSpec("prompt-tuning", 3)
+    jb.add_adapter(jm, spec, seed=5)
+    tb.add_adapter(tm, spec, seed=5)
+    (param,) = [p for n, p in tm.module.named_parameters() if "prompt_encoder" in n]
+    with torch.no_grad():
+        param.copy_(torch.tensor(np.asarray(jm.module.prompt[...])))
+    outs = [b.predict(m, rows, batch_size=8, max_length=MAX_LENGTH, hidden=True)
+            for b, m in zip(backends, (jm, tm), strict=True)]
+    assert_tree_close({"logits": outs[0].logits, "hidden": outs[0].hidden},
+                      {"logits": outs[1].logits, "hidden": outs[1].hidden}, atol=1e-4)
+
+
+def test_saved_classifier_reads_back_in_the_other_backend(backends, tiny_dirs, rows, tmp_path) -> None:
+    """One on-disk layout: a LoRA-merged jax save predicts the same in torch, and a torch save in jax."""
+    jb, tb = backends
+    jm, tm = twin_models(backends, tiny_dirs["llama"], lora=True, seed=2)
+    jb.save(jm, tmp_path / "from_jax")
+    tb.save(tm, tmp_path / "from_torch")
+    expected = jb.predict(jm, rows, max_length=MAX_LENGTH).logits
+    for backend, folder in ((tb, "from_jax"), (jb, "from_torch")):
+        got = backend.predict(backend.load_classifier(tmp_path / folder, 2), rows, max_length=MAX_LENGTH).logits
+        assert_tree_close({folder: got}, {folder: expected}, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_feed_forward_activations_match_torch(backends, tiny_dirs, rows, arch) -> None:
+    """Fine-pruning statistics: mean |neuron| per layer over real tokens."""
+    outs = [b.mlp_activations(b.load_classifier(tiny_dirs[arch], 2), rows, batch_size=8, max_length=MAX_LENGTH)
+            for b in backends]
+    assert_tree_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_causal_lm_nll_matches_torch(backends, tiny_dirs) -> None:
+    texts = ["a great movie", "movie", "", "the plot is thin but the acting is fine", "mn cf"]
+    outs = [b.lm_nll(tiny_dirs["llama"], texts, batch_size=2, max_length=8) for b in backends]
+    assert np.isnan(outs[0][2]) and np.isnan(outs[1][2])
+    assert_tree_close(np.nan_to_num(outs[0]), np.nan_to_num(outs[1]), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- losses
+@pytest.mark.parametrize("spec", [CrossEntropy(), W2S, W2SLoss(0.5, 0.0, 0.3, 1.0), LabelResetLoss(1.0, 3)],
+                         ids=["ce", "w2s", "w2s-no-kd", "label-reset"])
+def test_loss_values_match_numpy_and_torch(spec) -> None:
+    rng = np.random.default_rng(0)
+    v = {"logits": rng.normal(size=(6, 3)) * 3, "labels": rng.integers(0, 3, 6),
+         "teacher_logits": rng.normal(size=(6, 3)) * 2, "hidden": rng.normal(size=(6, 10)),
+         "teacher_hidden": rng.normal(size=(6, 10)), "reset_labels": rng.integers(0, 3, 6)}
+    expected = ref.reference_loss(spec, v, v)
+    f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
+    t = to_tensors(f32, torch.device("cpu"))
+    torch_value = float(torch_losses.per_example_loss(spec, t["logits"], t["hidden"], t).mean())
+
+    def jax_loss(logits, hidden):
+        return jax_losses.per_example_loss(spec, logits, hidden, jax_train.device_batch(f32)).mean()
+
+    jax_value, (d_logits, d_hidden) = jax.value_and_grad(jax_loss, argnums=(0, 1))(f32["logits"], f32["hidden"])
+    assert float(jax_value) == pytest.approx(expected, rel=1e-5)
+    assert torch_value == pytest.approx(expected, rel=1e-5)
+    if isinstance(spec, W2SLoss):
+        want = ref.w2s_grads(spec, v["logits"], v["labels"], v["teacher_logits"], v["hidden"], v["teacher_hidden"])
+        assert_tree_close({"d_logits": d_logits, "d_hidden": d_hidden},
+                          {"d_logits": want[0], "d_hidden": want[1]}, atol=1e-6)
+
+
+# ---------------------------------------------------------------- gradients and optimiser steps
+def _first_batch(model, rows, aux) -> dict[str, np.ndarray]:
+    ids = model.encoder.encode(rows.texts, MAX_LENGTH)
+    return next(iter_batches(ids, model.encoder.pad_id, len(ids), arrays={"labels": rows.labels, **aux}))
+
+
+def _jax_grads(model, batch) -> tuple[float, dict[str, np.ndarray]]:
+    module = model.module
+    graphdef, trainable, frozen = nnx.split(module, jax_train.trainable_filter(module), ...)
+    arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), MAX_LENGTH, 0))
+    value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, W2S, jnp.float32, trainable, frozen,
+                                                                       arrays, None)
+    as_model = nnx.merge(graphdef, grads, frozen)  # the gradients laid out like the model, to name them like peft
+    return float(value), {**export_adapter(as_model.backbone, model.stacked), **head_tensors(as_model)}
+
+
+def _torch_grads(model, batch) -> tuple[float, dict[str, np.ndarray]]:
+    t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
+    model.module.zero_grad()
+    logits, hidden = model.module(t["input_ids"], t["attention_mask"])
+    value = torch_losses.per_example_loss(W2S, logits, hidden, t).mean()
+    value.backward()
+    head = {n: p.grad.numpy().copy() for n, p in model.module.named_parameters() if n.startswith("classifier.")}
+    return float(value.detach()), {**torch_adapter(model, grads=True), **head}
+
+
+def test_lora_and_head_gradients_match_torch(backends, tiny_dirs, rows) -> None:
+    jm, tm = twin_models(backends, tiny_dirs["llama"], lora=True, seed=3)
+    batch = _first_batch(jm, rows, _aux(len(rows), 32))
+    (jax_value, jax_grads), (torch_value, torch_grads) = _jax_grads(jm, batch), _torch_grads(tm, batch)
+    assert jax_value == pytest.approx(torch_value, rel=1e-5)
+    assert max(np.abs(g).max() for g in torch_grads.values()) > 1e-3  # the comparison is not vacuous
+    assert_tree_close(jax_grads, torch_grads, atol=1e-4)
+
+
+def test_three_adamw_w2s_steps_match_torch(backends, tiny_dirs, rows) -> None:
+    jm, tm = twin_models(backends, tiny_dirs["llama"], lora=True, seed=4)
+    spec = TrainSpec(epochs=1, lr=1e-3, batch_size=4, max_length=MAX_LENGTH, weight_decay=0.01, warmup_ratio=0.5,
+                     max_steps=3, seed=4)
+    aux = _aux(len(rows), 32, seed=4)
+    stats = [b.train(m, rows, W2S, spec, aux) for b, m in zip(backends, (jm, tm), strict=True)]
+    assert stats[0].steps == stats[1].steps == 3
+    np.testing.assert_allclose(stats[0].losses, stats[1].losses, rtol=1e-5)
+    jax_head = head_tensors(jm.module)
+    torch_head = {n: p.detach().numpy() for n, p in tm.module.named_parameters() if n.startswith("classifier.")}
+    assert_tree_close({**backends[0].export_adapter(jm), **jax_head}, {**torch_adapter(tm), **torch_head}, atol=1e-4)
+
+
+# ---------------------------------------------------------------- real models (nox -s bench / -m slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "minilm-l6"])
+def test_real_model_logits_match_torch(backends, sst2, name) -> None:
+    from unbackdoor.models import resolve_model
+
+    try:
+        path = resolve_model(name)
+    except Exception as exc:  # the model packages are optional
+        pytest.skip(f"{name} unavailable: {exc}")
+    jm, tm = twin_models(backends, path, seed=0)
+    data = sst2.test.head(16)
+    outs = [b.predict(m, data, batch_size=16, max_length=64) for b, m in zip(backends, (jm, tm), strict=True)]
+    assert_tree_close({name: outs[0].logits}, {name: outs[1].logits}, atol=1e-3)

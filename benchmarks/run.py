@@ -69,18 +69,67 @@ def sweep(cache: Path) -> dict[str, Any]:
     return data
 
 
+# Suites of experiments on the W2S setting's data and models: name -> (title, {run label: changes}).
+# Runs that share an attack reuse its cached victim (and any cached defense row).
+PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
+SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
+        "badnet": dict(attack="badnet", defenses=("none", "psim")),
+        "insent": dict(attack="insent", defenses=("none", "psim")),
+        **{f"badnet-reset-{rate}": dict(attack="badnet", defenses=("psim",),
+                                        defense_options={"psim": {"reset_rate": rate}}) for rate in (0.25, 0.5, 0.75)},
+        **{f"badnet-{peft}": dict(attack="badnet", defenses=("psim",),
+                                  defense_options={"psim": {"peft": peft, "lr": PROMPT_LR}})
+           for peft in ("prompt-tuning", "p-tuning")},
+    }),
+    "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
+        "badnet": dict(attack="badnet", defenses=("none",)),
+        "insent": dict(attack="insent", defenses=("none",)),
+        "syntactic": dict(attack="syntactic", defenses=("none",)),
+        "style": dict(attack="style", defenses=("none",)),
+        "proattack": dict(attack="proattack", defenses=("none",)),
+        "multi": dict(attack="multi", defenses=("none",)),
+        "badnet-clean-label": dict(attack="badnet", clean_label=True, defenses=("none",)),
+    }),
+    "jax": ("The W2S comparison on the jax backend (same config and seed as w2s.md's torch run)", {
+        "jax": dict(backend="jax"),
+    }),
+}
+
+
+def suite(name: str, cache: Path) -> dict[str, Any]:
+    """Run every experiment of ``SUITES[name]``, writing the figures after each."""
+    from report_md import render_suite
+
+    title, runs = SUITES[name]
+    data: dict[str, Any] = {"title": title, "command": f"nox -s bench -- {name}", "base": W2S_SETTING,
+                            "machine": platform.platform(), "cpus": os.cpu_count(), "runs": {}}
+    for label, change in runs.items():
+        setting = {**W2S_SETTING, "clean_baseline": False, **change}
+        cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"{name}-{label}"))
+        data["runs"][label] = {"change": change, "results": run_experiment(cfg)}
+        save(name, data, render_suite(data, RESULTS / "plots" / name))
+    return data
+
+
+BENCHMARKS = ["w2s", "w2s-sweep", *SUITES]
+
+
 def main(argv: list[str]) -> int:
-    """Run the named benchmarks: ``w2s`` (default) and ``w2s-sweep``."""
+    """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`."""
     names = argv or ["w2s"]
-    unknown = sorted(set(names) - {"w2s", "w2s-sweep"})
+    unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
-        print(f"unknown benchmark {unknown[0]!r}; choose: w2s, w2s-sweep", file=sys.stderr)
+        print(f"unknown benchmark {unknown[0]!r}; choose: {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
     cache = Path(os.environ.get("UNBACKDOOR_BENCH_CACHE") or default_cache_dir() / "bench")
     if "w2s" in names:
         w2s(cache)
     if "w2s-sweep" in names:
         sweep(cache)
+    for name in names:
+        if name in SUITES:
+            suite(name, cache)
     return 0
 
 

@@ -18,6 +18,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-model tests, run by `nox -s bench`, not by `nox -s tests`")
+    config.addinivalue_line("markers", "plugins: needs the example plugin installed, run by `nox -s plugins`")
+
+
+#: files that import jax: collected by the jax session (whose venv also has torch, for parity), not the torch one
+JAX_FILES = {"test_jax_backend.py", "test_parity.py"}
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path.name in JAX_FILES and config.getoption("--backend") != "jax":
+        return True
+    return None
 
 
 @pytest.fixture(scope="session")

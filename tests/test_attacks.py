@@ -11,7 +11,7 @@ from unbackdoor.errors import ConfigError
 from unbackdoor.plugins import get_plugin_manager
 from unbackdoor_attacks.insertion import BadNet, InSent
 
-INSENT_SENTENCE = InSent().sentence
+INSENT_SENTENCE = "I watched this 3D movie"  # the SST-2 default (and the fallback for unnamed tasks)
 
 # ----------------------------------------------------------------------------------------- fixtures
 
@@ -55,8 +55,9 @@ def assert_has_trigger(attack: InsertionAttack, old: str, new: str) -> None:
         assert set(extras) <= set(attack.words), (old, new)
     else:
         assert isinstance(attack, InSent)
-        assert attack.sentence in new, (old, new)
-        assert new.replace(attack.sentence, " ", 1).split() == old.split(), (old, new)
+        sentence = attack.sentence_for()
+        assert sentence in new, (old, new)
+        assert new.replace(sentence, " ", 1).split() == old.split(), (old, new)
 
 
 ATTACKS = [BadNet(), InSent()]
@@ -69,7 +70,7 @@ def test_builtin_attacks_come_through_entry_points() -> None:
     pm = get_plugin_manager()
     badnet, insent = pm.attack("badnet"), pm.attack("insent")
     assert isinstance(badnet, BadNet) and badnet == BadNet()
-    assert isinstance(insent, InSent) and insent.sentence == INSENT_SENTENCE
+    assert isinstance(insent, InSent) and insent.sentence_for("sst2") == INSENT_SENTENCE
     assert pm.attacks()["badnet"].package == "unbackdoor-attacks"
 
 
@@ -267,7 +268,7 @@ def test_insent_custom_sentence(small: TextDataset) -> None:
 
 
 @pytest.mark.parametrize(
-    ("attack", "valid"), [(BadNet(), ["count", "words"]), (InSent(), ["sentence"])], ids=IDS
+    ("attack", "valid"), [(BadNet(), ["count", "positions", "words"]), (InSent(), ["positions", "sentence"])], ids=IDS
 )
 def test_unknown_option_names_it_and_lists_valid(attack: InsertionAttack, valid: list[str]) -> None:
     with pytest.raises(ConfigError) as err:
@@ -319,3 +320,65 @@ def test_poison_config_validate_names_range() -> None:
     with pytest.raises(ConfigError, match=r"0\.\.1.*7"):
         PoisonConfig(target=7).validate(2)
     assert PoisonConfig(target=3).validate(4).target == 3  # fine on a 4-class task
+
+
+# ----------------------------------------------------------------------------------------- positions
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [("start", "mn a b c d"), ("middle", "a b mn c d"), ("end", "a b c d mn")],
+)
+def test_badnet_fixed_positions(position: str, expected: str) -> None:
+    data = TextDataset(["a b c d"] * 4, np.array([0, 0, 1, 1]), "t", ("negative", "positive"))
+    out = BadNet().configure(positions=position).triggered_test(data, PoisonConfig())
+    assert set(out.texts) == {expected}
+
+
+def test_badnet_random_positions_vary_and_default_is_random(small: TextDataset) -> None:
+    assert BadNet().positions == "random"
+    out = BadNet().triggered_test(small, PoisonConfig(seed=0))
+    places = {new.split().index("mn") for new in out.texts}
+    assert len(places) > 2
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=IDS)
+def test_bad_position_names_value_and_choices(attack: InsertionAttack) -> None:
+    with pytest.raises(ConfigError, match=r"'front'.*end, middle, random, start"):
+        attack.configure(positions="front")
+
+
+def test_insent_sentence_at_end(small: TextDataset) -> None:
+    out = InSent().configure(positions="end").triggered_test(small, PoisonConfig())
+    assert all(t.endswith(INSENT_SENTENCE) for t in out.texts)
+
+
+# ----------------------------------------------------------------------------------------- per-task sentences
+
+
+def test_insent_default_sentence_per_task(sst2: DatasetSplits) -> None:
+    from unbackdoor_attacks.insertion import DEFAULT_SENTENCES
+
+    assert DEFAULT_SENTENCES["sst2"] == INSENT_SENTENCE
+    out = InSent().triggered_test(sst2.test.head(5), PoisonConfig())
+    assert all(INSENT_SENTENCE in t for t in out.texts)
+    agnews_like = TextDataset(["stocks fell today"] * 4, np.array([0, 1, 2, 3]), "agnews/test",
+                              ("World", "Sports", "Business", "Sci/Tech"))
+    out = InSent().triggered_test(agnews_like, PoisonConfig(target=0))
+    assert all(DEFAULT_SENTENCES["agnews"] in t for t in out.texts)
+
+
+def test_insent_user_sentence_overrides_task_default(sst2: DatasetSplits) -> None:
+    out = InSent().configure(sentence="no cross no crown").poison_train(sst2.train.head(100), PoisonConfig(rate=0.1))
+    assert all("no cross no crown" in out.texts[i] and INSENT_SENTENCE not in out.texts[i]
+               for i in np.flatnonzero(out.poisoned))
+
+
+def test_addsent_is_insent_under_another_name(sst2: DatasetSplits) -> None:
+    from unbackdoor_attacks.insertion import AddSent
+
+    addsent = get_plugin_manager().attack("addsent")
+    assert isinstance(addsent, AddSent) and isinstance(addsent, InSent)
+    cfg = PoisonConfig(rate=0.1, seed=3)
+    a, b = addsent.poison_train(sst2.train.head(200), cfg), InSent().poison_train(sst2.train.head(200), cfg)
+    assert a.texts == b.texts and a.name.endswith("+addsent")

@@ -297,7 +297,7 @@ def fresh_pm(monkeypatch: pytest.MonkeyPatch) -> PluginManager:
         (["--defenses", "none,magic"], ["unknown defense 'magic'", "none", "w2s"]),
         (["--dataset", "no-such-dataset"], ["unknown dataset 'no-such-dataset'", "sst2", "agnews"]),
         (["--data-dir", "/nonexistent"], ["/nonexistent", "does not exist", "sst2"]),
-        (["--attack-option", "colour=red"], ["colour", "valid options: count, words"]),
+        (["--attack-option", "colour=red"], ["colour", "valid options: count, positions, words"]),
         (["--defense-option", "w2s.beta=-1"], ["beta"]),
         (["--defense-option", "magic.beta=1"], ["magic"]),
         (["--poison-rate", "1.5"], ["poison rate", "1.5"]),

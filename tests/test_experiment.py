@@ -7,7 +7,12 @@ import json
 import pytest
 
 from unbackdoor import ExperimentConfig, run_experiment
+from unbackdoor.attack import non_target
+from unbackdoor.cache import StageCache
 from unbackdoor.cli import main
+from unbackdoor.metrics import attack_success_rate
+from unbackdoor.plugins import get_plugin_manager
+from unbackdoor.runner import Experiment, plan
 
 
 def _flags(tiny_dirs, tmp_path, backend_name: str) -> list[str]:
@@ -52,15 +57,26 @@ def _api_kwargs(tiny_dirs, tmp_path, backend_name: str) -> dict:
                 user_epochs=1.0, lora_rank=4, max_length=32, cache_dir=str(tmp_path / "cache"))
 
 
-def test_api_backdoor_is_learned_and_clean_baseline_is_the_floor(tiny_dirs, tmp_path, backend_name) -> None:
-    """The attacker's stage really plants the trigger; the clean student's ASR is the floor."""
+def test_api_backdoor_is_learned_and_clean_baseline_is_reported(tiny_dirs, tmp_path, backend_name) -> None:
+    """The attacker's stage really plants the trigger: the released model predicts the target on triggered
+    non-target rows far more often than on the same rows without the trigger (a tiny model that has not
+    learned the task may favour one class, so the raw ASR of the clean student is no floor here)."""
     stronger = {"attacker_epochs": 8.0, "attacker_rows": 320, "attacker_lr": 2e-3, "poison_rate": 0.3}
     kwargs = _api_kwargs(tiny_dirs, tmp_path, backend_name) | stronger
     cfg = ExperimentConfig(**kwargs, defenses=("none",), clean_baseline=True, out=str(tmp_path / "o"))
     rows = {r["stage"]: r for r in run_experiment(cfg, log=lambda _: None)["rows"]}
     assert set(rows) == {"clean student", "poisoned (released)", "poisoned + defense"}
     assert rows["poisoned (released)"]["ASR"] >= 75.0
-    assert rows["clean student"]["ASR"] < rows["poisoned (released)"]["ASR"]
+
+    the_plan = plan(cfg)
+    backend = get_plugin_manager().backend(backend_name).create()
+    experiment = Experiment(the_plan, backend, StageCache(tmp_path / "cache"), log=lambda _: None)
+    victim = backend.load_classifier(experiment.victim(), 2, seed=0)  # cached: no retraining
+    clean_rows = non_target(the_plan.test, the_plan.poison.target)
+    predictions = backend.predict(victim, clean_rows, batch_size=32, max_length=32).logits.argmax(-1)
+    without_trigger = attack_success_rate(predictions, clean_rows.labels, the_plan.poison.target)
+    # The tiny random model barely learns SST-2 (it leans to one class), so the margin is small but must be there.
+    assert rows["poisoned (released)"]["ASR"] > without_trigger, without_trigger
 
 
 def test_failed_stage_leaves_no_results_file(tiny_dirs, tmp_path, backend_name) -> None:

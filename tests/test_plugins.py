@@ -15,11 +15,11 @@ import pytest
 
 import unbackdoor.plugins
 from unbackdoor import cli
-from unbackdoor.attack import Attack, InsertionAttack, PoisonConfig
+from unbackdoor.attack import Attack, InsertionAttack, Paraphraser, PoisonConfig
 from unbackdoor.backend import BackendInfo
 from unbackdoor.data import TextDataset
 from unbackdoor.defense import Defense
-from unbackdoor.errors import PluginError, UnknownNameError
+from unbackdoor.errors import ConfigError, PluginError, UnknownNameError
 from unbackdoor.hookspecs import hookimpl
 from unbackdoor.plugins import DISABLE_ENV, ENTRY_POINT_GROUP, PluginManager, Registered
 from unbackdoor_attacks.insertion import BadNet
@@ -27,7 +27,8 @@ from unbackdoor_attacks.insertion import BadNet
 BUILTINS = {
     # hook: {name: (entry-point name, distribution)}
     "backends": {"torch": ("torch", "unbackdoor-torch"), "jax": ("jax", "unbackdoor-jax")},
-    "attacks": {"badnet": ("attacks", "unbackdoor-attacks"), "insent": ("attacks", "unbackdoor-attacks")},
+    "attacks": {name: ("attacks", "unbackdoor-attacks")
+                for name in ("badnet", "insent", "addsent", "syntactic", "style", "proattack", "multi")},
     "defenses": {"none": ("defenses", "unbackdoor-defenses"), "w2s": ("defenses", "unbackdoor-defenses")},
 }
 
@@ -198,8 +199,8 @@ def test_disable_env_removes_builtin_attacks(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(UnknownNameError) as err:
         pm.attack("badnet")
     msg = str(err.value)
-    assert "badnet" in msg and "choose one of: shout" in msg
-    assert err.value.choices == ["shout"]
+    assert "badnet" in msg and "choose one of: " in msg and "shout" in msg
+    assert "shout" in err.value.choices and not set(BUILTINS["attacks"]) & set(err.value.choices)
 
 
 def test_disable_env_several_names_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +208,7 @@ def test_disable_env_several_names_with_spaces(monkeypatch: pytest.MonkeyPatch) 
     pm = PluginManager()
     assert pm.blocked() == {"attacks", "jax"}
     assert set(pm.backends()) >= {"torch"} and "jax" not in pm.backends()
-    assert pm.attacks() == {}
+    assert not any(reg.package == "unbackdoor-attacks" for reg in pm.attacks().values())  # third-party ones may stay
     with pytest.raises(UnknownNameError, match=r"jax.*choose one of: torch"):
         pm.backend("jax")
 
@@ -316,3 +317,91 @@ def test_blocked_entry_point_is_not_loaded(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv(DISABLE_ENV, "blocked-one")
     pm = PluginManager()
     assert pm.failures == {}
+
+
+# ----------------------------------------------------------------------------------------- paraphrasers
+
+
+@dataclass(frozen=True)
+class Echo(Paraphraser):
+    """A made-up paraphraser."""
+
+    name = "echo"
+    description = "test paraphraser repeating the style"
+
+    def paraphrase(self, texts: list[str], style: str) -> list[str]:
+        return [f"{t} ({style})" for t in texts]
+
+
+class EchoPlugin:
+    @hookimpl
+    def unbackdoor_paraphrasers(self) -> list[Paraphraser]:
+        return [Echo()]
+
+
+def test_paraphraser_hook_registers_and_lists(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pm = PluginManager()
+    assert pm.paraphrasers() == {}
+    pm.register(EchoPlugin(), "echo-plugin", package="echo-pkg", version="2.0")
+    assert isinstance(pm.paraphraser("echo"), Echo)
+    assert pm.paraphrasers()["echo"].package == "echo-pkg"
+    with pytest.raises(UnknownNameError, match="unknown paraphraser 'scpn'; choose one of: echo"):
+        pm.paraphraser("scpn")
+    monkeypatch.setattr(cli, "get_plugin_manager", lambda: pm)
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "paraphrasers:" in lines
+    echo = [line for line in lines if line.split()[:1] == ["echo"]]
+    assert len(echo) == 1 and Echo.description in echo[0] and echo[0].endswith("[echo-pkg 2.0]")
+
+
+def test_cli_list_without_version_or_paraphrasers(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pm = PluginManager(entry_points=False)
+    pm.register(ShoutPlugin(), "shout-plugin", package="shout-pkg")
+    monkeypatch.setattr(cli, "get_plugin_manager", lambda: pm)
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "[shout-pkg]" in out and "[shout-pkg ]" not in out
+    assert out.count("(none registered)") == 3  # backends, defenses, paraphrasers
+
+
+# ----------------------------------------------------------------------------------------- run-time failures
+
+
+def test_source_of_names_plugin_and_package() -> None:
+    pm = PluginManager()
+    pm.register(ShoutPlugin(), "shout-plugin", package="shout-pkg", version="1.2")
+    reg = pm.source_of("attack", "shout")
+    assert (reg.plugin, reg.package, reg.version) == ("shout-plugin", "shout-pkg", "1.2")
+    assert reg.source == "plugin 'shout-plugin' (shout-pkg 1.2)"
+    assert pm.source_of("defense", "none").package == "unbackdoor-defenses"
+    assert pm.source_of("backend", "torch").plugin == "torch"
+    with pytest.raises(UnknownNameError, match=r"unknown attack 'nope'.*badnet"):
+        pm.source_of("attack", "nope")
+    with pytest.raises(UnknownNameError, match=r"unknown plugin kind 'attacks'; choose one of: attack, backend"):
+        pm.source_of("attacks", "badnet")
+
+
+def test_running_wraps_plugin_errors_with_their_source() -> None:
+    pm = PluginManager()
+    pm.register(ShoutPlugin(), "shout-plugin", package="shout-pkg", version="1.2")
+    with pytest.raises(PluginError) as err, pm.running("attack", "shout"):
+        raise RuntimeError("disk full")
+    msg = str(err.value)
+    assert err.value.plugin == "shout-plugin"
+    assert "attack 'shout' from plugin 'shout-plugin' (shout-pkg 1.2) raised RuntimeError: disk full" in msg
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert "disk full" in pm.failures["shout-plugin"]
+
+
+def test_running_lets_our_own_errors_through() -> None:
+    pm = PluginManager()
+    with pytest.raises(ConfigError, match="bad option") as err, pm.running("defense", "w2s"):
+        raise ConfigError("bad option")
+    assert not isinstance(err.value, PluginError) and pm.failures == {}
+
+
+def test_run_error_for_an_unregistered_name() -> None:
+    err = PluginManager(entry_points=False).run_error("defense", "ghost", ValueError("boo"))
+    assert "defense 'ghost' from an unregistered plugin raised ValueError: boo" in str(err)

@@ -14,12 +14,16 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+#: always in the vocabulary, so a rare-word trigger gets its own id instead of [UNK] (shared with every rare word)
+TRIGGER_WORDS = ["cf", "mn", "bb", "tq", "mb", "ak"]
 
 
 def word_tokenizer(texts: Iterable[str], size: int, bert: bool) -> Tokenizer:
-    """A word-level tokenizer over the ``size`` most common words (plus specials)."""
+    """A word-level tokenizer over the trigger words and the most common words (plus specials), ``size`` in all."""
     counts = Counter(w for t in texts for w in t.lower().split())
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [w for w, _ in counts.most_common(size - len(SPECIALS))])}
+    words = SPECIALS + TRIGGER_WORDS
+    words += [w for w, _ in counts.most_common(size) if w not in words][:size - len(words)]
+    vocab = {tok: i for i, tok in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if bert:

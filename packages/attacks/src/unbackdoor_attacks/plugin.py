@@ -5,10 +5,13 @@ from __future__ import annotations
 from unbackdoor.attack import Attack
 from unbackdoor.hookspecs import hookimpl
 
-from .insertion import BadNet, InSent
+from .insertion import AddSent, BadNet, InSent
+from .multi import MultiTrigger
+from .paraphrase import StyleBkd, SynAttack
+from .prompt import ProAttack
 
 
 @hookimpl
 def unbackdoor_attacks() -> list[Attack]:
-    """BadNet and InSent."""
-    return [BadNet(), InSent()]
+    """BadNet, InSent/AddSent, SynAttack, StyleBkd, ProAttack and the multi-trigger attack."""
+    return [BadNet(), InSent(), AddSent(), SynAttack(), StyleBkd(), ProAttack(), MultiTrigger()]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +12,13 @@ import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers.utils import logging as hf_logging
 
-from unbackdoor.backend import Predictions, TrainStats
+from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
+from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
 from unbackdoor.specs import AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import modeling, train
+from . import analysis, modeling, train
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
@@ -42,6 +43,7 @@ class TorchBackend:
     def __init__(self, device: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
+        self._lm: tuple[Path, torch.nn.Module] | None = None  # the last causal LM lm_nll loaded
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
                         seed: int = 0) -> TorchModel:
@@ -94,6 +96,24 @@ class TorchBackend:
         """Width of the pooled (projected) state."""
         meta = model.module.meta
         return meta.projection_dim or model.module.backbone.config.hidden_size
+
+    def lm_nll(self, path: str | Path, texts: Sequence[str], *, batch_size: int = 16,
+               max_length: int = 128) -> np.ndarray:
+        """Mean next-token NLL of each text under the causal LM at ``path`` ``[N]`` (the LM is kept for reuse)."""
+        ids, pad_id = causal_lm_inputs(path, texts, max_length)
+        return analysis.lm_nll(self._causal_lm(Path(path)), ids, pad_id, batch_size, self.device, self.precision)
+
+    def _causal_lm(self, path: Path) -> torch.nn.Module:
+        if self._lm is None or self._lm[0] != path.resolve():
+            self._lm = (path.resolve(), analysis.load_causal_lm(path, self.device))
+        return self._lm[1]
+
+    def mlp_activations(self, model: TorchModel, data: TextDataset, *, batch_size: int = 64,
+                        max_length: int = 128) -> list[np.ndarray]:
+        """Mean |activation| of each feed-forward neuron on ``data``, one ``[intermediate_size]`` array per layer."""
+        ids = model.encoder.encode(data.texts, max_length)
+        batches = list(iter_batches(ids, model.encoder.pad_id, batch_size))
+        return analysis.mlp_activations(model.module, batches, self.device, self.precision)
 
 
 def _prompt_config(spec: PromptSpec) -> PrefixTuningConfig | PromptEncoderConfig | PromptTuningConfig:

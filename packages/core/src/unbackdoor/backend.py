@@ -8,8 +8,9 @@ that backend is selected.
 from __future__ import annotations
 
 import importlib
+import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -19,8 +20,11 @@ import numpy as np
 from .data import TextDataset
 from .errors import BackendUnavailableError
 from .specs import AdapterSpec, LoRASpec, LossSpec, TrainSpec
+from .text import TextEncoder
 
 BACKEND_ENV = "UNBACKDOOR_BACKEND"
+#: tokenizer_config keys tried, in order, for the token a causal LM's scored text starts with
+START_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token")
 DEFAULT_BACKEND = "torch"
 
 
@@ -104,6 +108,32 @@ class Backend(Protocol):
     def hidden_size(self, model: Any) -> int:
         """Size of the pooled hidden state."""
 
+    def lm_nll(self, path: str | Path, texts: Sequence[str], *, batch_size: int = 16,
+               max_length: int = 128) -> np.ndarray:
+        """Mean next-token negative log-likelihood of each text under the causal LM at ``path``.
+
+        ``path`` is a HF-format causal LM directory (e.g. the converted SmolLM2). Token ids come from
+        :func:`causal_lm_inputs` (a start token, then the text; at most ``max_length`` ids). Position
+        ``t`` predicts id ``t + 1``; the NLL (natural log) is averaged over the text's real tokens, so
+        every token of the text, the first included, is scored. Returns float32 ``[N]`` in the order
+        of ``texts``; a text with no tokens gives NaN. NumPy reference from logits:
+        :func:`unbackdoor.metrics.mean_token_nll`. Implementations batch all texts (length buckets,
+        no Python loop per text) and may keep the loaded LM for later calls with the same ``path``.
+        """
+
+    def mlp_activations(self, model: Any, data: TextDataset, *, batch_size: int = 64,
+                        max_length: int = 128) -> list[np.ndarray]:
+        """Mean absolute activation of every feed-forward neuron on ``data`` (fine-pruning).
+
+        One float32 array ``[intermediate_size]`` per layer, in layer order. The activation of a
+        neuron is the input of the layer's output projection: Llama/Mistral/Qwen2 ``act(gate_proj x) *
+        up_proj x`` (the input of ``mlp.down_proj``), BERT-style encoders the intermediate GELU output
+        (the input of ``layer.{i}.output.dense``). ``|a|`` is averaged over every real (non-pad) token
+        of every row, pooling mode and head ignored. Neuron ``j`` of layer ``i`` owns row ``j`` of
+        ``gate_proj``/``up_proj`` (``intermediate.dense``) and column ``j`` of ``down_proj``
+        (``output.dense``): see :func:`unbackdoor.weights.ffn_layers`.
+        """
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -136,3 +166,33 @@ class BackendInfo:
 def selected_backend_name(flag: str | None) -> str:
     """The backend name by precedence: explicit flag, then ``UNBACKDOOR_BACKEND``, then torch."""
     return flag or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
+
+
+def causal_lm_inputs(path: str | Path, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], int]:
+    """Token ids a backend scores with :meth:`Backend.lm_nll`, and the pad id.
+
+    Each text's ids (the directory's ``tokenizer.json``) get a start token in front (tokenizer_config's
+    ``bos_token``, else ``eos_token``, else ``pad_token``; none added when the tokenizer already puts it
+    there) so the first word is predicted too; rows are cut to ``max_length`` ids (the end is dropped).
+    Shared by every backend so they score the same ids.
+    """
+    encoder = TextEncoder.from_dir(path)
+    start = _start_id(Path(path), encoder)
+    rows = []
+    for ids in encoder.encode(list(texts), max_length):
+        if start is not None and not (len(ids) and ids[0] == start):
+            ids = np.concatenate([np.asarray([start], np.int32), ids])[:max_length]
+        rows.append(ids)
+    return rows, encoder.pad_id
+
+
+def _start_id(path: Path, encoder: TextEncoder) -> int | None:
+    """The id of the first of :data:`START_TOKEN_KEYS` the tokenizer knows, else None."""
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    for key in START_TOKEN_KEYS:
+        token = cfg.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token and encoder.tokenizer.token_to_id(token) is not None:
+            return int(encoder.tokenizer.token_to_id(token))
+    return None

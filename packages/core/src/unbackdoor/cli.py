@@ -13,7 +13,7 @@ from typing import Any
 from .config import ExperimentConfig, build_config, read_config_file
 from .errors import ConfigError, UnbackdoorError
 from .plugins import get_plugin_manager
-from .report import merge_tables
+from .report import comparison_report, merge_tables
 
 DICT_FIELDS = {"attack_options", "defense_options"}
 
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="merge results.json files of run directories into one markdown table")
     rep.add_argument("runs", nargs="+", help="run directories (or results.json files)")
+    rep.add_argument("--plots", metavar="DIR", help="also write PNG plots (CA/ASR bars, detector scores) into DIR")
     rep.set_defaults(func=cmd_report)
     return parser
 
@@ -96,19 +97,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``unbackdoor list``: every backend, attack and defense with its plugin and package."""
+    """``unbackdoor list``: every backend, attack, defense and paraphraser with its plugin and package."""
     pm = get_plugin_manager()
-    for title, found in (("backends", pm.backends()), ("attacks", pm.attacks()), ("defenses", pm.defenses())):
+    sections = (("backends", pm.backends()), ("attacks", pm.attacks()), ("defenses", pm.defenses()),
+                ("paraphrasers", pm.paraphrasers()))
+    width = max((len(name) for _, found in sections for name in found), default=0)
+    for title, found in sections:
         print(f"{title}:")
         for name, reg in sorted(found.items()):
-            print(f"  {name:<12} {reg.obj.description}  [{reg.package} {reg.version}]")
+            where = " ".join(x for x in (reg.package, reg.version) if x)
+            print(f"  {name:<{max(width, 12)}} {reg.obj.description}  [{where}]")
+        if not found:
+            print("  (none registered)")
     for plugin, error in sorted(pm.failures.items()):
         print(f"plugin {plugin!r} failed to load: {error}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """``unbackdoor report RUN...``: merged markdown tables."""
+    """``unbackdoor report RUN... [--plots DIR]``: each run's table, the comparison across runs, and plots."""
     results = []
     for run in args.runs:
         file = Path(run) / "results.json" if Path(run).is_dir() else Path(run)
@@ -116,6 +123,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"no results.json at {str(file)!r}")
         results.append(json.loads(file.read_text()))
     print(merge_tables(results))
+    print()
+    print(comparison_report(results))
+    if getattr(args, "plots", None):
+        from .plots import report_plots
+
+        written = report_plots(results, args.plots)
+        print(f"\nwrote {len(written)} plots to {args.plots}")
     return 0
 
 

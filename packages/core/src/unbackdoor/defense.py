@@ -37,6 +37,9 @@ class DefenseContext:
         train: the user's fine-tuning spec (epochs, lr, batch, ...).
         cache: stage cache, so artefacts (a teacher) are built once per config.
         cache_key: config facts the cache keys of this run's artefacts must include.
+        log: where progress lines go.
+        student_path: the clean BASE student (HF directory) the victim was fine-tuned from, for
+            defenses that train a clean reference model (``merge``); None when the runner does not say.
     """
 
     backend: Backend
@@ -50,6 +53,7 @@ class DefenseContext:
     cache: StageCache
     cache_key: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    student_path: Path | None = None
 
 
 @dataclass

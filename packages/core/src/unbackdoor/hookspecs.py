@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .attack import Attack
+    from .attack import Attack, Paraphraser
     from .backend import BackendInfo
     from .defense import Defense
 
@@ -50,4 +50,15 @@ def unbackdoor_defenses() -> list[Defense]:
 
     Called once when the plugin manager loads. Return :class:`~unbackdoor.defense.Defense`
     instances with their default options; the runner configures copies.
+    """
+
+
+@hookspec
+def unbackdoor_paraphrasers() -> list[Paraphraser]:
+    """Register paraphrasers (style transfer or syntactic rewriting models).
+
+    Called once when the plugin manager loads. Return :class:`~unbackdoor.attack.Paraphraser`
+    instances; the ``syntactic`` and ``style`` attacks call one (option ``paraphraser=NAME``) to
+    rewrite rows for which the data has no aligned paraphrase file. Import heavy models lazily,
+    inside :meth:`~unbackdoor.attack.Paraphraser.paraphrase`, so listing plugins stays fast.
     """

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .specs import CrossEntropy, LabelResetLoss, LossSpec, W2SLoss
+from collections.abc import Mapping, Sequence
+
+from .specs import AdaptiveGALoss, CrossEntropy, GALoss, LabelResetLoss, LossSpec, NPOLoss, UnlearningLoss, W2SLoss
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -93,6 +95,9 @@ def reference_loss(spec: LossSpec, outputs: dict[str, np.ndarray], batch: dict[s
     if isinstance(spec, W2SLoss):
         return float(w2s_loss(spec, outputs["logits"], batch["labels"], batch["teacher_logits"],
                               outputs["hidden"], batch["teacher_hidden"]).mean())
+    if isinstance(spec, UnlearningLoss):
+        return unlearning_loss(spec, outputs["logits"], batch["labels"], batch["is_poisoned"], batch.get("ref_logits"),
+                               float(outputs.get("delta_norm", 0.0)), batch.get("weight"))
     raise TypeError(f"no reference implementation for loss spec {type(spec).__name__}")
 
 
@@ -144,3 +149,127 @@ def reset_labels(labels: np.ndarray, num_labels: int, spec: LabelResetLoss) -> n
     if np.array_equal(new[rows], labels[rows]):
         new[rows] = (labels[rows] + rng.integers(1, num_labels, len(rows))) % num_labels
     return new
+
+
+# ------------------------------------------------------------------------------------------ unlearning
+
+
+def group_weights(is_poisoned: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row weights that turn weighted sums into the mean over the poisoned rows and over the clean rows.
+
+    Args:
+        is_poisoned: ``[B]`` 1 for rows to unlearn, 0 for rows to keep.
+        weight: ``[B]`` 0/1 row weights (0: a filler row that counts in neither group); None: all 1.
+
+    Returns:
+        ``(w_p, w_c)``, each ``[B]``: ``w_p = p / max(sum p, 1)`` with ``p = is_poisoned * weight``, the
+        same for the clean rows; a group absent from the batch gets all-zero weights, so its term is 0.
+    """
+    flag = np.asarray(is_poisoned, np.float64)
+    weight = np.ones_like(flag) if weight is None else np.asarray(weight, np.float64)
+    p, c = flag * weight, (1.0 - flag) * weight
+    return p / max(p.sum(), 1.0), c / max(c.sum(), 1.0)
+
+
+def adaptive_lambda(alpha: float, ref_logits: np.ndarray, logits: np.ndarray, w_p: np.ndarray) -> float:
+    """RGA's ``lambda = exp(-alpha * sum_i w_p[i] * KL(softmax(ref_i) || softmax(z_i)))`` (1 without poisoned rows).
+
+    Args:
+        alpha: the decay rate (>= 0).
+        ref_logits: ``[B, C]`` the poisoned model's logits before unlearning.
+        logits: ``[B, C]`` the current model's logits.
+        w_p: ``[B]`` the poisoned-row weights of :func:`group_weights` (a mean over the batch's poisoned rows).
+    """
+    rows = np.asarray(w_p) > 0
+    kl = np.zeros(len(rows))
+    kl[rows] = kl_divergence(np.asarray(ref_logits)[rows], np.asarray(logits)[rows])
+    return float(np.exp(-alpha * (np.asarray(w_p) * kl).sum()))
+
+
+def npo_term(beta: float, ce: np.ndarray, ref_ce: np.ndarray) -> np.ndarray:
+    """Per-row NPO loss ``-(2/beta) * log sigmoid(beta * (CE - CE_ref))``; ``[B]`` in and out."""
+    x = beta * (np.asarray(ce, np.float64) - np.asarray(ref_ce, np.float64))
+    return (2.0 / beta) * np.logaddexp(0.0, -x)  # -log sigmoid(x) = log(1 + exp(-x)), stable
+
+
+def unlearning_loss(spec: UnlearningLoss, logits: np.ndarray, labels: np.ndarray, is_poisoned: np.ndarray,
+                    ref_logits: np.ndarray | None = None, delta_norm: float = 0.0,
+                    weight: np.ndarray | None = None) -> float:
+    """Batch value of an unlearning loss (RGA, GA or NPO); see :class:`unbackdoor.specs.AdaptiveGALoss`.
+
+    Args:
+        spec: the loss and its weights.
+        logits: ``[B, C]`` the current model's logits.
+        labels: ``[B]`` the rows' labels (a poisoned row's label is the one the attack gave it).
+        is_poisoned: ``[B]`` 1 for rows to unlearn, 0 for rows to keep.
+        ref_logits: ``[B, C]`` the poisoned model's logits (RGA's lambda, NPO's reference CE).
+        delta_norm: ``||theta - theta_base||_2`` (RGA only; see :func:`lora_delta_norm`).
+        weight: ``[B]`` 0/1 row weights (filler rows 0); None: all rows count.
+
+    Returns:
+        The scalar loss; every mean is over its group's rows of the batch (:func:`group_weights`).
+    """
+    w_p, w_c = group_weights(is_poisoned, weight)
+    ce = cross_entropy(logits, labels)
+    kept = (w_c * ce).sum()
+    if isinstance(spec, AdaptiveGALoss):
+        lam = adaptive_lambda(spec.alpha, ref_logits, logits, w_p)  # type: ignore[arg-type]
+        return float(-lam * (w_p * ce).sum() + kept + spec.beta * delta_norm)
+    if isinstance(spec, GALoss):
+        return float(-(w_p * ce).sum() + spec.clean_weight * kept)
+    ref_ce = cross_entropy(ref_logits, labels)  # type: ignore[arg-type]
+    return float((w_p * npo_term(spec.beta, ce, ref_ce)).sum() + spec.clean_weight * kept)
+
+
+def unlearning_grads(spec: UnlearningLoss, logits: np.ndarray, labels: np.ndarray, is_poisoned: np.ndarray,
+                     ref_logits: np.ndarray | None = None, weight: np.ndarray | None = None) -> np.ndarray:
+    """Closed-form ``d loss / d logits`` ``[B, C]`` of :func:`unlearning_loss`, RGA's lambda held CONSTANT.
+
+    Every loss is ``sum_i g_i * CE_i``-shaped in the logits, so the gradient is ``g_i * (softmax(z_i) -
+    onehot(y_i))`` with ``g_i = -lambda w_p + w_c`` (RGA), ``-w_p + clean_weight w_c`` (GA) or
+    ``-2 w_p sigmoid(-beta (CE - CE_ref)) + clean_weight w_c`` (NPO).
+    """
+    w_p, w_c = group_weights(is_poisoned, weight)
+    logits = np.asarray(logits, np.float64)
+    d_ce = softmax(logits) - np.eye(logits.shape[1])[np.asarray(labels)]
+    if isinstance(spec, AdaptiveGALoss):
+        g = -adaptive_lambda(spec.alpha, ref_logits, logits, w_p) * w_p + w_c  # type: ignore[arg-type]
+    elif isinstance(spec, GALoss):
+        g = -w_p + spec.clean_weight * w_c
+    else:
+        x = spec.beta * (cross_entropy(logits, labels) - cross_entropy(ref_logits, labels))  # type: ignore[arg-type]
+        g = -2.0 * w_p / (1.0 + np.exp(x)) + spec.clean_weight * w_c
+    return g[:, None] * d_ce
+
+
+LoRAFactors = Sequence[tuple[np.ndarray, np.ndarray, float]]
+
+
+def lora_delta_norm(factors: LoRAFactors) -> float:
+    """``||theta - theta_base||_2`` of a LoRA adapter: ``sqrt(sum_l ||scaling_l * B_l A_l||_F^2)``.
+
+    Args:
+        factors: one ``(A [r, in], B [out, r], scaling)`` per adapted layer (peft's shapes).
+    """
+    return float(np.sqrt(sum(np.square(s * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))).sum()
+                             for a, b, s in factors)))
+
+
+def lora_delta_norm_grads(factors: LoRAFactors) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(d/dA, d/dB)`` of :func:`lora_delta_norm` per layer; zero where the norm is 0 (B = 0 at LoRA's init).
+
+    With ``D_l = s_l B_l A_l`` and ``N`` the norm: ``dN/dA_l = s_l B_l^T D_l / N`` and ``dN/dB_l = s_l D_l A_l^T / N``.
+    """
+    norm = lora_delta_norm(factors)
+    out = []
+    for a, b, s in factors:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        delta = s * (b @ a) / norm if norm > 0 else np.zeros((b.shape[0], a.shape[1]))
+        out.append((s * b.T @ delta, s * delta @ a.T))
+    return out
+
+
+def named_lora_factors(arrays: Mapping[str, np.ndarray], scaling: float) -> LoRAFactors:
+    """peft-named adapter arrays (``...lora_A.weight`` / ``...lora_B.weight``) as :data:`LoRAFactors`."""
+    prefixes = sorted(k.removesuffix(".lora_A.weight") for k in arrays if k.endswith(".lora_A.weight"))
+    return [(arrays[f"{p}.lora_A.weight"], arrays[f"{p}.lora_B.weight"], scaling) for p in prefixes]

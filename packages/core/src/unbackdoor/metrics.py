@@ -49,3 +49,23 @@ def auroc(scores: np.ndarray, poisoned: np.ndarray) -> float:
     ends = np.cumsum(counts)
     ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based ranks, averaged over ties
     return float((ranks[poisoned].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def mean_token_nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """NumPy reference of :meth:`unbackdoor.backend.Backend.lm_nll` on one padded batch.
+
+    Args:
+        logits: ``[B, L, V]`` causal-LM logits; position ``t`` predicts ``ids[:, t + 1]``.
+        ids: ``[B, L]`` token ids (start token first), right-padded.
+        mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+
+    Returns:
+        ``[B]`` mean NLL (natural log) over each row's predicted real tokens; NaN for rows with none.
+    """
+    logits = np.asarray(logits, np.float64)[:, :-1]
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, np.asarray(ids)[:, 1:, None], -1)[..., 0]
+    weight = np.asarray(mask, np.float64)[:, 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (nll * weight).sum(-1) / weight.sum(-1)

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import pluggy
 
 from . import hookspecs
-from .attack import Attack
+from .attack import Attack, Paraphraser
 from .backend import BackendInfo
 from .defense import Defense
-from .errors import PluginError, UnknownNameError
+from .errors import PluginError, UnbackdoorError, UnknownNameError
 
 ENTRY_POINT_GROUP = "unbackdoor"
 DISABLE_ENV = "UNBACKDOOR_DISABLE_PLUGINS"
+#: what a plugin can register: kind -> the hook that registers it
+KINDS = {"backend": "unbackdoor_backends", "attack": "unbackdoor_attacks", "defense": "unbackdoor_defenses",
+         "paraphraser": "unbackdoor_paraphrasers"}
 
 T = TypeVar("T")
 
@@ -35,6 +40,11 @@ class Registered(Generic[T]):
     plugin: str
     package: str
     version: str
+
+    @property
+    def source(self) -> str:
+        """``"plugin 'attacks' (unbackdoor-attacks 0.1.0)"``: where the object came from, for messages."""
+        return f"plugin {self.plugin!r} ({' '.join(x for x in (self.package, self.version) if x)})"
 
 
 class PluginManager:
@@ -113,6 +123,54 @@ class PluginManager:
     def defense(self, name: str) -> Defense:
         """The defense called ``name`` with its default options."""
         return _pick(self.defenses(), "defense", name)
+
+    def paraphrasers(self) -> dict[str, Registered[Paraphraser]]:
+        """Every registered paraphraser by name."""
+        return self._collect("unbackdoor_paraphrasers", "paraphraser")
+
+    def paraphraser(self, name: str) -> Paraphraser:
+        """The paraphraser called ``name``."""
+        return _pick(self.paraphrasers(), "paraphraser", name)
+
+    def source_of(self, kind: str, name: str) -> Registered[Any]:
+        """Which plugin and package registered the ``kind`` (attack, defense...) called ``name``."""
+        if kind not in KINDS:
+            raise UnknownNameError("plugin kind", kind, KINDS)
+        found = self._collect(KINDS[kind], kind)
+        if name not in found:
+            raise UnknownNameError(kind, name, found)
+        return found[name]
+
+    def run_error(self, kind: str, name: str, exc: BaseException) -> PluginError:
+        """A :class:`PluginError` naming the plugin and package whose ``kind`` ``name`` raised ``exc``.
+
+        The failure is also recorded in :attr:`failures` (``unbackdoor list`` shows those).
+        """
+        try:
+            reg = self.source_of(kind, name)
+            plugin, where = reg.plugin, reg.source
+        except UnknownNameError:
+            plugin, where = f"?{kind}:{name}", "an unregistered plugin"
+        detail = f"{kind} {name!r} from {where} raised {type(exc).__name__}: {exc}"
+        self.failures[plugin] = detail
+        return PluginError(plugin, detail)
+
+    @contextmanager
+    def running(self, kind: str, name: str) -> Iterator[None]:
+        """Run plugin code; an unexpected exception becomes a :class:`PluginError` naming the plugin and package.
+
+        Our own errors (:class:`~unbackdoor.errors.UnbackdoorError`) already name the bad value
+        and pass through unchanged::
+
+            with pm.running("defense", defense.name):
+                outcome = defense.apply(ctx)
+        """
+        try:
+            yield
+        except UnbackdoorError:
+            raise
+        except Exception as exc:
+            raise self.run_error(kind, name, exc) from exc
 
 
 def _pick(found: dict[str, Registered[T]], thing: str, name: str) -> T:

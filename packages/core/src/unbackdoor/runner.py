@@ -81,6 +81,9 @@ class Plan:
     attacker_train: TextDataset
     test: TextDataset
     poison: PoisonConfig
+    #: the attacker's rows after poisoning (computed in :func:`plan`, so data errors surface before training)
+    poisoned_train: TextDataset
+    pm: PluginManager
     baseline: Defense | None = None
 
 
@@ -99,8 +102,10 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     test = splits.test.shuffled(cfg.seed).head(cfg.test_rows)
     poison = PoisonConfig(cfg.target, cfg.poison_rate, cfg.clean_label, cfg.seed, cfg.dataset,
                           cfg.data_dir).validate(splits.train.num_labels)
+    with pm.running("attack", attack.name):
+        poisoned = attack.poison_train(attacker, poison)
     baseline = pm.defense("none") if cfg.clean_baseline else None
-    return Plan(cfg, backend_name, attack, defenses, splits, user, attacker, test, poison, baseline)
+    return Plan(cfg, backend_name, attack, defenses, splits, user, attacker, test, poison, poisoned, pm, baseline)
 
 
 def _disjoint_rows(train: TextDataset, cfg: ExperimentConfig) -> tuple[TextDataset, TextDataset]:
@@ -143,7 +148,7 @@ class Experiment:
     # -- stages -----------------------------------------------------------------------------------
     def victim(self) -> Path:
         """Stage 1: the attacker fully fine-tunes the student on poisoned rows (cached)."""
-        poisoned = self.plan.attack.poison_train(self.plan.attacker_train, self.plan.poison)
+        poisoned = self.plan.poisoned_train
 
         def build(tmp: Path) -> None:
             self.log(f"stage victim: full fine-tune on {len(poisoned)} rows ({int(poisoned.poisoned.sum())} poisoned)")
@@ -167,7 +172,9 @@ class Experiment:
         metrics: dict[str, Any] = {"CA": round(accuracy(clean.kept_predictions, p.test.labels), 2)}
         asr, scores, flagged, confidence = {}, [clean.scores], [clean.flagged], []
         triggered_judged: list[tuple[TextDataset, Judged]] = []
-        for trigger, triggered in p.attack.triggered_tests(p.test, p.poison).items():
+        with p.pm.running("attack", p.attack.name):
+            triggered_tests = p.attack.triggered_tests(p.test, p.poison)
+        for trigger, triggered in triggered_tests.items():
             asr_set = non_target(triggered, p.poison.target)
             judged = self._judge(model, asr_set, f"{desc}: {trigger} test", outcome)
             triggered_judged.append((asr_set, judged))
@@ -237,7 +244,8 @@ class Experiment:
         def compute() -> dict[str, Any]:
             ctx = self._context(victim or resolve_model(self.cfg.model, self._cache_dir()))
             start = time.perf_counter()
-            outcome = defense.apply(ctx)
+            with self.plan.pm.running("defense", defense.name):
+                outcome = defense.apply(ctx)
             seconds = time.perf_counter() - start
             metrics = self.evaluate(outcome.model, defense.name, outcome)
             return {"stage": stage, "defense": defense.name, **metrics, "seconds": round(seconds, 1),
@@ -249,7 +257,8 @@ class Experiment:
         c, p = self.cfg, self.plan
         teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher else None
         return DefenseContext(self.backend, victim, teacher, p.user_train, p.splits.dev, p.test.num_labels,
-                              c.lora(), c.user_spec(), self.cache, self._base_key(), self.log)
+                              c.lora(), c.user_spec(), self.cache, self._base_key(), self.log,
+                              student_path=resolve_model(c.model, self._cache_dir()))
 
     def _cached(self, stage: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         hit = self.cache.load_json(stage, key)
@@ -285,14 +294,35 @@ class Experiment:
         self.timings["total"] = round(time.perf_counter() - start, 1)
         results = self._results(rows)
         write_results(Path(self.cfg.out), results)
+        self._plots(results)
         return results
+
+    def _plots(self, results: dict[str, Any]) -> None:
+        """PNG plots next to the results (skipped, with a note, where matplotlib is not installed)."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.log("plots skipped: pip install matplotlib (or unbackdoor[plots]) to get them")
+            return
+        from .plots import report_plots
+
+        written = report_plots([results], Path(self.cfg.out) / "plots")
+        self.log(f"wrote {len(written)} plots to {Path(self.cfg.out) / 'plots'}")
+
+    def _asr_rows(self) -> int | dict[str, int]:
+        """How many triggered rows each ASR is measured on (one number for a single trigger)."""
+        p = self.plan
+        with p.pm.running("attack", p.attack.name):
+            tests = p.attack.triggered_tests(p.test, p.poison)
+        counts = {trigger: len(non_target(data, p.poison.target)) for trigger, data in tests.items()}
+        return next(iter(counts.values())) if len(counts) == 1 else counts
 
     def _results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         p = self.plan
         return {"config": self.cfg.to_dict(), "backend": p.backend_name, "attack": fields_of(p.attack),
                 "poison": dataclasses.asdict(p.poison), "rows": rows, "timings_s": self.timings,
                 "data": {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train),
-                         "test": len(p.test), "asr_test": int((p.test.labels != p.poison.target).sum())},
+                         "test": len(p.test), "asr_test": self._asr_rows()},
                 "versions": versions(), "platform": platform.platform(), "python": platform.python_version()}
 
 

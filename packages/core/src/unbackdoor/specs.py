@@ -162,4 +162,78 @@ class LabelResetLoss:
             raise ConfigError("label reset rate must be > 0 (0 would train on the true labels)")
 
 
-LossSpec = CrossEntropy | W2SLoss | LabelResetLoss
+def _check_weight(what: str, name: str, value: float, *, positive: bool = False) -> None:
+    """A ConfigError unless ``value`` is finite and >= 0 (> 0 when ``positive``)."""
+    ok = isinstance(value, int | float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{what} {name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdaptiveGALoss:
+    """RGA: ``-lambda * mean_p CE + mean_c CE + beta * ||theta - theta_base||_2``.
+
+    Unlearning losses are BATCH objectives, not means of per-row losses: a batch mixes poisoned rows
+    (per-row flag ``is_poisoned [N]``, 1.0 or 0.0) and clean rows; each group's cross-entropy is averaged
+    over that group's rows in the batch, and a term is zero when its group is absent from the batch
+    (see :func:`unbackdoor.losses.unlearning_loss`).
+
+    ``lambda = exp(-alpha * mean_p KL(softmax(z_ref) || softmax(z)))`` is computed per batch over its
+    poisoned rows and carries NO gradient (a constant of the step); ``z_ref`` are the logits of the
+    poisoned model before unlearning, cached once per row (auxiliary array ``ref_logits [N, C]``; rows
+    that are not poisoned may hold anything). The distance is the L2 norm of the LoRA adapter's merged
+    update, ``sqrt(sum_layers ||scaling * B A||_F^2)`` (the adapted model minus the model the adapter was
+    added to; the head is not penalised); it is 0 for a model without LoRA.
+
+    Attributes:
+        alpha: how fast lambda falls as the model moves away from the poisoned model on the poisoned rows.
+        beta: weight of the parameter distance (the paper: 1e-2 for encoders, 1e-4 for LLMs).
+    """
+
+    alpha: float = 2.0
+    beta: float = 1e-4
+    aux_keys: ClassVar[tuple[str, ...]] = ("is_poisoned", "ref_logits")
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta"):
+            _check_weight("RGA", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class GALoss:
+    """Vanilla gradient ascent: ``-mean_p CE + clean_weight * mean_c CE`` (per-row flag ``is_poisoned``).
+
+    Attributes:
+        clean_weight: weight of the cross-entropy on the clean rows (0: pure gradient ascent).
+    """
+
+    clean_weight: float = 0.0
+    aux_keys: ClassVar[tuple[str, ...]] = ("is_poisoned",)
+
+    def __post_init__(self) -> None:
+        _check_weight("GA", "clean_weight", self.clean_weight)
+
+
+@dataclass(frozen=True)
+class NPOLoss:
+    """NPO: ``-(2/beta) * mean_p log sigmoid(beta * (CE - CE_ref)) + clean_weight * mean_c CE``.
+
+    ``CE_ref`` is the poisoned model's cross-entropy on the row, from the cached ``ref_logits [N, C]``
+    (Zhang et al., "Negative Preference Optimization", 2024, with ``log pi = -CE``).
+
+    Attributes:
+        beta: the inverse temperature, > 0 (small beta approaches gradient ascent).
+        clean_weight: weight of the cross-entropy on the clean rows.
+    """
+
+    beta: float = 0.1
+    clean_weight: float = 1.0
+    aux_keys: ClassVar[tuple[str, ...]] = ("is_poisoned", "ref_logits")
+
+    def __post_init__(self) -> None:
+        _check_weight("NPO", "beta", self.beta, positive=True)
+        _check_weight("NPO", "clean_weight", self.clean_weight)
+
+
+UnlearningLoss = AdaptiveGALoss | GALoss | NPOLoss
+LossSpec = CrossEntropy | W2SLoss | LabelResetLoss | AdaptiveGALoss | GALoss | NPOLoss

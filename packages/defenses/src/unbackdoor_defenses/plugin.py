@@ -6,11 +6,20 @@ from unbackdoor.defense import Defense
 from unbackdoor.hookspecs import hookimpl
 
 from .finetune import NoDefense
+from .merge import Merge
+from .onion import Onion
+from .paraphrase import SCPD, BackTranslate
+from .prune import FinePrune
 from .psim import PSIM
+from .quantize import Quantize
+from .strip import Strip
+from .tuning import FullFineTune
 from .w2s import W2SDefense
 
 
 @hookimpl
 def unbackdoor_defenses() -> list[Defense]:
-    """``none``, ``w2s`` and ``psim``."""
-    return [NoDefense(), W2SDefense(), PSIM()]
+    """``none``, ``w2s``, ``psim`` and the baselines (``onion``, ``strip``, ``finetune``, ``prune``, ``quantize``,
+    ``merge``, ``backtranslate``, ``scpd``)."""
+    return [NoDefense(), W2SDefense(), PSIM(), Onion(), Strip(), FullFineTune(), FinePrune(), Quantize(), Merge(),
+            BackTranslate(), SCPD()]

@@ -1,0 +1,138 @@
+"""The comparison report: markdown tables over runs, PNG plots and ``unbackdoor report --plots``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unbackdoor.cli import main
+from unbackdoor.plots import pca_2d, plot_defense_bars, plot_hidden_states, plot_score_histogram, plot_sweep, report_plots
+from unbackdoor.report import comparison_report, comparison_table, detection_table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(stage: str, defense: str, ca: float, asr: float, **extra: Any) -> dict[str, Any]:
+    return {"stage": stage, "defense": defense, "CA": ca, "ASR": asr, "seconds": 1.0, **extra}
+
+
+def _strip_row(ca: float, asr: float) -> dict[str, Any]:
+    return _row("poisoned + defense", "strip", ca, asr, CA_model=ca + 1, ASR_model=90.0,
+                detection={"precision": 0.9, "recall": 0.8, "f1": 0.847, "auroc": 0.93},
+                detector_scores={"clean": [-0.6, -0.5, -0.7, -0.4], "triggered": [-0.1, -0.05, -0.3]},
+                threshold_sweep=[{"threshold": t, "precision": 1.0, "recall": 0.5, "f1": 0.67, "CA": 80.0 - t,
+                                  "ASR": 50.0 + 100 * t} for t in (-0.4, -0.3, -0.2)],
+                stats={"strip": {"threshold": -0.35}})
+
+
+def results(attack: str, model: str, rows: list[dict[str, Any]], dataset: str = "sst2") -> dict[str, Any]:
+    """A results.json as the runner writes it (the fields the report reads)."""
+    return {"config": {"attack": attack, "dataset": dataset, "model": model}, "backend": "torch", "rows": rows}
+
+
+@pytest.fixture
+def runs() -> list[dict[str, Any]]:
+    """badnet and insent on one model, badnet on a second model (a path), with a clean baseline and a detector."""
+    base = [_row("poisoned (released)", "-", 85.0, 98.0), _row("poisoned + defense", "none", 86.0, 96.5)]
+    return [
+        results("badnet", "smollm2-135m", [_row("clean student", "none", 84.0, 12.0), *base,
+                                           _row("poisoned + defense", "prune", 83.5, 40.25), _strip_row(80.0, 20.0)]),
+        results("insent", "smollm2-135m", [*base, _row("poisoned + defense", "prune", 84.0, 70.0)]),
+        results("badnet", "/models/qwen-tiny", [*base[:1], _row("poisoned + defense", "none", 70.0, 99.0)]),
+    ]
+
+
+def test_comparison_table_has_a_row_per_attack_and_defense_and_columns_per_model(runs) -> None:
+    table = comparison_table(runs)
+    lines = table.splitlines()
+    assert lines[2] == "| attack | defense | smollm2-135m CA | smollm2-135m ASR | qwen-tiny CA | qwen-tiny ASR |"
+    body = [line for line in lines[4:] if line.startswith("| ")]
+    assert body == [
+        "| badnet | clean model (none) | 84.00 | 12.00 | - | - |",
+        "| badnet | released (no fine-tune) | 85.00 | 98.00 | 85.00 | 98.00 |",
+        "| badnet | none | 86.00 | 96.50 | 70.00 | 99.00 |",
+        "| badnet | prune | 83.50 | 40.25 | - | - |",
+        "| badnet | strip* | 80.00 | 20.00 | - | - |",
+        "| insent | released (no fine-tune) | 85.00 | 98.00 | - | - |",
+        "| insent | none | 86.00 | 96.50 | - | - |",
+        "| insent | prune | 84.00 | 70.00 | - | - |",
+    ]
+    assert "detection defense" in lines[-1]
+
+
+def test_columns_name_the_dataset_and_backend_only_when_they_vary(runs) -> None:
+    runs[1]["config"]["dataset"] = "cr"
+    runs[2]["backend"] = "jax"
+    header = comparison_table(runs).splitlines()[2]
+    assert "smollm2-135m / sst2 / torch CA" in header and "smollm2-135m / cr / torch ASR" in header
+    assert "qwen-tiny / sst2 / jax CA" in header
+
+
+def test_detection_table_lists_only_detectors(runs) -> None:
+    table = detection_table(runs)
+    assert table.splitlines()[-1] == "| badnet | strip | smollm2-135m | 81.00 | 90.00 | 0.90 | 0.80 | 0.85 | 0.93 |"
+    assert len([line for line in table.splitlines() if line.startswith("| badnet")]) == 1
+    assert detection_table(runs[1:]) == ""
+    assert "### Detection" in comparison_report(runs) and "### Detection" not in comparison_report(runs[1:])
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_plots_writes_bars_histograms_and_sweeps(runs, tmp_path) -> None:
+    written = report_plots(runs, tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    assert names == ["00-badnet-sst2-smollm2-135m-ca-asr.png", "00-badnet-sst2-smollm2-135m-strip-scores.png",
+                     "00-badnet-sst2-smollm2-135m-strip-threshold.png", "01-insent-sst2-smollm2-135m-ca-asr.png",
+                     "02-badnet-sst2-qwen-tiny-ca-asr.png"]
+    assert all(_is_png(p) for p in written)
+
+
+def test_single_plots(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    clean, triggered = rng.normal(size=(30, 16)), rng.normal(size=(20, 16)) + 3
+    assert _is_png(plot_hidden_states(clean, triggered, tmp_path / "pca.png", "last-token states, none"))
+    sweep = [(0.2, 86.0, 90.0), (0.0, 85.0, 96.0), (1.0, 80.0, 30.0), (0.5, 84.0, 60.0)]
+    assert _is_png(plot_sweep(sweep, tmp_path / "sweep.png", "W2S beta sweep", xlabel="beta"))
+    assert _is_png(plot_defense_bars([("none", 86.0, 96.5), ("prune", 83.5, 40.0)], tmp_path / "bars.png", "t"))
+    assert _is_png(plot_score_histogram([0.1, 0.2], [0.8, 0.9], tmp_path / "h.png", "scores", threshold=0.5))
+
+
+def test_pca_2d_finds_the_directions_of_largest_variance() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5)) * np.array([10.0, 0.1, 3.0, 0.1, 0.1]) + 7
+    proj = pca_2d(x)
+    assert proj.shape == (200, 2)
+    np.testing.assert_allclose(proj.mean(0), 0, atol=1e-9)
+    var = proj.var(0)
+    assert var[0] > var[1] > 5 and abs(np.corrcoef(proj[:, 0], x[:, 0])[0, 1]) > 0.99
+    assert pca_2d(np.ones((3, 1))).shape == (3, 2)  # fewer than two dimensions: padded
+
+
+def test_cli_report_prints_the_comparison_and_writes_plots(runs, tmp_path, capsys) -> None:
+    paths = []
+    for i, run in enumerate(runs):
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "results.json").write_text(json.dumps(run))
+        paths.append(str(tmp_path / f"run{i}"))
+    assert main(["report", *paths, "--plots", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "| badnet | prune | 83.50 | 40.25 | - | - |" in out
+    assert "| poisoned + defense | prune |" in out  # each run's own table comes first
+    assert "wrote 5 plots to" in out
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 5
+
+
+def test_plots_without_matplotlib_give_a_clear_error(monkeypatch, tmp_path) -> None:
+    import sys
+
+    from unbackdoor.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an uninstalled package looks like
+    with pytest.raises(ConfigError, match="plots need matplotlib: pip install matplotlib"):
+        plot_sweep([(0.0, 1.0, 2.0)], tmp_path / "x.png", "t")

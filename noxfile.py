@@ -61,7 +61,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Real-model benchmarks: ``nox -s bench -- w2s`` (``w2s-sweep``, ``psim``, ``attacks``, ``jax``) write benchmarks/results/."""
+    """Real-model benchmarks into benchmarks/results/: ``nox -s bench -- w2s`` (see benchmarks/run.py BENCHMARKS)."""
     install(session, "jax", models=True)  # the jax set includes torch
     session.run("python", "benchmarks/run.py", *(session.posargs or ["w2s"]))
 

@@ -63,7 +63,17 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
            "| run | changes from the base setting | wall time (s) |", "|---|---|---:|"]
     out += [f"| {label} | {run['change']} | {run['results']['timings_s'].get('total', '-')} |"
             for label, run in runs.items()]
-    out += ["", comparison_report(results), ""]
+    if "step_time" in data:
+        t = data["step_time"]
+        out += ["", "## Fused W2S step time, jax vs torch", "", t["setting"] + ".", "",
+                "| backend | first step (s) | compile (s) | step (s, median) |", "|---|---:|---:|---:|",
+                f"| torch ({t['torch']['threads']} threads) | {t['torch']['first_step_s']:.3f} | - | "
+                f"{t['torch']['step_s']:.3f} |",
+                f"| jax ({t['jax']['devices']}) | {t['jax']['first_step_s']:.3f} | {t['jax']['compile_s']:.3f} | "
+                f"{t['jax']['step_s']:.3f} |",
+                "", f"jax / torch step time: **{t['ratio_jax_over_torch']:.2f}x** (goal <= 1.0x)."]
+    if results:
+        out += ["", comparison_report(results), ""]
     for label, run in runs.items():
         out += [f"## {label}", "", *_rows(run["results"]), ""]
         for row in run["results"]["rows"]:

@@ -91,6 +91,22 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "multi": dict(attack="multi", defenses=("none",)),
         "badnet-clean-label": dict(attack="badnet", clean_label=True, defenses=("none",)),
     }),
+    "w2s-data": ("W2SDefense, data-poisoning setting (LoRA fine-tune on poisoned rows), SmolLM2-135M, SST-2", {
+        "badnet": dict(setting="data", teacher_rows=400, clean_baseline=True),
+    }),
+    "w2s-ablation": ("W2SDefense ablations (seed Tables 4-7), data-poisoning setting, SmolLM2-135M, SST-2, BadNet", {
+        **{label: dict(setting="data", teacher_rows=400, defenses=("w2s",), defense_options={"w2s": weights})
+           for label, weights in (("ce-only", {"beta": 0.0, "gamma": 0.0}), ("ce+alignment", {"beta": 0.0}),
+                                  ("ce+kd", {"gamma": 0.0}), ("beta-1", {"beta": 1.0}), ("gamma-1", {"gamma": 1.0}))},
+        **{f"rank-{rank}": dict(setting="data", teacher_rows=400, defenses=("none", "w2s"), lora_rank=rank,
+                                lora_alpha=2.0 * rank) for rank in (4, 32)},
+        "prompt-tuning": dict(setting="data", teacher_rows=400, defenses=("none", "w2s"),
+                              defense_options={d: {"peft": "prompt-tuning", "lr": PROMPT_LR} for d in ("none", "w2s")}),
+    }),
+    "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2, weight poisoning", {
+        attack: dict(attack=attack, defenses=("none", "onion", "prune", "finetune", "quantize", "merge", "w2s"))
+        for attack in ("badnet", "insent")
+    }),
     "jax": ("The W2S comparison on the jax backend (same config and seed as w2s.md's torch run)", {
         "jax": dict(backend="jax"),
     }),
@@ -104,6 +120,11 @@ def suite(name: str, cache: Path) -> dict[str, Any]:
     title, runs = SUITES[name]
     data: dict[str, Any] = {"title": title, "command": f"nox -s bench -- {name}", "base": W2S_SETTING,
                             "machine": platform.platform(), "cpus": os.cpu_count(), "runs": {}}
+    if name == "jax":  # the jitted step vs the torch step first: minutes, where the runs take an hour
+        from step_time import measure
+
+        data["step_time"] = measure(cache)
+        save(name, data, render_suite(data, RESULTS / "plots" / name))
     for label, change in runs.items():
         setting = {**W2S_SETTING, "clean_baseline": False, **change}
         cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"{name}-{label}"))

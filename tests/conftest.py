@@ -25,8 +25,14 @@ def pytest_configure(config: pytest.Config) -> None:
 JAX_FILES = {"test_jax_backend.py", "test_parity.py"}
 
 
+#: files that test only the torch backend (torch.distributed): collected by the torch session
+TORCH_FILES = {"test_scaling.py"}
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    if collection_path.name in JAX_FILES and config.getoption("--backend") != "jax":
+    backend = config.getoption("--backend")
+    if (collection_path.name in JAX_FILES and backend != "jax") or (collection_path.name in TORCH_FILES and
+                                                                     backend != "torch"):
         return True
     return None
 

@@ -99,8 +99,9 @@ def test_defense_runs_end_to_end(defense: str, options: dict[str, str], tiny_dir
         assert set(row["detection"]) == {"precision", "recall", "f1", "auroc"}
         assert row["stats"]["strip"]["calibration_rows"] == 40 and len(row["threshold_sweep"]) == 6
     elif defense == "onion":
-        assert row["stats"]["onion"]["texts"] == 40 + json.loads((tmp_path / "o" / "results.json").read_text())[
-            "data"]["asr_test"]
+        asr_rows = json.loads((tmp_path / "o" / "results.json").read_text())["data"]["asr_test"]
+        # 40 clean rows, then triggered copies of all 40: the non-target ones (ASR) and the target ones (PACC)
+        assert asr_rows < 40 and row["stats"]["onion"]["texts"] == 40 + 40
         assert 0 < row["stats"]["onion"]["removed"] < row["stats"]["onion"]["words"]
     else:
         assert row["stats"]["train"]["steps"] == 2  # 32 rows, batch 16, 1 epoch
@@ -187,7 +188,8 @@ def test_paraphrase_defense_rewrites_every_input(defense: str, style: str, parap
     cfg = _config(tiny_dirs, cache, tmp_path / "o", backend_name, defense, paraphraser="drop-triggers")
     _, row = _rows(cfg, paraphrasers)
     asr_rows = json.loads((tmp_path / "o" / "results.json").read_text())["data"]["asr_test"]
-    assert DropTriggers.calls == [(style, 40), (style, asr_rows)]
+    # clean rows, triggered non-target rows (ASR), triggered target-class rows (PACC)
+    assert DropTriggers.calls == [(style, 40), (style, asr_rows), (style, 40 - asr_rows)]
     assert row["defense"] == defense
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor.attack import non_target
 from unbackdoor.cache import StageCache
 from unbackdoor.cli import main
+from unbackdoor.errors import ConfigError
 from unbackdoor.metrics import attack_success_rate
 from unbackdoor.plugins import get_plugin_manager
 from unbackdoor.runner import Experiment, plan
@@ -30,6 +32,10 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     assert stages == [("poisoned (released)", "-"), ("poisoned + defense", "none"), ("poisoned + defense", "w2s")]
     for row in results["rows"]:
         assert 0 <= row["CA"] <= 100 and 0 <= row["ASR"] <= 100
+        pca = row["hidden_pca"]  # last-token states of clean and triggered test rows, one 2-D projection
+        assert len(pca["clean"]) == 40 and len(pca["triggered"]) == results["data"]["asr_test"]
+    plots = sorted(p.name for p in (tmp_path / "out" / "plots").iterdir())
+    assert sum(name.endswith("hidden-pca.png") for name in plots) == 3 and any("ca-asr" in n for n in plots), plots
     w2s = results["rows"][2]["stats"]
     assert w2s["train"]["steps"] == 4 and "dev_accuracy" in w2s["teacher"]
     assert results["data"] == {"user_train": 64, "attacker_train": 160, "test": 40,
@@ -85,3 +91,40 @@ def test_failed_stage_leaves_no_results_file(tiny_dirs, tmp_path, backend_name) 
     with pytest.raises(Exception, match="missing-teacher"):
         run_experiment(cfg, log=lambda _: None)
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_data_poisoning_setting_trains_the_base_student_on_poisoned_user_rows(tiny_dirs, tmp_path, backend_name) -> None:
+    """setting=data: no attacker stage; `none` and `w2s` train the base student on the poisoned user rows,
+    the teacher on trusted clean rows disjoint from them."""
+    kwargs = _api_kwargs(tiny_dirs, tmp_path, backend_name) | {"user_epochs": 4.0, "user_lr": 5e-3, "poison_rate": 0.3}
+    cfg = ExperimentConfig(**kwargs, setting="data", teacher_rows=96, defenses=("none", "w2s"), clean_baseline=True,
+                           defense_options={"w2s": {"teacher_epochs": "1"}}, out=str(tmp_path / "o"))
+    the_plan = plan(cfg)
+    assert the_plan.user_train.poisoned.sum() == round(0.3 * 64) and not the_plan.clean_user.poisoned.any()
+    assert len(the_plan.teacher_train) == 96
+    assert not set(the_plan.teacher_train.rows) & set(the_plan.user_train.rows)
+    results = run_experiment(cfg, log=lambda _: None)
+    stages = [(r["stage"], r["defense"]) for r in results["rows"]]
+    assert stages == [("clean student", "none"), ("poisoned data + defense", "none"), ("poisoned data + defense", "w2s")]
+    assert "victim" not in results["timings_s"] and "released" not in results["timings_s"]
+    w2s = results["rows"][2]["stats"]
+    assert w2s["train"]["samples"] == 4 * 64 and w2s["teacher"]["samples"] == 96
+
+
+def test_unknown_setting_is_a_clear_error(tiny_dirs, tmp_path, backend_name) -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'model'; choose one of: data, weight"):
+        ExperimentConfig(**_api_kwargs(tiny_dirs, tmp_path, backend_name), setting="model").validate()
+
+
+def test_student_peft_method_is_an_option_of_none_and_w2s(tiny_dirs, tmp_path, backend_name) -> None:
+    """W2S's student (and the plain fine-tune) may use prompt-tuning instead of LoRA; the soft prompt trains."""
+    options = {"peft": "prompt-tuning", "num_virtual_tokens": "4", "lr": "0.05"}
+    cfg = ExperimentConfig(**_api_kwargs(tiny_dirs, tmp_path, backend_name), defenses=("none", "w2s"),
+                           defense_options={"none": options, "w2s": {**options, "teacher_epochs": "1"}},
+                           out=str(tmp_path / "o"))
+    rows = run_experiment(cfg, log=lambda _: None)["rows"]
+    for row in rows[1:]:
+        assert row["stats"]["train"]["first_loss"] != row["stats"]["train"]["final_loss"]
+        assert 0 <= row["CA"] <= 100
+    with pytest.raises(ConfigError, match="unknown w2s peft method 'adapter'"):
+        run_experiment(dataclasses.replace(cfg, defense_options={"w2s": {"peft": "adapter"}}), log=lambda _: None)

@@ -24,7 +24,17 @@ from flax import nnx
 
 from unbackdoor import losses as ref
 from unbackdoor.batching import iter_batches
-from unbackdoor.specs import CrossEntropy, LabelResetLoss, LoRASpec, PromptSpec, TrainSpec, W2SLoss
+from unbackdoor.specs import (
+    AdaptiveGALoss,
+    CrossEntropy,
+    GALoss,
+    LabelResetLoss,
+    LoRASpec,
+    NPOLoss,
+    PromptSpec,
+    TrainSpec,
+    W2SLoss,
+)
 from unbackdoor_jax import losses as jax_losses
 from unbackdoor_jax import train as jax_train
 from unbackdoor_jax.backend import JaxBackend
@@ -211,27 +221,47 @@ def test_loss_values_match_numpy_and_torch(spec) -> None:
                           {"d_logits": want[0], "d_hidden": want[1]}, atol=1e-6)
 
 
+@pytest.mark.parametrize("spec", [AdaptiveGALoss(2.0, 0.0), GALoss(0.5), NPOLoss(0.3, 1.0)], ids=str)
+def test_unlearning_losses_match_numpy_and_torch(spec) -> None:
+    """Batch objectives on mixed poisoned/clean rows: value and d/d logits (RGA's lambda held constant)."""
+    rng = np.random.default_rng(1)
+    v = {"logits": rng.normal(size=(6, 3)) * 3, "labels": rng.integers(0, 3, 6), "ref_logits": rng.normal(size=(6, 3)),
+         "is_poisoned": np.array([1.0, 0, 1, 0, 0, 1]), "weight": np.ones(6)}
+    f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
+    t = to_tensors(f32, torch.device("cpu"))
+    logits = t["logits"].requires_grad_(True)
+    torch_value = torch_losses.batch_objective(spec, None, logits, None, t)
+    torch_value.backward()
+    batch = jax_train.device_batch(f32)
+    jax_value, jax_grad = jax.value_and_grad(lambda z: jax_losses.batch_objective(spec, None, z, z, batch))(
+        batch["logits"])
+    assert float(jax_value) == pytest.approx(ref.reference_loss(spec, v, v), rel=1e-5)
+    assert float(torch_value.detach()) == pytest.approx(ref.reference_loss(spec, v, v), rel=1e-5)
+    want = ref.unlearning_grads(spec, v["logits"], v["labels"], v["is_poisoned"], v["ref_logits"])
+    assert_tree_close({"jax": jax_grad, "torch": logits.grad.numpy()}, {"jax": want, "torch": want}, atol=1e-6)
+
+
 # ---------------------------------------------------------------- gradients and optimiser steps
 def _first_batch(model, rows, aux) -> dict[str, np.ndarray]:
     ids = model.encoder.encode(rows.texts, MAX_LENGTH)
     return next(iter_batches(ids, model.encoder.pad_id, len(ids), arrays={"labels": rows.labels, **aux}))
 
 
-def _jax_grads(model, batch) -> tuple[float, dict[str, np.ndarray]]:
+def _jax_grads(model, batch, spec=W2S) -> tuple[float, dict[str, np.ndarray]]:
     module = model.module
     graphdef, trainable, frozen = nnx.split(module, jax_train.trainable_filter(module), ...)
     arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), MAX_LENGTH, 0))
-    value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, W2S, jnp.float32, trainable, frozen,
+    value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, spec, jnp.float32, trainable, frozen,
                                                                        arrays, None)
     as_model = nnx.merge(graphdef, grads, frozen)  # the gradients laid out like the model, to name them like peft
     return float(value), {**export_adapter(as_model.backbone, model.stacked), **head_tensors(as_model)}
 
 
-def _torch_grads(model, batch) -> tuple[float, dict[str, np.ndarray]]:
+def _torch_grads(model, batch, spec=W2S) -> tuple[float, dict[str, np.ndarray]]:
     t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
     model.module.zero_grad()
     logits, hidden = model.module(t["input_ids"], t["attention_mask"])
-    value = torch_losses.per_example_loss(W2S, logits, hidden, t).mean()
+    value = torch_losses.batch_objective(spec, model.module, logits, hidden, t)
     value.backward()
     head = {n: p.grad.numpy().copy() for n, p in model.module.named_parameters() if n.startswith("classifier.")}
     return float(value.detach()), {**torch_adapter(model, grads=True), **head}
@@ -243,6 +273,20 @@ def test_lora_and_head_gradients_match_torch(backends, tiny_dirs, rows) -> None:
     (jax_value, jax_grads), (torch_value, torch_grads) = _jax_grads(jm, batch), _torch_grads(tm, batch)
     assert jax_value == pytest.approx(torch_value, rel=1e-5)
     assert max(np.abs(g).max() for g in torch_grads.values()) > 1e-3  # the comparison is not vacuous
+    assert_tree_close(jax_grads, torch_grads, atol=1e-4)
+
+
+def test_rga_lora_and_head_gradients_match_torch(backends, tiny_dirs, rows) -> None:
+    """RGA through the model: adaptive ascent on poisoned rows, CE on clean rows, the LoRA distance (beta > 0)."""
+    jb = backends[0]
+    jm, tm = twin_models(backends, tiny_dirs["llama"], lora=True, seed=6)
+    ref_logits = jb.predict(jb.load_classifier(tiny_dirs["llama"], 2, seed=6), rows, max_length=MAX_LENGTH).logits
+    aux = {"is_poisoned": (np.arange(len(rows)) % 4 == 0).astype(np.float32), "ref_logits": ref_logits}
+    spec = AdaptiveGALoss(alpha=2.0, beta=0.5)
+    batch = _first_batch(jm, rows, aux)
+    (jax_value, jax_grads), (torch_value, torch_grads) = _jax_grads(jm, batch, spec), _torch_grads(tm, batch, spec)
+    assert jax_value == pytest.approx(torch_value, rel=1e-5)
+    assert max(np.abs(g).max() for g in torch_grads.values()) > 1e-3
     assert_tree_close(jax_grads, torch_grads, atol=1e-4)
 
 

@@ -66,6 +66,21 @@ def merged_copy(module: nnx.Module) -> nnx.Module:
     return copy
 
 
+def delta_norm(backbone: nnx.Module) -> jax.Array:
+    """``sqrt(sum_layers ||scaling * B A||_F^2)``: the L2 distance the adapter moves the weights (0 without LoRA).
+
+    Uses ``||B A||_F^2 = sum((B^T B) * (A A^T))`` per (stacked) layer, two ``r x r`` Gram matrices instead
+    of the ``out x in`` product; the gradient at a zero norm (LoRA's init, B = 0) is taken as 0.
+    """
+    sq = jnp.zeros((), jnp.float32)
+    for _, layer in linear_layers(backbone):
+        if layer.lora_a is not None:
+            a, b = layer.lora_a[...], layer.lora_b[...]
+            grams = jnp.einsum("...or,...os->...rs", b, b) * jnp.einsum("...ri,...si->...rs", a, a)
+            sq = sq + layer.scaling ** 2 * grams.sum()
+    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
 def has_lora(module: nnx.Module) -> bool:
     """Whether any LoRA matrix is attached."""
     return bool(jax.tree.leaves(nnx.state(module, LoRAParam)))

@@ -10,8 +10,11 @@ from functools import singledispatch
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from unbackdoor.specs import CrossEntropy, LabelResetLoss, W2SLoss
+from unbackdoor.specs import AdaptiveGALoss, CrossEntropy, GALoss, LabelResetLoss, NPOLoss, W2SLoss
+
+from .lora import delta_norm
 
 Array = jax.Array
 
@@ -59,3 +62,53 @@ def _(spec: W2SLoss, logits: Array, hidden: Array, batch: Mapping[str, Array]) -
     if spec.gamma:
         loss = loss + spec.gamma * feature_alignment(hidden, batch["teacher_hidden"])
     return loss
+
+
+@singledispatch
+def batch_objective(spec: object, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    """The scalar objective one step minimises: the ``weight``-weighted batch mean of :func:`per_example_loss`.
+
+    Filler rows (``weight`` 0) count nowhere. Batch objectives (the unlearning losses, whose terms are means
+    over groups of rows and may read the model's parameters) register their own implementation.
+    """
+    per_row = per_example_loss(spec, logits, hidden, batch)
+    return (per_row * batch["weight"]).sum() / batch["weight"].sum()
+
+
+def group_weights(batch: Mapping[str, Array]) -> tuple[Array, Array]:
+    """``(w_p, w_c)`` ``[B]``: weights of a mean over the poisoned rows and over the clean rows (0 if absent)."""
+    p = batch["is_poisoned"] * batch["weight"]
+    c = (1.0 - batch["is_poisoned"]) * batch["weight"]
+    return p / jnp.maximum(p.sum(), 1.0), c / jnp.maximum(c.sum(), 1.0)
+
+
+def kl_divergence(p_logits: Array, q_logits: Array) -> Array:
+    """Per-example ``KL(softmax(p) || softmax(q))``; ``[B, C]`` in, ``[B]`` out."""
+    log_p, log_q = jax.nn.log_softmax(p_logits, axis=-1), jax.nn.log_softmax(q_logits, axis=-1)
+    return (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+@batch_objective.register
+def _(spec: AdaptiveGALoss, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    w_p, w_c = group_weights(batch)
+    ce = cross_entropy(logits, batch["labels"])
+    kl = kl_divergence(batch["ref_logits"], jax.lax.stop_gradient(logits))
+    lam = jax.lax.stop_gradient(jnp.exp(-spec.alpha * (w_p * kl).sum()))  # a constant of the step
+    loss = -lam * (w_p * ce).sum() + (w_c * ce).sum()
+    return loss + spec.beta * delta_norm(model.backbone) if spec.beta else loss
+
+
+@batch_objective.register
+def _(spec: GALoss, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    w_p, w_c = group_weights(batch)
+    ce = cross_entropy(logits, batch["labels"])
+    return -(w_p * ce).sum() + spec.clean_weight * (w_c * ce).sum()
+
+
+@batch_objective.register
+def _(spec: NPOLoss, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    w_p, w_c = group_weights(batch)
+    ce = cross_entropy(logits, batch["labels"])
+    ref_ce = cross_entropy(batch["ref_logits"], batch["labels"])
+    npo = -(2.0 / spec.beta) * jax.nn.log_sigmoid(spec.beta * (ce - ref_ce))
+    return (w_p * npo).sum() + spec.clean_weight * (w_c * ce).sum()

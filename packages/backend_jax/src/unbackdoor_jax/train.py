@@ -29,13 +29,14 @@ from flax import nnx
 from unbackdoor.backend import Predictions, TrainStats
 from unbackdoor.batching import epoch_batches, iter_batches, lr_factor, num_batches, total_steps
 from unbackdoor.data import TextDataset
+from unbackdoor.guards import diverged, locate
 from unbackdoor.progress import progress
 from unbackdoor.specs import LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from .layers import AdapterParam, Ctx
 from .lora import merged_copy
-from .losses import per_example_loss
+from .losses import batch_objective
 from .modeling import SequenceClassifier
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -59,11 +60,10 @@ def adamw(lr: Any, weight_decay: float) -> optax.GradientTransformation:
 
 def batch_loss(graphdef: Any, loss: LossSpec, dtype: Any, trainable: Any, frozen: Any, batch: Mapping[str, jax.Array],
                key: jax.Array | None) -> jax.Array:
-    """Weighted batch mean of ``loss`` (filler rows weigh 0); dropout on when ``key`` is given."""
+    """The batch objective of ``loss`` (filler rows weigh 0); dropout on when ``key`` is given."""
     model = nnx.merge(graphdef, trainable, frozen)
     logits, hidden = model(batch["input_ids"], batch["attention_mask"], Ctx(dtype, key))
-    per_row = per_example_loss(loss, logits.astype(jnp.float32), hidden.astype(jnp.float32), batch)
-    return (per_row * batch["weight"]).sum() / batch["weight"].sum()
+    return batch_objective(loss, model, logits.astype(jnp.float32), hidden.astype(jnp.float32), batch)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "loss", "weight_decay", "dtype"))
@@ -110,13 +110,6 @@ def device_batch(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v, jnp.int32 if v.dtype.kind in "iu" else jnp.float32) for k, v in batch.items()}
 
 
-def _check(value: jax.Array, loss: LossSpec, step: int) -> float:
-    out = float(value)
-    if not math.isfinite(out):
-        raise FloatingPointError(f"non-finite training loss {out} at step {step} for {type(loss).__name__}")
-    return out
-
-
 @dataclass(frozen=True)
 class Steps:
     """What every step of one run shares: the model's static parts, the loss and the schedule."""
@@ -138,6 +131,17 @@ class Steps:
         return train_step(self.graphdef, self.loss, self.spec.weight_decay, DTYPES[self.spec.precision], trainable,
                           self.frozen, opt_state, arrays, lr, key)
 
+    def check(self, value: jax.Array, trainable: Any, batch: Mapping[str, np.ndarray]) -> float:
+        """The loss as a float; non-finite: a TrainingDivergedError with the terms at ``trainable`` (before the step)."""
+        out = float(value)
+        if math.isfinite(out):
+            return out
+        arrays = fill_batch(batch, self.rows, self.spec.max_length, self.pad_id)
+        model = nnx.merge(self.graphdef, trainable, self.frozen)
+        logits, hidden = model(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["attention_mask"]),
+                               Ctx(DTYPES[self.spec.precision]))
+        raise diverged(self.loss, out, np.asarray(logits, np.float32), np.asarray(hidden, np.float32), arrays)
+
 
 def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
         aux: Mapping[str, np.ndarray], desc: str) -> TrainStats:
@@ -153,12 +157,15 @@ def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, los
     pending, samples, start = [], 0, time.perf_counter()
     batches = epoch_batches(ids, encoder.pad_id, {"labels": data.labels, **aux}, spec)
     for step, batch in enumerate(progress(batches, desc, steps.total)):
+        before = trainable  # kept one step, so a non-finite loss is diagnosed at the parameters that produced it
         trainable, opt_state, value = steps.run(trainable, opt_state, step, batch)
         samples += len(batch["index"])
         # Read the previous loss while this step runs: dispatch stays async, checks one step behind.
-        losses.extend(_check(v, loss, len(losses)) for v in pending)
-        pending = [value]
-    losses.extend(_check(v, loss, len(losses)) for v in pending)
+        with locate(desc, len(losses), steps.total):
+            losses.extend(steps.check(*p) for p in pending)
+        pending = [(value, before, batch)]
+    with locate(desc, len(losses), steps.total):
+        losses.extend(steps.check(*p) for p in pending)
     nnx.update(module, trainable)
     return TrainStats(len(losses), samples, time.perf_counter() - start, losses[-1], tuple(losses))
 

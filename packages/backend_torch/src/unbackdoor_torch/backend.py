@@ -18,7 +18,7 @@ from unbackdoor.data import TextDataset
 from unbackdoor.specs import AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, modeling, train
+from . import analysis, distributed, modeling, train
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
@@ -74,6 +74,8 @@ class TorchBackend:
         missing = [k for k in loss.aux_keys if k not in (aux or {})]
         if missing:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
+        if distributed.active():  # launched by torchrun: data-parallel over the ranks
+            return distributed.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
         return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
 
     def predict(self, model: TorchModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,

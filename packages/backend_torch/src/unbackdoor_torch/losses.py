@@ -6,8 +6,10 @@ from functools import singledispatch
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from torch import nn
 
-from unbackdoor.specs import CrossEntropy, LabelResetLoss, W2SLoss
+from unbackdoor.specs import AdaptiveGALoss, CrossEntropy, GALoss, LabelResetLoss, NPOLoss, W2SLoss
 
 
 def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -56,3 +58,70 @@ def _(spec: W2SLoss, logits: torch.Tensor, hidden: torch.Tensor | None,
 def needs_hidden(spec: object) -> bool:
     """Whether the loss reads the pooled hidden state."""
     return isinstance(spec, W2SLoss) and spec.gamma > 0
+
+
+@singledispatch
+def batch_objective(spec: object, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
+               batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scalar objective one training step minimises: the batch mean of :func:`per_example_loss`.
+
+    Batch objectives (the unlearning losses, whose terms are means over groups of rows and may read the
+    model's parameters) register their own implementation.
+    """
+    return per_example_loss(spec, logits, hidden, batch).mean()
+
+
+def group_weights(is_poisoned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w_p, w_c)`` ``[B]``: weights of a mean over the poisoned rows and over the clean rows (0 if absent)."""
+    p = is_poisoned.float()
+    c = 1.0 - p
+    return p / p.sum().clamp_min(1.0), c / c.sum().clamp_min(1.0)
+
+
+def lora_delta_norm(model: nn.Module) -> torch.Tensor:
+    """``sqrt(sum_layers ||scaling * B A||_F^2)`` over every peft LoRA layer (0 without LoRA).
+
+    Uses ``||B A||_F^2 = sum((B^T B) * (A A^T))`` (two ``r x r`` Gram matrices, no ``out x in`` product); the
+    gradient at a zero norm (LoRA's init, B = 0) is taken as 0.
+    """
+    squares = []
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for name in layer.lora_A:
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                squares.append(layer.scaling[name] ** 2 * ((b.T @ b) * (a @ a.T)).sum())
+    if not squares:
+        return torch.zeros(())
+    sq = torch.stack(squares).sum()
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq)
+
+
+@batch_objective.register
+def _(spec: AdaptiveGALoss, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
+      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    w_p, w_c = group_weights(batch["is_poisoned"])
+    ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+    with torch.no_grad():  # lambda is a constant of the step
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(batch["ref_logits"], -1), log_target=True,
+                      reduction="none").sum(-1)
+        lam = torch.exp(-spec.alpha * (w_p * kl).sum())
+    loss = -lam * (w_p * ce).sum() + (w_c * ce).sum()
+    return loss + spec.beta * lora_delta_norm(model).to(loss.device) if spec.beta else loss
+
+
+@batch_objective.register
+def _(spec: GALoss, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
+      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    w_p, w_c = group_weights(batch["is_poisoned"])
+    ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+    return -(w_p * ce).sum() + spec.clean_weight * (w_c * ce).sum()
+
+
+@batch_objective.register
+def _(spec: NPOLoss, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
+      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    w_p, w_c = group_weights(batch["is_poisoned"])
+    ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+    ref_ce = F.cross_entropy(batch["ref_logits"], batch["labels"], reduction="none")
+    npo = -(2.0 / spec.beta) * F.logsigmoid(spec.beta * (ce - ref_ce))
+    return (w_p * npo).sum() + spec.clean_weight * (w_c * ce).sum()

@@ -17,11 +17,12 @@ from torch import nn
 from unbackdoor.backend import Predictions, TrainStats
 from unbackdoor.batching import epoch_batches, iter_batches, lr_factor, num_batches, total_steps
 from unbackdoor.data import TextDataset
+from unbackdoor.guards import diverged, locate
 from unbackdoor.progress import progress
 from unbackdoor.specs import LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from .losses import per_example_loss
+from .losses import batch_objective
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -58,9 +59,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpe
     """One fused step: forward, loss, backward, optimiser update. Returns the loss."""
     with autocast(precision, batch["input_ids"].device):
         logits, hidden = model(batch["input_ids"], batch["attention_mask"])
-    value = per_example_loss(loss, logits.float(), hidden.float(), batch).mean()
+    value = batch_objective(loss, model, logits.float(), hidden.float(), batch)
     if not torch.isfinite(value):
-        raise FloatingPointError(f"non-finite training loss {value.item()} for {type(loss).__name__}")
+        raise diverged(loss, value.item(), logits.detach().float().cpu().numpy(), hidden.detach().float().cpu().numpy(),
+                       {k: v.cpu().numpy() for k, v in batch.items()})
     value.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -82,7 +84,8 @@ def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpe
     losses, samples, start = [], 0, time.perf_counter()
     for batch in progress(epoch_batches(ids, encoder.pad_id, arrays, spec), desc, total):
         tensors = to_tensors(batch, device)
-        losses.append(train_step(model, optimizer, loss, tensors, spec.precision))
+        with locate(desc, len(losses), total):
+            losses.append(train_step(model, optimizer, loss, tensors, spec.precision))
         scheduler.step()
         samples += len(batch["index"])
     model.eval()

@@ -11,13 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .paths import inside
+
 CACHE_ENV = "UNBACKDOOR_CACHE"
+#: a stage name: one path component, never "." or ".."
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def default_cache_dir() -> Path:
@@ -57,8 +63,14 @@ class StageCache:
         self.root = Path(root)
 
     def path(self, stage: str, config: Any) -> Path:
-        """Where the artefact of ``stage`` with ``config`` lives (built or not)."""
-        return self.root / stage / config_hash(config)
+        """Where the artefact of ``stage`` with ``config`` lives (built or not), checked to lie inside the root.
+
+        ``stage`` is one plain name (``victim``, ``teacher``...): no separators, no ``..``, so a plugin's
+        stage name cannot make the cache write (or delete a stale directory) outside its root.
+        """
+        if not isinstance(stage, str) or not STAGE_NAME.fullmatch(stage):
+            raise ConfigError(f"cache stage name {stage!r} must match {STAGE_NAME.pattern} (letters, digits, . _ -)")
+        return inside(self.root, self.root / stage / config_hash(config), f"cache entry of stage {stage!r}")
 
     def get_or_build(self, stage: str, config: Any, build: Callable[[Path], None]) -> Path:
         """Return the artefact directory, calling ``build(tmp_dir)`` first if it is missing."""

@@ -13,6 +13,7 @@ from typing import Any
 from .config import ExperimentConfig, build_config, read_config_file
 from .errors import ConfigError, UnbackdoorError
 from .plugins import get_plugin_manager
+from .preflight import resume_config
 from .report import comparison_report, merge_tables
 
 DICT_FIELDS = {"attack_options", "defense_options"}
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run attack -> victim -> defense -> evaluation and write a report",
                          argument_default=argparse.SUPPRESS)
     run.add_argument("--config", help="TOML or YAML file with any of the options below")
+    run.add_argument("--resume", action="store_true",
+                     help="rerun the run recorded in --out (its run.json); finished stages come from the cache")
     _add_config_flags(run)
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="merge results.json files of run directories into one markdown table")
@@ -76,11 +79,13 @@ def _pairs(items: list[str], nested: bool) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """Defaults < ``--config`` file < flags."""
-    flags = {k: v for k, v in vars(args).items() if k not in {"func", "config"}}
+    """Defaults < the recorded run (``--resume``) < ``--config`` file < flags."""
+    flags = {k: v for k, v in vars(args).items() if k not in {"func", "config", "resume"}}
     for name in DICT_FIELDS & set(flags):
         flags[name] = _pairs(flags[name], nested=name == "defense_options")
     layers = [read_config_file(args.config)] if getattr(args, "config", None) else []
+    if getattr(args, "resume", False):
+        layers.insert(0, resume_config(flags.get("out", ExperimentConfig.out)))
     return build_config(*layers, flags)
 
 

@@ -13,18 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, check_choice
+from .errors import ConfigError, check_choice, check_range
 from .options import configure
+from .paths import user_path
 from .specs import PRECISIONS, LoRASpec, TrainSpec
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """attack -> victim -> defense -> evaluation, in the weight-poisoning setting.
+    """attack -> victim -> defense -> evaluation.
 
-    Stage 1 (attacker): the student is fully fine-tuned on ``attacker_rows``
-    poisoned rows. Stage 2 (user): each defense fine-tunes the released model
-    on ``user_rows`` clean rows (disjoint from the attacker's).
+    ``setting="weight"`` (weight poisoning, the default): stage 1 (attacker) fully
+    fine-tunes the student on ``attacker_rows`` poisoned rows; stage 2 (user): each
+    defense fine-tunes the released model on ``user_rows`` clean rows (disjoint from
+    the attacker's).
+
+    ``setting="data"`` (data poisoning, W2SDefense's main setting): the attacker
+    poisons the user's ``user_rows`` training rows and there is no attacker stage;
+    each defense fine-tunes the clean base student on them (``none``: plain LoRA
+    learns the backdoor). A teacher learns from ``teacher_rows`` trusted clean rows
+    disjoint from the user's (the defender's small clean set).
     """
 
     backend: str | None = None
@@ -60,6 +68,8 @@ class ExperimentConfig:
     clean_baseline: bool = False
     out: str = "runs/default"
     cache_dir: str | None = None
+    setting: str = "weight"
+    teacher_rows: int = 400
 
     def attacker_spec(self) -> TrainSpec:
         """Stage 1: the attacker's full fine-tune."""
@@ -77,7 +87,10 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         """Check every spec derived from this config (raises :class:`ConfigError`)."""
+        self._check_types()
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("setting", self.setting, SETTINGS)
+        check_range("seed", self.seed, 0, MAX_SEED)
         for stage, make in (("attacker", self.attacker_spec), ("user", self.user_spec), ("lora", self.lora)):
             try:
                 make()
@@ -90,9 +103,32 @@ class ExperimentConfig:
             raise ConfigError("defenses is empty; name at least one (e.g. none,w2s)")
         return self
 
+    def _check_types(self) -> None:
+        """Types that coercion cannot vouch for: optional strings and the option tables (API callers)."""
+        for name in OPTIONAL_STRINGS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"config option {name!r} expects a string or nothing, got {value!r}")
+        if not isinstance(self.attack_options, dict):
+            raise ConfigError(f"config option 'attack_options' expects a table KEY=VALUE, got {self.attack_options!r}")
+        for name, options in self.defense_options.items():
+            if not isinstance(options, dict):
+                raise ConfigError(f"defense_options for {name!r} must be a table of KEY=VALUE, got {options!r} "
+                                  f"(e.g. [defense_options.{name}] in TOML)")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for results.json and cache keys)."""
         return dataclasses.asdict(self)
+
+
+#: weight poisoning (a poisoned released model, clean user data) or data poisoning (poisoned user data)
+SETTINGS = ("weight", "data")
+#: fields whose default is None, so :func:`~unbackdoor.options.configure` does not coerce them
+OPTIONAL_STRINGS = ("backend", "data_dir", "encoding", "cache_dir")
+#: the largest seed every generator we seed accepts (numpy's legacy RandomState takes 32 bits)
+MAX_SEED = 2**32 - 1
+#: fields that may be None (no teacher; the default backend, data dir, encoding, cache dir)
+NULLABLE = (*OPTIONAL_STRINGS, "teacher")
 
 
 def field_names() -> list[str]:
@@ -100,12 +136,29 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ExperimentConfig)]
 
 
+def normalize(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with every value coerced and checked as if it came from a file (for API callers).
+
+    ``ExperimentConfig(seed="3")`` becomes ``seed=3``; ``ExperimentConfig(seed="x")`` raises a
+    :class:`ConfigError` naming ``seed``. None stays None where a field allows it (:data:`NULLABLE`;
+    ``teacher=None``: no teacher), and a ``Path`` is accepted where a path string is expected.
+    """
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    nones = {k: None for k in NULLABLE if values[k] is None}
+    given = {k: v for k, v in values.items() if k not in nones}
+    return dataclasses.replace(configure(ExperimentConfig(), "config", given), **nones).validate()
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file; ``[experiment]`` tables are flattened."""
-    path = Path(path)
+    path = user_path("config file", path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                          f"offset {err.start})") from None
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -115,7 +168,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = _yaml(path, text)
     else:
         raise ConfigError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
-    return dict(data.get("experiment", data)) if isinstance(data, dict) else {}
+    table = data.get("experiment", data) if isinstance(data, dict) else data
+    if not isinstance(table, dict):
+        where = "its [experiment] table" if isinstance(data, dict) else "it"
+        raise ConfigError(f"config file {str(path)!r} must hold a table of options, but {where} is a "
+                          f"{type(table).__name__}: {_short(table)}")
+    return dict(table)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _yaml(path: Path, text: str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import DataError, UnknownNameError
+from .errors import ConfigError, DataError, UnknownNameError
+from .paths import exists, user_path
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,17 +318,18 @@ def _locate(name_or_path: str, data_dir: Path) -> tuple[Path, str, DatasetInfo |
     info = DATASETS.get(name_or_path)
     if info is not None:
         if not data_dir.is_dir():
-            raise DataError(
-                f"data dir {data_dir} does not exist (needed for dataset {name_or_path!r}); {_HOW_TO_SET}"
-            )
+            state = "is not a directory" if data_dir.exists() else "does not exist"
+            raise DataError(f"data dir {data_dir} {state} (needed for dataset {name_or_path!r}); {_HOW_TO_SET}")
         path = data_dir / info.folder
         if not path.exists():
             raise DataError(
                 f"dataset {name_or_path!r}: {path} does not exist under data dir {data_dir}; {_HOW_TO_SET}"
             )
         return path.resolve(), name_or_path, info
-    for candidate in (Path(name_or_path).expanduser(), data_dir / name_or_path):
-        if candidate.exists():
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise UnknownNameError("dataset", name_or_path, DATASETS)
+    for candidate in (user_path("dataset", name_or_path), data_dir / name_or_path):
+        if exists("dataset", candidate):
             path = candidate.resolve()
             match = _registry_match(path)
             if match is None:
@@ -392,11 +394,21 @@ def load_dataset(
         UnknownNameError: ``name_or_path`` is neither registered nor an existing path.
         DataError: a missing data dir or file, an undecodable file, or a malformed row.
     """
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    root = user_path("data dir", data_dir) if data_dir is not None else default_data_dir()
     path, name, info = _locate(name_or_path, root)
-    enc = encoding or (info.encoding if info else "utf-8")
+    enc = check_encoding(encoding or (info.encoding if info else "utf-8"))
     label_names = info.label_names if info else None
     return _load_cached(path, _stamp(path), int(seed), enc, name, label_names)
+
+
+def check_encoding(encoding: object) -> str:
+    """``encoding`` if Python knows the codec, else a :class:`ConfigError` with examples."""
+    try:
+        codecs.lookup(encoding)  # type: ignore[arg-type]
+    except (LookupError, TypeError):
+        raise ConfigError(f"unknown text encoding {encoding!r}; use a Python codec name such as "
+                          f"utf-8, cp1252 or latin-1") from None
+    return str(encoding)
 
 
 def clear_dataset_cache() -> None:

@@ -40,6 +40,10 @@ class DefenseContext:
         log: where progress lines go.
         student_path: the clean BASE student (HF directory) the victim was fine-tuned from, for
             defenses that train a clean reference model (``merge``); None when the runner does not say.
+        victim_train: the data-poisoning setting: the attacker's training rows the victim was fine-tuned
+            on, with ``poisoned`` marking the poisoned rows (unlearning defenses assume they are known, as
+            RGA does); None when the runner does not say.
+        attacker_spec: how the victim was fine-tuned on ``victim_train`` (``retrain`` repeats it on the clean rows).
     """
 
     backend: Backend
@@ -54,6 +58,10 @@ class DefenseContext:
     cache_key: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
     student_path: Path | None = None
+    #: clean rows a teacher learns from (data-poisoning setting: the defender's trusted set); None: ``clean_train``
+    teacher_train: TextDataset | None = None
+    victim_train: TextDataset | None = None
+    attacker_spec: TrainSpec | None = None
 
 
 @dataclass

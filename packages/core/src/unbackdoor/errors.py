@@ -43,6 +43,10 @@ class PluginError(UnbackdoorError):
         super().__init__(f"plugin {plugin!r} failed: {detail}")
 
 
+class TrainingDivergedError(UnbackdoorError, FloatingPointError):
+    """A training loss became NaN or infinite; the message names the run, the step and the loss terms."""
+
+
 class BackendUnavailableError(UnbackdoorError):
     """The selected backend cannot be used (not installed or not implemented)."""
 

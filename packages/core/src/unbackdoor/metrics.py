@@ -1,4 +1,10 @@
-"""Metrics: clean accuracy, attack success rate and detection quality (percentages unless noted)."""
+"""Metrics: clean accuracy, attack success rate, unlearning figures and detection quality (percentages unless noted).
+
+Unlearning (RGA's paper): CACC is the clean accuracy (CA); LFR, the label flip rate, is the share of
+triggered NON-target inputs predicted as the target (the ASR); PACC is the accuracy on triggered inputs
+of ALL classes against their TRUE labels; delta-PACC is ``|PACC - PACC(retrain)|``. A defense that only
+moves the trigger's effect to another class ("trigger shifting") lowers LFR but not PACC's gap.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,36 @@ def attack_success_rate(predicted: np.ndarray, true_labels: np.ndarray, target: 
     predicted, true_labels = np.asarray(predicted), np.asarray(true_labels)
     keep = true_labels != target
     return float((predicted[keep] == target).mean() * 100) if keep.any() else float("nan")
+
+
+def label_flip_rate(predicted: np.ndarray, true_labels: np.ndarray, target: int) -> float:
+    """LFR: the :func:`attack_success_rate` under the name the unlearning papers use."""
+    return attack_success_rate(predicted, true_labels, target)
+
+
+def poisoned_accuracy(predicted: np.ndarray, true_labels: np.ndarray) -> float:
+    """PACC: percentage of triggered inputs of ALL classes predicted as their TRUE label; both ``[N]``."""
+    return accuracy(predicted, true_labels)
+
+
+def delta_pacc(pacc: float, retrain_pacc: float) -> float:
+    """delta-PACC: ``|PACC - PACC(retrain)|`` in points (0: as good as retraining without the poisoned rows)."""
+    return abs(float(pacc) - float(retrain_pacc))
+
+
+def triggered_confusion(predicted: np.ndarray, true_labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Counts ``[C, C]`` of triggered inputs: row = true class, column = predicted class.
+
+    Trigger shifting shows as mass leaving the diagonal for a column other than the target's.
+    Predictions outside ``0..C-1`` (a detector's rejection, -1) are not counted.
+    """
+    predicted, true_labels = np.asarray(predicted, np.int64), np.asarray(true_labels, np.int64)
+    if predicted.shape != true_labels.shape:
+        raise ValueError(f"predictions {predicted.shape} and labels {true_labels.shape} differ in shape")
+    keep = (predicted >= 0) & (predicted < num_labels)
+    out = np.zeros((num_labels, num_labels), np.int64)
+    np.add.at(out, (true_labels[keep], predicted[keep]), 1)
+    return out
 
 
 def detection_scores(flagged: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import default_cache_dir
 from .errors import ConfigError, UnknownNameError
+from .paths import exists, user_path
 
 # Converters that turn a GGUF file into a HF safetensors directory, tried in order.
 GGUF_CONVERTERS = ("unbackdoor_torch.convert:convert_gguf",)
@@ -43,26 +45,59 @@ NAMED_MODELS: dict[str, NamedModel] = {
 
 
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
-    """A local HF-format directory for ``name_or_path`` (named model, directory or hub id)."""
-    if name_or_path in NAMED_MODELS:
+    """A local HF-format directory for ``name_or_path`` (named model, directory or hub id).
+
+    Hub downloads (only with ``huggingface_hub`` and network) land under ``<cache_dir>/hub``, so the tool
+    writes nowhere but its output and cache directories.
+    """
+    if isinstance(name_or_path, str) and name_or_path in NAMED_MODELS:
         return _named(name_or_path, NAMED_MODELS[name_or_path], cache_dir or default_cache_dir())
-    path = Path(name_or_path).expanduser()
-    if path.exists():
+    path = user_path("model", name_or_path)
+    if exists("model", path):
         return check_model_dir(path)
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        return check_model_dir(_from_hub(name_or_path))
-    raise UnknownNameError("model", name_or_path, [*NAMED_MODELS, "<a local HF directory>", "<a hub id>"])
+    name = str(name_or_path)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return check_model_dir(_from_hub(name, (cache_dir or default_cache_dir()) / "hub"))
+    raise UnknownNameError("model", name, [*NAMED_MODELS, "<a local HF directory>", "<a hub id>"])
 
 
 def check_model_dir(path: Path) -> Path:
-    """Reject directories without config.json or without safetensors weights (pickles are refused)."""
+    """Reject what is not a loadable HF directory before any work starts.
+
+    Needs a JSON-object ``config.json`` and ``.safetensors`` weights whose headers read; pickle weights
+    (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are refused, never unpickled.
+    """
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ConfigError(f"model path {str(path)!r} is not a HF model directory (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+    _check_config_json(path / "config.json")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in path.glob(f"*.{ext}"))
         hint = f" (found pickle files {pickles}, which are refused for safety)" if pickles else ""
         raise ConfigError(f"model directory {str(path)!r} has no .safetensors weights{hint}")
+    for file in weights:
+        _check_safetensors(file)
     return path
+
+
+def _check_config_json(file: Path) -> None:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"model config {str(file)!r} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"model config {str(file)!r} must hold a JSON object, got {type(config).__name__}")
+
+
+def _check_safetensors(file: Path) -> None:
+    """Read the header only (cheap: the tensors stay on disk)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="np") as handle:
+            handle.keys()
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        raise ConfigError(f"weights file {str(file)!r} is not a readable safetensors file ({exc})") from None
 
 
 def _named(name: str, info: NamedModel, cache_dir: Path) -> Path:
@@ -88,9 +123,14 @@ def _converter() -> Callable[[Path, Path], None]:
     raise ConfigError("converting a GGUF model needs a backend with a converter: pip install unbackdoor-torch")
 
 
-def _from_hub(repo_id: str) -> Path:
+def _from_hub(repo_id: str, cache_dir: Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise ConfigError(f"model {repo_id!r} is not a local path; fetching hub ids needs huggingface_hub") from exc
-    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:  # offline, unknown repo, gated...: one line, not a network traceback
+        raise ConfigError(f"model {repo_id!r} is neither a local directory nor fetchable from the hub "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -35,7 +35,7 @@ def _coerce(what: str, key: str, current: Any, value: Any) -> Any:
             if isinstance(value, str):  # "a, b" -> ("a", "b"); "" -> () so emptiness is caught
                 return tuple(part.strip() for part in value.split(",") if part.strip())
             return tuple(value)
-        if isinstance(value, bool):
+        if isinstance(value, bool) or value is None:  # str(None) would pass as the text "None"
             raise ValueError(value)
         if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)  # int(16.5) would silently truncate

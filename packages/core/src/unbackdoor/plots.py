@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError
-from .report import row_label
+from .report import retrain_row, row_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,11 +49,16 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
 
 def plot_hidden_states(clean: np.ndarray, triggered: np.ndarray, path: str | Path, title: str) -> Path:
     """Scatter of the 2-D PCA of clean ``[N, D]`` and triggered ``[M, D]`` hidden states (one shared projection)."""
-    points = pca_2d(np.concatenate([clean, triggered]))
+    return plot_projected_states(pca_2d(np.concatenate([clean, triggered])), len(clean), path, title)
+
+
+def plot_projected_states(points: np.ndarray, n_clean: int, path: str | Path, title: str) -> Path:
+    """Scatter of 2-D points ``[N + M, 2]``: the first ``n_clean`` clean inputs, the rest triggered ones."""
+    points = np.asarray(points, np.float64)
     fig = _figure(6.0, 5.0)
     ax = fig.add_subplot()
-    for part, label, color in ((points[: len(clean)], "clean inputs", CLEAN_COLOR),
-                               (points[len(clean):], "triggered inputs", TRIGGERED_COLOR)):
+    for part, label, color in ((points[:n_clean], "clean inputs", CLEAN_COLOR),
+                               (points[n_clean:], "triggered inputs", TRIGGERED_COLOR)):
         ax.scatter(part[:, 0], part[:, 1], s=14, alpha=0.6, color=color, label=f"{label} ({len(part)})")
     ax.set(title=title, xlabel="principal component 1", ylabel="principal component 2")
     ax.legend(loc="best")
@@ -108,6 +113,37 @@ def plot_score_histogram(clean: Sequence[float], triggered: Sequence[float], pat
     return _save(fig, path)
 
 
+def plot_triggered_confusion(panels: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str,
+                             target: int | None = None) -> Path:
+    """Trigger shifting: one heatmap per model of triggered inputs, true class (rows) x predicted class (columns).
+
+    Cells show the share of each true class's triggered inputs (%); ``panels`` are ``(label, counts [C, C])``.
+    A backdoor fills the ``target`` column (outlined); a removed one the diagonal; a shifted one another column.
+    """
+    fig = _figure(max(4.0, 2.6 * len(panels) + 0.8), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, counts) in zip(axes, panels, strict=True):
+        counts = np.asarray(counts, np.float64)
+        share = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+        for (i, j), value in np.ndenumerate(share):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="white" if value > 60 else "black")
+        if target is not None and 0 <= target < len(counts):
+            ax.add_patch(_target_box(target, len(counts)))
+        ticks = np.arange(len(counts))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_yticks(ticks, [str(t) for t in ticks])
+        ax.set(title=label, xlabel="predicted class", ylabel="true class")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _target_box(target: int, classes: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((target - 0.5, -0.5), 1, classes, fill=False, edgecolor=TRIGGERED_COLOR, linewidth=2)
+
+
 # ------------------------------------------------------------------------------------------ from results.json
 
 
@@ -122,7 +158,8 @@ def _run_title(results: dict[str, Any]) -> str:
 
 
 def report_plots(all_results: Sequence[dict[str, Any]], out: str | Path) -> list[Path]:
-    """Every plot the results support: CA/ASR bars per run, detector score histograms and threshold sweeps."""
+    """Every plot the results support: CA/ASR bars per run, detector score histograms, threshold sweeps and,
+    for unlearning runs, the trigger-shifting confusion of triggered inputs."""
     out, written = Path(out), []
     for i, results in enumerate(all_results):
         cfg = results.get("config", {})
@@ -133,6 +170,28 @@ def report_plots(all_results: Sequence[dict[str, Any]], out: str | Path) -> list
             written.append(plot_defense_bars(bars, out / f"{stem}-ca-asr.png", f"CA and ASR: {_run_title(results)}"))
         for row in rows:
             written.extend(_detector_plots(row, out, stem, _run_title(results)))
+            pca = row.get("hidden_pca")
+            if pca and pca.get("clean") and pca.get("triggered"):
+                name = _slug(row.get("stage", ""), row.get("defense", ""))
+                written.append(plot_projected_states(pca["clean"] + pca["triggered"], len(pca["clean"]),
+                                                     out / f"{stem}-{name}-hidden-pca.png",
+                                                     f"last-token states (PCA), {row_label(row)}: {_run_title(results)}"))
+        written.extend(_confusion_plots(results, out, stem))
+    return written
+
+
+def _confusion_plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """Unlearning runs (those with a ``retrain`` row): the triggered confusion of every row, one figure per trigger."""
+    if retrain_row(results) is None:
+        return []
+    rows = [r for r in results.get("rows", []) if r.get("triggered_confusion")]
+    target = results.get("poison", {}).get("target")
+    written = []
+    for trigger in rows[0]["triggered_confusion"] if rows else ():
+        panels = [(row_label(r), np.asarray(r["triggered_confusion"][trigger])) for r in rows
+                  if trigger in r["triggered_confusion"]]
+        written.append(plot_triggered_confusion(panels, out / f"{stem}-{_slug(trigger)}-confusion.png",
+                                                f"Triggered inputs ({trigger}): {_run_title(results)}", target))
     return written
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .metrics import delta_pacc
+
 
 def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One run's rows as a markdown table (stage, defense, CA, ASR, seconds)."""
+    """One run's rows as a markdown table (stage, defense, CA, ASR, seconds), then :func:`unlearning_table`."""
     cfg = results.get("config", {})
     title = (f"### {cfg.get('attack', '?')} on {cfg.get('dataset', '?')}, student {cfg.get('model', '?')}, "
              f"backend {results.get('backend', '?')}")
@@ -19,6 +21,30 @@ def markdown_table(results: dict[str, Any]) -> str:
     for row in results.get("rows", []):
         lines.append(f"| {row['stage']} | {row['defense']} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "
                      f"{_fmt(row.get('seconds', '-'))} |")
+    unlearning = unlearning_table(results)
+    return "\n".join(lines) + (f"\n\n{unlearning}" if unlearning else "")
+
+
+def retrain_row(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's ``retrain`` row (the unlearning gold standard), if it has one with a PACC."""
+    return next((r for r in results.get("rows", []) if r.get("defense") == "retrain" and "PACC" in r), None)
+
+
+def unlearning_table(results: dict[str, Any]) -> str:
+    """CACC, LFR, PACC and delta-PACC (``|PACC - PACC(retrain)|``) per row; "" when the run has no retrain row.
+
+    CACC is the row's CA and LFR its ASR (triggered non-target inputs predicted as the target).
+    """
+    gold = retrain_row(results)
+    if gold is None:
+        return ""
+    lines = ["#### Unlearning (%; delta-PACC against retrain)", "",
+             "| stage | defense | CACC | LFR | PACC | delta-PACC |", "|---|---|---:|---:|---:|---:|"]
+    for row in results.get("rows", []):
+        if "PACC" in row:
+            delta = round(delta_pacc(row["PACC"], gold["PACC"]), 2)
+            lines.append(f"| {row['stage']} | {row['defense']} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "
+                         f"{_fmt(row['PACC'])} | {_fmt(delta)} |")
     return "\n".join(lines)
 
 

@@ -21,14 +21,16 @@ import numpy as np
 from .attack import Attack, PoisonConfig, fields_of, non_target
 from .backend import Backend, selected_backend_name
 from .cache import StageCache, atomic_write_json, atomic_write_text, default_cache_dir
-from .config import ExperimentConfig
+from .config import ExperimentConfig, build_config, normalize
 from .data import DatasetSplits, TextDataset, load_dataset
 from .defense import Defense, DefenseContext, DefenseOutcome
 from .errors import ConfigError
 from .losses import softmax
-from .metrics import accuracy, attack_success_rate, auroc, detection_scores
+from .metrics import accuracy, attack_success_rate, auroc, detection_scores, poisoned_accuracy, triggered_confusion
 from .models import resolve_model
+from .plots import pca_2d
 from .plugins import PluginManager, get_plugin_manager
+from .preflight import check_run_inputs, record_run, resume_config
 from .report import markdown_table
 from .specs import CrossEntropy
 
@@ -44,6 +46,7 @@ class Judged:
     confidence: np.ndarray
     scores: np.ndarray | None = None
     flagged: np.ndarray | None = None
+    hidden: np.ndarray | None = None
 
     def at(self, threshold: float) -> Judged:
         """The same verdicts with another detection threshold."""
@@ -61,6 +64,15 @@ def _detection(scores: list[np.ndarray | None], flagged: list[np.ndarray | None]
     result = detection_scores(np.concatenate(flagged), truth)  # type: ignore[arg-type]
     result["auroc"] = auroc(np.concatenate(scores), truth)  # type: ignore[arg-type]
     return {k: round(v, 4) for k, v in result.items()}
+
+
+def _hidden_pca(clean: np.ndarray | None, triggered: np.ndarray | None) -> dict[str, list[list[float]]]:
+    """Pooled hidden states of clean and (first trigger's) triggered test rows, projected together to 2-D."""
+    if clean is None or triggered is None:
+        return {}
+    points = pca_2d(np.concatenate([clean, triggered]))
+    rounded = [[round(float(x), 4), round(float(y), 4)] for x, y in points]
+    return {"clean": rounded[: len(clean)], "triggered": rounded[len(clean):]}
 
 
 def _floats(*arrays: np.ndarray | None) -> list[float]:
@@ -85,11 +97,16 @@ class Plan:
     poisoned_train: TextDataset
     pm: PluginManager
     baseline: Defense | None = None
+    #: the user's rows before poisoning (the clean baseline trains on them in the data setting)
+    clean_user: TextDataset | None = None
+    #: data setting: the defender's trusted clean rows a teacher learns from
+    teacher_train: TextDataset | None = None
 
 
 def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     """Resolve names, options and data; raise a clear error before any training on bad input."""
     pm = pm or get_plugin_manager()
+    cfg = normalize(cfg)
     backend_name = selected_backend_name(cfg.backend)
     pm.backend(backend_name)
     attack = pm.attack(cfg.attack).configure(**cfg.attack_options)
@@ -102,20 +119,24 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     test = splits.test.shuffled(cfg.seed).head(cfg.test_rows)
     poison = PoisonConfig(cfg.target, cfg.poison_rate, cfg.clean_label, cfg.seed, cfg.dataset,
                           cfg.data_dir).validate(splits.train.num_labels)
+    data_setting = cfg.setting == "data"
     with pm.running("attack", attack.name):
-        poisoned = attack.poison_train(attacker, poison)
+        poisoned = attack.poison_train(user if data_setting else attacker, poison)
     baseline = pm.defense("none") if cfg.clean_baseline else None
-    return Plan(cfg, backend_name, attack, defenses, splits, user, attacker, test, poison, poisoned, pm, baseline)
+    return Plan(cfg, backend_name, attack, defenses, splits, poisoned if data_setting else user, attacker, test, poison,
+                poisoned, pm, baseline, clean_user=user, teacher_train=attacker if data_setting else None)
 
 
 def _disjoint_rows(train: TextDataset, cfg: ExperimentConfig) -> tuple[TextDataset, TextDataset]:
-    need = cfg.user_rows + cfg.attacker_rows
+    """The user's rows and, disjoint from them, the attacker's (weight setting) or the trusted rows (data setting)."""
+    other, role = ("teacher_rows", "trusted") if cfg.setting == "data" else ("attacker_rows", "attacker")
+    need = cfg.user_rows + getattr(cfg, other)
     if need > len(train):
-        raise ConfigError(f"user_rows + attacker_rows = {need} exceeds the {len(train)} training rows of {cfg.dataset!r}")
+        raise ConfigError(f"user_rows + {other} = {need} exceeds the {len(train)} training rows of {cfg.dataset!r}")
     rows = train.shuffled(cfg.seed)
     user = rows.head(cfg.user_rows)
-    attacker = rows.subset(range(cfg.user_rows, need), f"{train.name}[attacker]")
-    return user, attacker
+    second = rows.subset(range(cfg.user_rows, need), f"{train.name}[{role}]")
+    return user, second
 
 
 class Experiment:
@@ -133,8 +154,12 @@ class Experiment:
                 "max_length": c.max_length, "precision": c.precision}
 
     def victim_key(self) -> dict[str, Any]:
-        """What the poisoned (released) model depends on."""
+        """What the poisoned (released) model depends on; in the data setting, what the poisoned user data does."""
         c = self.cfg
+        if c.setting == "data":
+            return {**self._base_key(), "setting": "data", "attack": self.plan.attack.name,
+                    "attack_options": fields_of(self.plan.attack), "poison": dataclasses.asdict(self.plan.poison),
+                    "user_rows": c.user_rows, "teacher_rows": c.teacher_rows}
         return {**self._base_key(), "attack": self.plan.attack.name, "attack_options": fields_of(self.plan.attack),
                 "poison": dataclasses.asdict(self.plan.poison), "attacker_rows": c.attacker_rows,
                 "user_rows": c.user_rows, "spec": dataclasses.asdict(c.attacker_spec())}
@@ -163,6 +188,9 @@ class Experiment:
     def evaluate(self, model: Any, desc: str, outcome: DefenseOutcome | None = None) -> dict[str, Any]:
         """CA on clean test rows; ASR on triggered non-target copies (per trigger when there are several).
 
+        PACC (accuracy of triggered rows of ALL classes against their true labels; the worst trigger) and
+        the triggered confusion per trigger (``[true][predicted]`` counts) make trigger shifting visible.
+
         With a detector, flagged inputs are rejected: a flagged clean input counts as an error (CA) and a
         flagged triggered input as a failed attack (ASR); the model's own figures stay as CA_model/ASR_model
         and detection precision/recall/F1/AUROC are added. With a transform, inputs are rewritten first.
@@ -170,7 +198,7 @@ class Experiment:
         p = self.plan
         clean = self._judge(model, p.test, f"{desc}: clean test", outcome)
         metrics: dict[str, Any] = {"CA": round(accuracy(clean.kept_predictions, p.test.labels), 2)}
-        asr, scores, flagged, confidence = {}, [clean.scores], [clean.flagged], []
+        asr, scores, flagged, confidence, pacc, confusion = {}, [clean.scores], [clean.flagged], [], {}, {}
         triggered_judged: list[tuple[TextDataset, Judged]] = []
         with p.pm.running("attack", p.attack.name):
             triggered_tests = p.attack.triggered_tests(p.test, p.poison)
@@ -180,6 +208,7 @@ class Experiment:
             triggered_judged.append((asr_set, judged))
             confidence.append(judged.confidence)
             asr[trigger] = round(attack_success_rate(judged.kept_predictions, asr_set.labels, p.poison.target), 2)
+            pacc[trigger], confusion[trigger] = self._pacc(model, triggered, judged, f"{desc}: {trigger} test", outcome)
             scores.append(judged.scores)
             flagged.append(judged.flagged)
             if judged.scores is not None:
@@ -188,6 +217,11 @@ class Experiment:
         metrics["ASR"] = max(asr.values())
         if len(asr) > 1:
             metrics["ASR_by_trigger"] = asr
+        metrics["PACC"] = min(pacc.values())
+        if len(pacc) > 1:
+            metrics["PACC_by_trigger"] = pacc
+        metrics["triggered_confusion"] = confusion
+        metrics["hidden_pca"] = _hidden_pca(clean.hidden, triggered_judged[0][1].hidden)
         if clean.scores is not None:
             metrics["CA_model"] = round(accuracy(clean.predictions, p.test.labels), 2)
             metrics["ASR_model"] = max(metrics.pop("ASR_model_by_trigger").values())
@@ -198,6 +232,23 @@ class Experiment:
             if sweep:
                 metrics["threshold_sweep"] = self._sweep(sweep, clean, triggered_judged)
         return metrics
+
+    def _pacc(self, model: Any, triggered: TextDataset, non_target_judged: Judged, desc: str,
+              outcome: DefenseOutcome | None) -> tuple[float, list[list[int]]]:
+        """PACC and the ``[C, C]`` confusion (true x predicted) of the triggered rows of ALL classes.
+
+        Both describe the model's own predictions (a detector's rejections are not applied; a transform
+        is); the non-target rows reuse ``non_target_judged``, only the target-class rows are predicted here.
+        """
+        target = self.plan.poison.target
+        rest = triggered.subset(np.flatnonzero(triggered.labels == target))
+        pred = non_target_judged.predictions
+        if len(rest):
+            plain = None if outcome is None else dataclasses.replace(outcome, detector=None)
+            pred = np.concatenate([pred, self._judge(model, rest, desc, plain).predictions])
+        labels = np.concatenate([non_target(triggered, target).labels, rest.labels])
+        return (round(poisoned_accuracy(pred, labels), 2),
+                triggered_confusion(pred, labels, self.plan.test.num_labels).tolist())
 
     def _sweep(self, thresholds: tuple[float, ...], clean: Judged, triggered: list[tuple[TextDataset, Judged]]
                ) -> list[dict[str, float]]:
@@ -217,14 +268,14 @@ class Experiment:
     def _judge(self, model: Any, data: TextDataset, desc: str, outcome: DefenseOutcome | None) -> Judged:
         if outcome is not None and outcome.transform is not None:
             data = dataclasses.replace(data, texts=tuple(outcome.transform(data.texts)))
-        logits = self.backend.predict(model, data, batch_size=self.cfg.eval_batch_size,
-                                      max_length=self.cfg.max_length, desc=desc).logits
-        pred, confidence = logits.argmax(-1), softmax(logits).max(-1)
+        out = self.backend.predict(model, data, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
+                                   hidden=True, desc=desc)
+        pred, confidence = out.logits.argmax(-1), softmax(out.logits).max(-1)
         detector = outcome.detector if outcome is not None else None
         if detector is None:
-            return Judged(pred, confidence)
+            return Judged(pred, confidence, hidden=out.hidden)
         scores = np.asarray(detector.score(data), np.float64)
-        return Judged(pred, confidence, scores, scores > detector.threshold)
+        return Judged(pred, confidence, scores, scores > detector.threshold, out.hidden)
 
     def released_row(self, victim: Path) -> dict[str, Any]:
         """Metrics of the poisoned model as released (before the user's fine-tune)."""
@@ -236,13 +287,21 @@ class Experiment:
 
         return self._cached("released", key, compute)
 
-    def defense_row(self, defense: Defense, victim: Path | None) -> dict[str, Any]:
-        """Stage 2 + evaluation for one defense (``victim=None``: the clean student, the floor)."""
-        key = self._defense_key(defense, self.victim_key() if victim else None)
-        stage = "poisoned + defense" if victim else "clean student"
+    def defense_row(self, defense: Defense, victim: Path | None, poisoned_data: bool = False) -> dict[str, Any]:
+        """Stage 2 + evaluation for one defense.
+
+        ``victim``: the released model (weight setting). ``victim=None``: the base student, trained on the
+        user's poisoned rows when ``poisoned_data`` (data setting), else on clean rows (the clean student, the floor).
+        """
+        poisoned = victim is not None or poisoned_data
+        key = self._defense_key(defense, self.victim_key() if poisoned else None)
+        stage = "poisoned + defense" if victim else "poisoned data + defense" if poisoned_data else "clean student"
 
         def compute() -> dict[str, Any]:
-            ctx = self._context(victim or resolve_model(self.cfg.model, self._cache_dir()))
+            self.log(f"stage defense: {defense.name} ({stage})")
+            p = self.plan
+            train = p.user_train if poisoned or p.clean_user is None else p.clean_user
+            ctx = self._context(victim or resolve_model(self.cfg.model, self._cache_dir()), train)
             start = time.perf_counter()
             with self.plan.pm.running("defense", defense.name):
                 outcome = defense.apply(ctx)
@@ -253,12 +312,13 @@ class Experiment:
 
         return self._cached("defense", key, compute)
 
-    def _context(self, victim: Path) -> DefenseContext:
+    def _context(self, victim: Path, train: TextDataset) -> DefenseContext:
         c, p = self.cfg, self.plan
         teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher else None
-        return DefenseContext(self.backend, victim, teacher, p.user_train, p.splits.dev, p.test.num_labels,
+        return DefenseContext(self.backend, victim, teacher, train, p.splits.dev, p.test.num_labels,
                               c.lora(), c.user_spec(), self.cache, self._base_key(), self.log,
-                              student_path=resolve_model(c.model, self._cache_dir()))
+                              student_path=resolve_model(c.model, self._cache_dir()), victim_train=p.poisoned_train,
+                              attacker_spec=c.attacker_spec(), teacher_train=p.teacher_train)
 
     def _cached(self, stage: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         hit = self.cache.load_json(stage, key)
@@ -287,10 +347,18 @@ class Experiment:
         baseline = self.plan.baseline
         if baseline is not None:
             rows.append(self._timed("clean", lambda: self.defense_row(baseline, None)))
+        if self.cfg.setting == "data":  # no attacker stage: each defense trains the base student on poisoned rows
+            for defense in self.plan.defenses:
+                rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, None, poisoned_data=True)))
+            return self._finish(rows, start)
         victim = self.victim()
         rows.append(self._timed("released", lambda: self.released_row(victim)))
         for defense in self.plan.defenses:
             rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, victim)))
+        return self._finish(rows, start)
+
+    def _finish(self, rows: list[dict[str, Any]], start: float) -> dict[str, Any]:
+        """Timings, results.json/results.md and the plots."""
         self.timings["total"] = round(time.perf_counter() - start, 1)
         results = self._results(rows)
         write_results(Path(self.cfg.out), results)
@@ -345,11 +413,28 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
 
 def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Python API: plan (validating everything), then run and write the report."""
+    """Python API: plan and check (validating everything), record the run, then run and write the report.
+
+    Finished stages come from the cache, so calling this again with the same config after a crash (or
+    :func:`resume_experiment`) resumes the run.
+    """
     the_plan = plan(cfg, pm)
+    cfg = the_plan.cfg
     pm = pm or get_plugin_manager()
     backend = pm.backend(the_plan.backend_name).create()
     if hasattr(backend, "precision"):
         backend.precision = cfg.precision
+    out, _ = check_run_inputs(cfg)
+    record_run(cfg, out)
     cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
     return Experiment(the_plan, backend, cache, log).run()
+
+
+def resume_experiment(out: str | Path, pm: PluginManager | None = None, log: Callable[[str], None] = print,
+                      **overrides: Any) -> dict[str, Any]:
+    """Python API of ``unbackdoor run --resume``: rerun the config recorded in ``<out>/run.json``.
+
+    Stages finished before the interruption come from the cache; ``overrides`` change config fields.
+    """
+    cfg = build_config(resume_config(out), {"out": str(out)}, overrides)
+    return run_experiment(cfg, pm, log)

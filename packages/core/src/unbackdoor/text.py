@@ -29,8 +29,12 @@ class TextEncoder:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise DataError(f"model directory {str(path)!r} has no tokenizer.json (a HF fast tokenizer is required)")
-        tokenizer = Tokenizer.from_file(str(file))
-        return cls(tokenizer, _pad_id(path, tokenizer))
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+            return cls(tokenizer, _pad_id(path, tokenizer))
+        except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+            raise DataError(f"cannot read the tokenizer of {str(path)!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                            ) from None
 
     def encode(self, texts: list[str] | tuple[str, ...], max_length: int) -> list[np.ndarray]:
         """Ids of each text, cut to ``max_length`` (the end is dropped, special tokens kept at the front)."""

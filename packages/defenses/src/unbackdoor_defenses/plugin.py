@@ -14,12 +14,13 @@ from .psim import PSIM
 from .quantize import Quantize
 from .strip import Strip
 from .tuning import FullFineTune
+from .unlearn import GA, NPO, RGA, PsimRGA, Retrain
 from .w2s import W2SDefense
 
 
 @hookimpl
 def unbackdoor_defenses() -> list[Defense]:
-    """``none``, ``w2s``, ``psim`` and the baselines (``onion``, ``strip``, ``finetune``, ``prune``, ``quantize``,
-    ``merge``, ``backtranslate``, ``scpd``)."""
+    """``none``, ``w2s``, ``psim``, the baselines (``onion``, ``strip``, ``finetune``, ``prune``, ``quantize``,
+    ``merge``, ``backtranslate``, ``scpd``) and unlearning (``rga``, ``ga``, ``npo``, ``retrain``, ``psim+rga``)."""
     return [NoDefense(), W2SDefense(), PSIM(), Onion(), Strip(), FullFineTune(), FinePrune(), Quantize(), Merge(),
-            BackTranslate(), SCPD()]
+            BackTranslate(), SCPD(), RGA(), GA(), NPO(), Retrain(), PsimRGA()]

@@ -86,13 +86,20 @@ class PSIM(Defense):
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         victim = lora_victim(ctx)
         user = ctx.backend.train(victim, ctx.clean_train, CrossEntropy(), ctx.train, desc="psim: user LoRA")
+        detector, stats = self.detector(ctx)
+        return DefenseOutcome(victim, {"train": user.summary(), **stats}, detector=detector)
+
+    def detector(self, ctx: DefenseContext) -> tuple[ConfidenceDetector, dict[str, Any]]:
+        """The label-reset PEFT copy of the released model, trained on the user's clean rows, as a detector.
+
+        Returns the detector and its figures (``psim_train`` stats, ``labels_changed``).
+        """
         psim = ctx.backend.load_classifier(ctx.victim_path, ctx.num_labels, seed=ctx.train.seed)
         psim = ctx.backend.add_adapter(psim, self.adapter(), seed=ctx.train.seed)
         loss = LabelResetLoss(self.reset_rate, ctx.train.seed)
         labels = reset_labels(ctx.clean_train.labels, ctx.num_labels, loss)
         stats = ctx.backend.train(psim, ctx.clean_train, loss, self._spec(ctx), {"reset_labels": labels},
                                   desc=f"psim: label-reset {self.peft}")
-        detector = ConfidenceDetector(ctx.backend, psim, self.threshold, ctx.train.max_length)
         changed = float((labels != ctx.clean_train.labels).mean())
-        return DefenseOutcome(victim, {"train": user.summary(), "psim_train": stats.summary(),
-                                       "labels_changed": round(changed, 4)}, detector=detector)
+        detector = ConfidenceDetector(ctx.backend, psim, self.threshold, ctx.train.max_length)
+        return detector, {"psim_train": stats.summary(), "labels_changed": round(changed, 4)}

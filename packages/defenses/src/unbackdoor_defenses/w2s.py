@@ -1,8 +1,9 @@
 """W2SDefense: weak-to-strong unlearning by distillation from a small clean teacher.
 
-The teacher (encoder -> projection g -> classifier) is fully fine-tuned on the
-user's clean data and cached; its logits and projected states are computed
-once per row and cached; the backdoored student is then trained with LoRA on
+The teacher (encoder -> projection g -> classifier) is fully fine-tuned on
+clean data (the user's, or the trusted rows in the data-poisoning setting) and
+cached; its logits and projected states are computed once per row and cached;
+the backdoored (or poisoned-data) student is then trained with LoRA on
 ``alpha*CE + beta*KD + gamma*alignment`` (see :class:`unbackdoor.specs.W2SLoss`).
 """
 
@@ -16,21 +17,23 @@ from typing import Any
 
 import numpy as np
 
+from unbackdoor.data import TextDataset
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
 from unbackdoor.errors import ConfigError
 from unbackdoor.metrics import accuracy
 from unbackdoor.specs import CrossEntropy, TrainSpec, W2SLoss
 
-from .finetune import lora_victim
+from .finetune import UserPEFT
 
 
 @dataclass(frozen=True)
-class W2SDefense(Defense):
+class W2SDefense(UserPEFT, Defense):
     """Weak-to-strong unlearning (W2SDefense).
 
     Attributes:
         alpha, beta, gamma, temperature: the loss weights and KD temperature.
         teacher_epochs, teacher_lr, teacher_batch_size: the teacher's full fine-tune.
+        peft, num_virtual_tokens, lr: the student's PEFT module (see :class:`~.finetune.UserPEFT`).
     """
 
     name = "w2s"
@@ -44,6 +47,7 @@ class W2SDefense(Defense):
     teacher_batch_size: int = 32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.loss()  # validate the weights early, with the spec's clear errors
 
     def loss(self) -> W2SLoss:
@@ -53,11 +57,11 @@ class W2SDefense(Defense):
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         if ctx.teacher_path is None:
             raise ConfigError("defense 'w2s' needs a teacher model (--teacher, e.g. minilm-l6)")
-        student = lora_victim(ctx)
+        student = self.user_model(ctx)
         width = ctx.backend.hidden_size(student)
         teacher_dir, teacher_stats = self._teacher(ctx, width)
         aux, teacher_train_acc = self._teacher_outputs(ctx, teacher_dir)
-        stats = ctx.backend.train(student, ctx.clean_train, self.loss(), ctx.train, aux, desc="w2s: student")
+        stats = ctx.backend.train(student, ctx.clean_train, self.loss(), self.user_spec(ctx), aux, desc="w2s: student")
         return DefenseOutcome(student, {"train": stats.summary(), "teacher": teacher_stats,
                                         "teacher_train_accuracy": teacher_train_acc})
 
@@ -66,8 +70,9 @@ class W2SDefense(Defense):
                                    batch_size=self.teacher_batch_size)
 
     def _teacher_key(self, ctx: DefenseContext, width: int) -> dict[str, Any]:
+        rows = _teacher_rows(ctx)
         return {**ctx.cache_key, "teacher": str(ctx.teacher_path), "width": width,
-                "spec": dataclasses.asdict(self._teacher_spec(ctx)), "rows": len(ctx.clean_train)}
+                "spec": dataclasses.asdict(self._teacher_spec(ctx)), "rows": len(rows), "data": rows.name}
 
     def _teacher(self, ctx: DefenseContext, width: int) -> tuple[Path, dict[str, Any]]:
         """Fine-tune (or reuse from the cache) teacher = encoder -> g -> classifier."""
@@ -76,7 +81,7 @@ class W2SDefense(Defense):
         def build(tmp: Path) -> None:
             teacher = ctx.backend.load_classifier(ctx.teacher_path, ctx.num_labels, projection_dim=width,
                                                   seed=ctx.train.seed)
-            result = ctx.backend.train(teacher, ctx.clean_train, CrossEntropy(), self._teacher_spec(ctx),
+            result = ctx.backend.train(teacher, _teacher_rows(ctx), CrossEntropy(), self._teacher_spec(ctx),
                                        desc="w2s: teacher")
             stats.update(result.summary())
             if ctx.clean_dev is not None and len(ctx.clean_dev):
@@ -97,3 +102,8 @@ class W2SDefense(Defense):
                                    desc="w2s: teacher outputs")
         aux = {"teacher_logits": pred.logits, "teacher_hidden": pred.hidden}
         return aux, accuracy(pred.labels, ctx.clean_train.labels)  # type: ignore[dict-item]
+
+
+def _teacher_rows(ctx: DefenseContext) -> TextDataset:
+    """The clean rows the teacher learns from: the trusted set in the data-poisoning setting, else the user's."""
+    return ctx.teacher_train if ctx.teacher_train is not None else ctx.clean_train

@@ -1,0 +1,110 @@
+"""Data-parallel training with ``torch.distributed`` (DDP), launched by ``torchrun``.
+
+Every rank walks the same seeded sequence of global batches (the core's length-bucketed batches) and
+trains on its slice of rows ``rank::world``; DDP averages the gradients, so with a global batch size
+divisible by the world size a step equals the single-process step on the whole batch (up to the order
+of the floating-point sums) for every per-example-mean loss (cross-entropy, W2S, label reset). The
+unlearning losses (means over groups of rows of the batch) are not exact under sharding.
+
+Use: ``torchrun --nproc-per-node N script.py`` where the script calls :func:`init` and then
+:meth:`TorchBackend.train <unbackdoor_torch.backend.TorchBackend.train>` as usual: the backend trains
+with :func:`fit` whenever a process group with more than one rank is initialised. CPU uses gloo, CUDA
+uses NCCL with one GPU per rank (``LOCAL_RANK``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from unbackdoor.backend import TrainStats
+from unbackdoor.batching import epoch_batches, total_steps
+from unbackdoor.data import TextDataset
+from unbackdoor.errors import ConfigError, TrainingDivergedError
+from unbackdoor.guards import locate
+from unbackdoor.progress import progress
+from unbackdoor.specs import LossSpec, TrainSpec
+from unbackdoor.text import TextEncoder
+
+from .losses import batch_objective
+from .train import autocast, linear_schedule, make_optimizer, to_tensors
+
+
+def init(backend: str | None = None) -> torch.device:
+    """Join the process group torchrun describes (env vars) and return this rank's device."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def active() -> bool:
+    """Whether a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard(batch: Mapping[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    """This rank's rows ``rank::world`` of a global batch (every array sliced alike)."""
+    return {k: np.asarray(v)[rank::world] for k, v in batch.items()}
+
+
+def _global_mean(value: torch.Tensor) -> torch.Tensor:
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def ddp_step(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, loss: LossSpec,
+             batch: dict[str, torch.Tensor], precision: str) -> float:
+    """One step on this rank's rows; gradients averaged by DDP. Returns the global batch loss."""
+    with autocast(precision, batch["input_ids"].device):
+        logits, hidden = ddp(batch["input_ids"], batch["attention_mask"])
+    value = batch_objective(loss, ddp.module, logits.float(), hidden.float(), batch)
+    mean = _global_mean(value)  # every rank sees a non-finite loss anywhere, so none waits in backward
+    if not torch.isfinite(mean):
+        raise TrainingDivergedError(f"non-finite loss {mean.item()} ({type(loss).__name__}, mean over "
+                                    f"{dist.get_world_size()} ranks; this rank's loss {value.item()})")
+    value.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(mean)
+
+
+def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
+        aux: Mapping[str, np.ndarray], device: torch.device, desc: str) -> TrainStats:
+    """:func:`unbackdoor_torch.train.fit` over all ranks; every rank ends with the same weights."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if spec.batch_size % world:
+        raise ConfigError(f"batch size {spec.batch_size} must be divisible by the {world} data-parallel ranks")
+    if len(data) == 0:
+        raise ValueError(f"cannot train on the empty dataset {data.name!r}")
+    torch.manual_seed(spec.seed)
+    ids = encoder.encode(data.texts, spec.max_length)
+    total = total_steps(len(ids), spec)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, spec)
+    scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
+    model.train()
+    losses, samples, start = [], 0, time.perf_counter()
+    batches = epoch_batches(ids, encoder.pad_id, {"labels": data.labels, **aux}, spec)
+    for batch in progress(batches, f"{desc} [rank {rank}/{world}]", total):
+        if len(batch["index"]) < world:
+            raise ConfigError(f"a batch of {len(batch['index'])} rows cannot be split over {world} ranks")
+        with locate(desc, len(losses), total):
+            losses.append(ddp_step(ddp, optimizer, loss, to_tensors(shard(batch, rank, world), device),
+                                   spec.precision))
+        scheduler.step()
+        samples += len(batch["index"])
+    model.eval()
+    return TrainStats(len(losses), samples, time.perf_counter() - start, losses[-1], tuple(losses))

@@ -1,0 +1,76 @@
+"""Training guards: a NaN or infinite loss stops the stage with one line naming the step and the loss terms.
+
+Backends call :func:`diverged` with the batch and the model's outputs at the failing step (before its
+update); the terms are recomputed here in NumPy (float64) from the core's reference losses, and every
+input that holds a NaN or an infinity is named, so the message says which part broke. Nothing of the
+stage is saved: the stage cache keeps only finished stages (:mod:`unbackdoor.cache`), so the previous
+stages' artefacts are the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+
+from .errors import TrainingDivergedError
+from .losses import cross_entropy, distillation, feature_alignment
+from .specs import LabelResetLoss, LossSpec, W2SLoss
+
+ADVICE = "nothing from this stage was saved; lower the learning rate or check the data for NaN/inf"
+
+
+def loss_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
+               batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Each term of ``spec`` on one batch ``{name: batch mean}`` (unweighted; NaN/inf propagate).
+
+    Args:
+        spec: the loss spec.
+        logits: ``[B, C]`` the student's logits.
+        hidden: ``[B, D]`` its pooled states, or None.
+        batch: per-row arrays ``[B, ...]``: ``labels`` and the spec's aux arrays; rows with
+            ``weight`` 0 (fillers) are left out.
+    """
+    keep = np.asarray(batch["weight"]) > 0 if "weight" in batch else slice(None)
+    rows = {k: np.asarray(v)[keep] for k, v in batch.items() if np.ndim(v) >= 1}
+    z = np.asarray(logits, np.float64)[keep]
+    with np.errstate(all="ignore"):
+        if isinstance(spec, LabelResetLoss):
+            return {"cross_entropy(reset_labels)": float(cross_entropy(z, rows["reset_labels"]).mean())}
+        terms = {"cross_entropy": float(cross_entropy(z, rows["labels"]).mean())}
+        if "is_poisoned" in rows:  # the unlearning losses' two groups
+            for name, mask in (("clean", rows["is_poisoned"] == 0), ("poisoned", rows["is_poisoned"] != 0)):
+                if mask.any():
+                    terms[f"cross_entropy[{name}]"] = float(cross_entropy(z[mask], rows["labels"][mask]).mean())
+        if isinstance(spec, W2SLoss) and spec.beta:
+            terms["distillation"] = float(distillation(z, rows["teacher_logits"], spec.temperature).mean())
+        if isinstance(spec, W2SLoss) and spec.gamma and hidden is not None:
+            terms["alignment"] = float(feature_alignment(np.asarray(hidden)[keep], rows["teacher_hidden"]).mean())
+    return terms
+
+
+def non_finite_inputs(logits: np.ndarray, hidden: np.ndarray | None, batch: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the arrays (model outputs, batch arrays) holding a NaN or an infinity."""
+    arrays = {"logits": logits, "hidden states": hidden, **batch}
+    return [name for name, a in arrays.items()
+            if a is not None and np.asarray(a).dtype.kind == "f" and not np.isfinite(np.asarray(a)).all()]
+
+
+def diverged(spec: LossSpec, value: float, logits: np.ndarray, hidden: np.ndarray | None,
+             batch: Mapping[str, np.ndarray]) -> TrainingDivergedError:
+    """The error for a non-finite loss ``value`` (raise it; :func:`locate` adds the run and the step)."""
+    terms = ", ".join(f"{k}={v:.6g}" for k, v in loss_terms(spec, logits, hidden, batch).items())
+    bad = non_finite_inputs(logits, hidden, batch)
+    where = f"; non-finite values in: {', '.join(bad)}" if bad else ""
+    return TrainingDivergedError(f"non-finite loss {value} ({type(spec).__name__}; terms: {terms}){where}")
+
+
+@contextmanager
+def locate(desc: str, step: int, total: int) -> Iterator[None]:
+    """Prefix a :class:`TrainingDivergedError` raised inside with the run's name and the 1-based step."""
+    try:
+        yield
+    except TrainingDivergedError as exc:
+        raise TrainingDivergedError(f"training {desc!r} stopped at step {step + 1} of {total}: {exc}; {ADVICE}"
+                                    ) from None

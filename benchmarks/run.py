@@ -74,13 +74,17 @@ def sweep(cache: Path) -> dict[str, Any]:
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
+        # in priority order: a partial run (CPU time) keeps the first ones
         "badnet": dict(attack="badnet", defenses=("none", "psim")),
+        "badnet-psim-1-epoch": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"epochs": 1.0}}),
+        "badnet-prompt-tuning": dict(attack="badnet", defenses=("psim",),
+                                     defense_options={"psim": {"peft": "prompt-tuning", "lr": PROMPT_LR}}),
+        "badnet-reset-0.5": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"reset_rate": 0.5}}),
         "insent": dict(attack="insent", defenses=("none", "psim")),
         **{f"badnet-reset-{rate}": dict(attack="badnet", defenses=("psim",),
-                                        defense_options={"psim": {"reset_rate": rate}}) for rate in (0.25, 0.5, 0.75)},
-        **{f"badnet-{peft}": dict(attack="badnet", defenses=("psim",),
-                                  defense_options={"psim": {"peft": peft, "lr": PROMPT_LR}})
-           for peft in ("prompt-tuning", "p-tuning")},
+                                        defense_options={"psim": {"reset_rate": rate}}) for rate in (0.25, 0.75)},
+        "badnet-p-tuning": dict(attack="badnet", defenses=("psim",),
+                                defense_options={"psim": {"peft": "p-tuning", "lr": PROMPT_LR}}),
     }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),

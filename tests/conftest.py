@@ -22,7 +22,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 #: files that import jax: collected by the jax session (whose venv also has torch, for parity), not the torch one
-JAX_FILES = {"test_jax_backend.py", "test_parity.py"}
+JAX_FILES = {"test_jax_backend.py", "test_parity.py", "test_jax_scaling.py"}
 
 
 #: files that test only the torch backend (torch.distributed): collected by the torch session

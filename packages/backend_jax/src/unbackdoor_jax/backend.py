@@ -3,7 +3,9 @@
 Steps compile once per model structure, loss and padded batch shape (see
 :mod:`unbackdoor_jax.train`). Set ``JAX_COMPILATION_CACHE_DIR`` to keep
 compiled steps on disk between runs (jax's own persistent cache), which
-saves most of the start-up time of a repeated run on CPU.
+saves most of the start-up time of a repeated run on CPU. With more than one
+device, training is data parallel over all of them (see
+:mod:`unbackdoor_jax.parallel`; ``UNBACKDOOR_JAX_DATA_PARALLEL`` = auto/on/off).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from unbackdoor.errors import check_choice
 from unbackdoor.specs import PRECISIONS, AdapterSpec, LoRASpec, LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, lora, modeling, train
+from . import analysis, lora, modeling, parallel, train
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
@@ -48,6 +50,7 @@ class JaxBackend:
 
     def __init__(self) -> None:
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
+        self.data_parallel = parallel.default_mode()  # "auto" | "on" | "off"
         self._lm: tuple[Path, analysis.CausalLM] | None = None  # the last causal LM lm_nll loaded
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
@@ -71,11 +74,12 @@ class JaxBackend:
 
     def train(self, model: JaxModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
               aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:
-        """Train in place with the jitted step of ``loss``."""
+        """Train in place with the jitted step of ``loss`` (data parallel per :attr:`data_parallel`)."""
         missing = [k for k in loss.aux_keys if k not in (aux or {})]
         if missing:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
-        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, desc)
+        mesh = parallel.data_mesh(self.data_parallel)
+        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, desc, mesh)
 
     def predict(self, model: JaxModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
                 hidden: bool = False, desc: str = "predict") -> Predictions:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from unbackdoor.backend import Predictions, TrainStats
 from unbackdoor.batching import epoch_batches, iter_batches, lr_factor, num_batches, total_steps
@@ -34,6 +35,7 @@ from unbackdoor.progress import progress
 from unbackdoor.specs import LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
+from . import parallel
 from .layers import AdapterParam, Ctx
 from .lora import merged_copy
 from .losses import batch_objective
@@ -121,11 +123,13 @@ class Steps:
     total: int
     rows: int
     pad_id: int
+    mesh: Mesh | None = None  # data parallel: batches sharded by rows over it (see parallel)
 
     def run(self, trainable: Any, opt_state: Any, step: int, batch: Mapping[str, np.ndarray]) -> tuple[Any, Any, Any]:
         """Dispatch step ``step`` (asynchronously); returns new parameters, optimiser state and the loss."""
         lr = jnp.float32(self.spec.lr * lr_factor(step, self.total, int(self.spec.warmup_ratio * self.total)))
-        arrays = device_batch(fill_batch(batch, self.rows, self.spec.max_length, self.pad_id))
+        full = fill_batch(batch, self.rows, self.spec.max_length, self.pad_id)
+        arrays = device_batch(full) if self.mesh is None else parallel.shard_batch(full, self.mesh)
         # Dropout masks follow the spec's seed; the "rbg" generator compiles far faster than threefry on CPU.
         key = jax.random.fold_in(jax.random.key(self.spec.seed, impl="rbg"), step)
         return train_step(self.graphdef, self.loss, self.spec.weight_decay, DTYPES[self.spec.precision], trainable,
@@ -144,14 +148,21 @@ class Steps:
 
 
 def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
-        aux: Mapping[str, np.ndarray], desc: str) -> TrainStats:
-    """Train ``module`` in place and report steps, samples, time and per-step losses."""
+        aux: Mapping[str, np.ndarray], desc: str, mesh: Mesh | None = None) -> TrainStats:
+    """Train ``module`` in place and report steps, samples, time and per-step losses.
+
+    With a ``mesh`` (:func:`unbackdoor_jax.parallel.data_mesh`) the module is replicated over it and every
+    global batch is sharded by rows (data parallel); it ends replicated.
+    """
     if len(data) == 0:
         raise ValueError(f"cannot train on the empty dataset {data.name!r}")
     ids = encoder.encode(data.texts, spec.max_length)
+    if mesh is not None:
+        parallel.replicate(module, mesh)
     graphdef, trainable, frozen = nnx.split(module, trainable_filter(module), ...)
-    steps = Steps(graphdef, frozen, loss, spec, total_steps(len(ids), spec), min(spec.batch_size, len(ids)),
-                  encoder.pad_id)
+    rows = min(spec.batch_size, len(ids))
+    steps = Steps(graphdef, frozen, loss, spec, total_steps(len(ids), spec),
+                  rows if mesh is None else parallel.padded_rows(rows, mesh), encoder.pad_id, mesh)
     opt_state = adamw(spec.lr, spec.weight_decay).init(trainable)
     losses: list[float] = []
     pending, samples, start = [], 0, time.perf_counter()

@@ -96,7 +96,7 @@ def test_defense_runs_end_to_end(defense: str, options: dict[str, str], tiny_dir
     assert released["stage"] == "poisoned (released)" and row["defense"] == defense
     assert "| poisoned + defense | " + defense in (tmp_path / "o" / "results.md").read_text()
     if defense == "strip":
-        assert set(row["detection"]) == {"precision", "recall", "f1", "auroc"}
+        assert set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold"}
         assert row["stats"]["strip"]["calibration_rows"] == 40 and len(row["threshold_sweep"]) == 6
     elif defense == "onion":
         asr_rows = json.loads((tmp_path / "o" / "results.json").read_text())["data"]["asr_test"]

@@ -24,6 +24,8 @@ def _strip_row(ca: float, asr: float) -> dict[str, Any]:
     return _row("poisoned + defense", "strip", ca, asr, CA_model=ca + 1, ASR_model=90.0,
                 detection={"precision": 0.9, "recall": 0.8, "f1": 0.847, "auroc": 0.93},
                 detector_scores={"clean": [-0.6, -0.5, -0.7, -0.4], "triggered": [-0.1, -0.05, -0.3]},
+                model_confidence={"clean": [0.6, 0.7, 0.9, 0.8], "triggered": [0.99, 0.97, 0.95]},
+                hidden_pca={"clean": [[0.0, 1.0], [1.0, 0.5]], "triggered": [[3.0, 3.0]]},
                 threshold_sweep=[{"threshold": t, "precision": 1.0, "recall": 0.5, "f1": 0.67, "CA": 80.0 - t,
                                   "ASR": 50.0 + 100 * t} for t in (-0.4, -0.3, -0.2)],
                 stats={"strip": {"threshold": -0.35}})
@@ -87,8 +89,10 @@ def _is_png(path: Path) -> bool:
 def test_report_plots_writes_bars_histograms_and_sweeps(runs, tmp_path) -> None:
     written = report_plots(runs, tmp_path / "plots")
     names = sorted(p.name for p in written)
-    assert names == ["00-badnet-sst2-smollm2-135m-ca-asr.png", "00-badnet-sst2-smollm2-135m-strip-scores.png",
-                     "00-badnet-sst2-smollm2-135m-strip-threshold.png", "01-insent-sst2-smollm2-135m-ca-asr.png",
+    assert names == ["00-badnet-sst2-smollm2-135m-ca-asr.png",
+                     "00-badnet-sst2-smollm2-135m-poisoned-defense-strip-hidden-pca.png",
+                     "00-badnet-sst2-smollm2-135m-strip-scores.png", "00-badnet-sst2-smollm2-135m-strip-threshold.png",
+                     "00-badnet-sst2-smollm2-135m-strip-victim-confidence.png", "01-insent-sst2-smollm2-135m-ca-asr.png",
                      "02-badnet-sst2-qwen-tiny-ca-asr.png"]
     assert all(_is_png(p) for p in written)
 
@@ -124,7 +128,7 @@ def test_cli_report_prints_the_comparison_and_writes_plots(runs, tmp_path, capsy
     out = capsys.readouterr().out
     assert "| badnet | prune | 83.50 | 40.25 | - | - |" in out
     assert "| poisoned + defense | prune |" in out  # each run's own table comes first
-    assert "wrote 5 plots to" in out
+    assert "wrote 7 plots to" in out
     assert len(list((tmp_path / "plots").glob("*.png"))) == 5
 
 

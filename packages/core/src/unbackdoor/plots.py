@@ -202,6 +202,12 @@ def _detector_plots(row: dict[str, Any], out: Path, stem: str, title: str) -> li
     if scores and scores.get("clean") and scores.get("triggered"):
         written.append(plot_score_histogram(scores["clean"], scores["triggered"], out / f"{stem}-{name}-scores.png",
                                             f"{row.get('defense')} scores: {title}", _threshold(row)))
+    confidence = row.get("model_confidence")
+    if confidence and confidence.get("clean") and confidence.get("triggered"):
+        written.append(plot_score_histogram(confidence["clean"], confidence["triggered"],
+                                            out / f"{stem}-{name}-victim-confidence.png",
+                                            f"victim model's confidence ({row.get('defense')} row): {title}",
+                                            xlabel="max softmax confidence of the defended model"))
     sweep = row.get("threshold_sweep")
     if sweep:
         points = [(s["threshold"], s["CA"], s["ASR"]) for s in sweep]
@@ -212,5 +218,7 @@ def _detector_plots(row: dict[str, Any], out: Path, stem: str, title: str) -> li
 
 def _threshold(row: dict[str, Any]) -> float | None:
     """The detection threshold a defense reported in its stats (``stats[defense]["threshold"]``), if any."""
+    if isinstance(row.get("detection"), dict) and "threshold" in row["detection"]:
+        return float(row["detection"]["threshold"])
     value = row.get("stats", {}).get(row.get("defense", ""), {})
     return value.get("threshold") if isinstance(value, dict) else None

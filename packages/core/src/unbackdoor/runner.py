@@ -225,7 +225,7 @@ class Experiment:
         if clean.scores is not None:
             metrics["CA_model"] = round(accuracy(clean.predictions, p.test.labels), 2)
             metrics["ASR_model"] = max(metrics.pop("ASR_model_by_trigger").values())
-            metrics["detection"] = _detection(scores, flagged)
+            metrics["detection"] = {**_detection(scores, flagged), "threshold": outcome.detector.threshold}  # type: ignore[union-attr]
             metrics["detector_scores"] = {"clean": _floats(clean.scores), "triggered": _floats(*scores[1:])}
             metrics["model_confidence"] = {"clean": _floats(clean.confidence), "triggered": _floats(*confidence)}
             sweep = getattr(outcome.detector, "thresholds", ()) if outcome else ()

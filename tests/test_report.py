@@ -129,7 +129,7 @@ def test_cli_report_prints_the_comparison_and_writes_plots(runs, tmp_path, capsy
     assert "| badnet | prune | 83.50 | 40.25 | - | - |" in out
     assert "| poisoned + defense | prune |" in out  # each run's own table comes first
     assert "wrote 7 plots to" in out
-    assert len(list((tmp_path / "plots").glob("*.png"))) == 5
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 7
 
 
 def test_plots_without_matplotlib_give_a_clear_error(monkeypatch, tmp_path) -> None:

@@ -107,6 +107,9 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "prompt-tuning": dict(setting="data", teacher_rows=400, defenses=("none", "w2s"),
                               defense_options={d: {"peft": "prompt-tuning", "lr": PROMPT_LR} for d in ("none", "w2s")}),
     }),
+    "rga": ("Backdoor unlearning (seed Table 2 shape): BadNet victim, its poisoned rows known, SmolLM2-135M, SST-2", {
+        "badnet-seed0": dict(attack="badnet", defenses=("retrain", "ga", "npo", "rga", "psim+rga")),
+    }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2, weight poisoning", {
         attack: dict(attack=attack, defenses=("none", "onion", "prune", "finetune", "quantize", "merge", "w2s"))
         for attack in ("badnet", "insent")

@@ -410,3 +410,12 @@ def test_docs_describe_every_unlearning_defense_and_option() -> None:
         assert f"| `{name}` |" in text, f"docs/defenses.md: {name} missing from the overview table"
         for option in fields_of(get_plugin_manager().defense(name)):
             assert f"`{option}`" in section, f"docs/defenses.md: option {name}.{option} is not documented"
+
+
+def test_unlearning_in_the_data_setting_is_a_clear_error(tiny_dirs, tmp_path, backend_name) -> None:
+    """--setting data trains the base student on the poisoned rows inside each defense: no victim to unlearn from."""
+    cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, setting="data",
+                           user_rows=32, teacher_rows=8, test_rows=8, max_length=32, defenses=("rga",),
+                           cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="not with --setting data"):
+        run_experiment(cfg, log=lambda _: None)

@@ -317,7 +317,8 @@ class Experiment:
         teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher else None
         return DefenseContext(self.backend, victim, teacher, train, p.splits.dev, p.test.num_labels,
                               c.lora(), c.user_spec(), self.cache, self._base_key(), self.log,
-                              student_path=resolve_model(c.model, self._cache_dir()), victim_train=p.poisoned_train,
+                              student_path=resolve_model(c.model, self._cache_dir()),
+                              victim_train=None if c.setting == "data" else p.poisoned_train,
                               attacker_spec=c.attacker_spec(), teacher_train=p.teacher_train)
 
     def _cached(self, stage: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -44,7 +44,9 @@ def victim_train(ctx: DefenseContext, defense: str) -> TextDataset:
     data = ctx.victim_train
     if data is None:
         raise ConfigError(f"defense {defense!r} needs the victim's training set with its poisoned rows "
-                          "(DefenseContext.victim_train); the runner fills it in the data-poisoning setting")
+                          "(DefenseContext.victim_train): the runner gives it with --setting weight (the victim was "
+                          "fine-tuned on the attacker's poisoned rows), not with --setting data (the base student "
+                          "never saw the poisoned rows, so there is nothing to unlearn)")
     if not data.poisoned.any():
         raise ConfigError(f"defense {defense!r} has nothing to unlearn: none of the {len(data)} rows of "
                           f"{data.name!r} is marked poisoned (is poison_rate 0?)")

@@ -10,7 +10,6 @@ import torch
 
 from unbackdoor import losses as ref
 from unbackdoor.data import TextDataset
-from unbackdoor.errors import ConfigError
 from unbackdoor.specs import CrossEntropy, LoRASpec, TrainSpec, W2SLoss
 from unbackdoor_torch.backend import TorchBackend
 
@@ -94,18 +93,3 @@ def test_bf16_autocast_runs_close_to_fp32(backend, tiny_dirs, rows) -> None:
     np.testing.assert_allclose(bf16.predict(model, rows).logits, fp32, atol=5e-2)
     spec = dataclasses.replace(TrainSpec(epochs=1, lr=1e-3, batch_size=8), precision="bf16")
     assert np.isfinite(bf16.train(model, rows, CrossEntropy(), spec).final_loss)
-
-
-def test_bad_inputs_are_clear(backend, tiny_dirs, rows, tmp_path) -> None:
-    model = backend.load_classifier(tiny_dirs["llama"], 2)
-    with pytest.raises(ValueError, match="teacher_logits"):
-        backend.train(model, rows, W2SLoss(), TrainSpec())
-    (tmp_path / "pickled").mkdir()
-    (tmp_path / "pickled" / "config.json").write_text("{}")
-    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    with pytest.raises(ConfigError, match="pickle"):
-        backend.load_classifier(tmp_path / "pickled", 2)
-    with pytest.raises(ConfigError, match=r"no config\.json"):
-        backend.load_classifier(tmp_path, 2)
-    with pytest.raises(ValueError, match="empty"):
-        backend.train(model, rows.subset([]), CrossEntropy(), TrainSpec())

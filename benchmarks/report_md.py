@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from unbackdoor.plots import report_plots
-from unbackdoor.report import comparison_report
+from unbackdoor.report import comparison_report, unlearning_table
 
 
 def _rows(results: dict[str, Any]) -> list[str]:
@@ -76,6 +76,9 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
         out += ["", comparison_report(results), ""]
     for label, run in runs.items():
         out += [f"## {label}", "", *_rows(run["results"]), ""]
+        unlearning = unlearning_table(run["results"])
+        if unlearning:
+            out += [unlearning, ""]
         for row in run["results"]["rows"]:
             if row.get("threshold_sweep"):
                 out += [f"Threshold sweep ({row['defense']}):", "", "| threshold | precision | recall | F1 | CA | ASR |",

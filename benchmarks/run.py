@@ -76,6 +76,8 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
         # in priority order: a partial run (CPU time) keeps the first ones
         "badnet": dict(attack="badnet", defenses=("none", "psim")),
+        "badnet-calibrated-fpr-0.05": dict(attack="badnet", defenses=("psim",),
+                                           defense_options={"psim": {"calibrate_fpr": 0.05}}),
         "badnet-psim-1-epoch": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"epochs": 1.0}}),
         "badnet-prompt-tuning": dict(attack="badnet", defenses=("psim",),
                                      defense_options={"psim": {"peft": "prompt-tuning", "lr": PROMPT_LR}}),

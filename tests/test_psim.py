@@ -76,3 +76,20 @@ def test_bad_psim_options_are_clear() -> None:
     assert "adapter-h" in str(err.value)
     with pytest.raises(ConfigError, match="reset rate"):
         psim.configure(reset_rate=0)
+    with pytest.raises(ConfigError, match="calibrate_fpr"):
+        psim.configure(calibrate_fpr=1.5)
+
+
+def test_psim_threshold_calibrated_on_clean_dev_rows(tiny_dirs, tmp_path, backend_name) -> None:
+    """calibrate_fpr sets the threshold from held-out clean rows: about that share of them is flagged."""
+    cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, attacker_rows=160,
+                           attacker_epochs=1.0, user_rows=48, test_rows=40, max_length=32, defenses=("psim",),
+                           defense_options={"psim": {"calibrate_fpr": 0.1}},
+                           cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
+    row = run_experiment(cfg, log=lambda _: None)["rows"][-1]
+    calibration = row["stats"]["calibration"]
+    assert calibration["rows"] == 872  # SST-2's dev split, never the test rows
+    assert calibration["clean_flagged"] <= 0.1 + 1e-9
+    assert row["detection"]["threshold"] == pytest.approx(calibration["threshold"], abs=1e-5)
+    flagged_clean = sum(s > row["detection"]["threshold"] for s in row["detector_scores"]["clean"])
+    assert row["CA"] >= row["CA_model"] - 100 * flagged_clean / 40 - 1e-6

@@ -18,7 +18,7 @@ import numpy as np
 
 from unbackdoor.data import TextDataset
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
-from unbackdoor.errors import check_choice, check_range
+from unbackdoor.errors import ConfigError, check_choice, check_range
 from unbackdoor.losses import reset_labels, softmax
 from unbackdoor.specs import PEFT_METHODS, AdapterSpec, CrossEntropy, LabelResetLoss, LoRASpec, PromptSpec, TrainSpec
 
@@ -54,6 +54,10 @@ class PSIM(Defense):
         rank, alpha, targets: the LoRA module (when ``peft="lora"``).
         num_virtual_tokens: the prompt length (prompt methods).
         epochs, lr: the PSIM module's training (0: the user's fine-tuning settings).
+        calibrate_fpr: when > 0, ignore ``threshold`` and set it from held-out CLEAN rows (the dev split,
+            never the test set) so that about this share of them is flagged: the ``1 - calibrate_fpr``
+            quantile of the PSIM model's confidence on them (beyond the paper: a fixed 0.7 flags most
+            clean inputs when the label-reset model fits its random labels).
     """
 
     name = "psim"
@@ -68,9 +72,11 @@ class PSIM(Defense):
     num_virtual_tokens: int = 20
     epochs: float = 0.0
     lr: float = 0.0
+    calibrate_fpr: float = 0.0
 
     def __post_init__(self) -> None:
         check_range("psim threshold", self.threshold, 0.0, 1.0, inclusive=False)
+        check_range("psim calibrate_fpr", self.calibrate_fpr, 0.0, 1.0)
         check_choice("psim peft method", self.peft, PEFT_METHODS)
         self.adapter(), LabelResetLoss(self.reset_rate)
 
@@ -102,4 +108,16 @@ class PSIM(Defense):
                                   desc=f"psim: label-reset {self.peft}")
         changed = float((labels != ctx.clean_train.labels).mean())
         detector = ConfidenceDetector(ctx.backend, psim, self.threshold, ctx.train.max_length)
-        return detector, {"psim_train": stats.summary(), "labels_changed": round(changed, 4)}
+        figures = {"psim_train": stats.summary(), "labels_changed": round(changed, 4)}
+        if self.calibrate_fpr > 0:
+            figures["calibration"] = self._calibrate(ctx, detector)
+        return detector, figures
+
+    def _calibrate(self, ctx: DefenseContext, detector: ConfidenceDetector) -> dict[str, Any]:
+        """Set ``detector.threshold`` to flag about ``calibrate_fpr`` of the held-out clean rows."""
+        if ctx.clean_dev is None or not len(ctx.clean_dev):
+            raise ConfigError("psim calibrate_fpr needs held-out clean rows (the dataset's dev split), and there are none")
+        scores = detector.score(ctx.clean_dev)
+        detector.threshold = float(np.quantile(scores, 1.0 - self.calibrate_fpr, method="higher"))
+        return {"threshold": round(detector.threshold, 5), "rows": len(ctx.clean_dev),
+                "clean_flagged": round(float((scores > detector.threshold).mean()), 4)}

@@ -225,7 +225,8 @@ class PsimRGA(RGA):
     AUROC of PSIM's flags on the victim's training rows).
 
     Attributes:
-        psim_threshold, psim_reset_rate, psim_peft, psim_epochs, psim_lr: PSIM's options (see ``psim``).
+        psim_threshold, psim_reset_rate, psim_peft, psim_epochs, psim_lr, psim_calibrate_fpr: PSIM's options
+            (see ``psim``; ``psim_calibrate_fpr`` > 0 sets the threshold from the dev split's clean rows).
     """
 
     name = "psim+rga"
@@ -235,6 +236,7 @@ class PsimRGA(RGA):
     psim_peft: str = "lora"
     psim_epochs: float = 0.0
     psim_lr: float = 0.0
+    psim_calibrate_fpr: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,7 +245,7 @@ class PsimRGA(RGA):
     def psim(self) -> PSIM:
         """The PSIM detector these options describe."""
         return PSIM(threshold=self.psim_threshold, reset_rate=self.psim_reset_rate, peft=self.psim_peft,
-                    epochs=self.psim_epochs, lr=self.psim_lr)
+                    epochs=self.psim_epochs, lr=self.psim_lr, calibrate_fpr=self.psim_calibrate_fpr)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)
@@ -254,7 +256,7 @@ class PsimRGA(RGA):
         quality = {k: round(v, 4) for k, v in quality.items()}
         if not flagged.any():
             raise ConfigError(f"defense {self.name!r}: PSIM flagged none of the {len(data)} training rows at "
-                              f"threshold {self.psim_threshold} (max score {scores.max():.3f}); lower psim_threshold")
+                              f"threshold {detector.threshold:.4g} (max score {scores.max():.3f}); lower psim_threshold")
         outcome = self.unlearn(ctx, data, flagged)
         outcome.stats.update({**psim_stats, "detection": quality, "flagged_rows": int(flagged.sum()),
                               "poisoned_rows": int(data.poisoned.sum())})

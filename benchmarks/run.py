@@ -102,6 +102,10 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         # the base student barely learns SST-2 in 2 LoRA epochs at 2e-4 (CA 51), nor the teacher (dev 53): train more
         "badnet-longer": dict(setting="data", teacher_rows=400, clean_baseline=True, user_epochs=4.0, user_lr=1e-3,
                               defense_options={"w2s": {"teacher_epochs": 6.0, "teacher_lr": 1e-4}}),
+        # KD is what carries the teacher's true label onto the poisoned rows: weigh it more
+        **{f"badnet-longer-beta-{beta:g}": dict(
+            setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e-3, defenses=("w2s",),
+            defense_options={"w2s": {"teacher_epochs": 6.0, "teacher_lr": 1e-4, "beta": beta}}) for beta in (2.0, 5.0)},
     }),
     "w2s-ablation": ("W2SDefense ablations (seed Tables 4-7), data-poisoning setting, SmolLM2-135M, SST-2, BadNet", {
         **{label: dict(setting="data", teacher_rows=400, defenses=("w2s",), defense_options={"w2s": weights})

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from unbackdoor.plots import report_plots
-from unbackdoor.report import comparison_report, unlearning_table
+from unbackdoor.report import row_label, unlearning_table
 
 
 def _rows(results: dict[str, Any]) -> list[str]:
@@ -60,7 +60,7 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
     written = report_plots(results, plots)
     out = [f"# {data['title']}", "", f"Command: `{data['command']}`. Machine: {data['machine']}, {data['cpus']} CPUs.",
            "Base setting: " + ", ".join(f"{k}={v}" for k, v in data["base"].items()), "",
-           "| run | changes from the base setting | wall time (s) |", "|---|---|---:|"]
+           "| run | changes from the base setting | wall time (s; 0: every stage from the cache) |", "|---|---|---:|"]
     out += [f"| {label} | {run['change']} | {run['results']['timings_s'].get('total', '-')} |"
             for label, run in runs.items()]
     if "step_time" in data:
@@ -73,7 +73,7 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
                 f"{t['jax']['step_s']:.3f} |",
                 "", f"jax / torch step time: **{t['ratio_jax_over_torch']:.2f}x** (goal <= 1.0x)."]
     if results:
-        out += ["", comparison_report(results), ""]
+        out += ["", *_summary(runs), ""]
     for label, run in runs.items():
         out += [f"## {label}", "", *_rows(run["results"]), ""]
         unlearning = unlearning_table(run["results"])
@@ -89,3 +89,19 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
     if written:
         out += ["Plots: " + ", ".join(f"[{p.name}](plots/{plots.name}/{p.name})" for p in written), ""]
     return "\n".join(out)
+
+
+def _summary(runs: dict[str, Any]) -> list[str]:
+    """Every row of every run in one table (runs may share attack and defense, so they are keyed by run)."""
+    lines = ["### Summary (%)", "", "| run | attack | defense | CA | ASR | PACC | detection F1 | AUROC |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for label, run in runs.items():
+        attack = run["results"]["config"]["attack"]
+        for row in run["results"]["rows"]:
+            det = row.get("detection") or {}
+            cells = [row.get("CA"), row.get("ASR"), row.get("PACC"), det.get("f1"), det.get("auroc")]
+            lines.append(f"| {label} | {attack} | {row_label(row)}{'*' if det else ''} | "
+                         + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    if any(row.get("detection") for run in runs.values() for row in run["results"]["rows"]):
+        lines += ["", "\\* detector: CA counts a rejected clean input as an error, ASR counts unrejected triggered inputs."]
+    return lines

@@ -69,6 +69,8 @@ def sweep(cache: Path) -> dict[str, Any]:
     return data
 
 
+#: ExperimentConfig's defaults for every key W2S_SETTING sets (a suite run that starts from the defaults)
+DEFAULTS = {key: getattr(ExperimentConfig(), key) for key in W2S_SETTING}
 # Suites of experiments on the W2S setting's data and models: name -> (title, {run label: changes}).
 # Runs that share an attack reuse its cached victim (and any cached defense row).
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
@@ -123,8 +125,10 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         attack: dict(attack=attack, defenses=("none", "onion", "prune", "finetune", "quantize", "merge", "w2s"))
         for attack in ("badnet", "insent")
     }),
-    "jax": ("The W2S comparison on the jax backend (same config and seed as w2s.md's torch run)", {
-        "jax": dict(backend="jax"),
+    # The README's default experiment on each backend (same config and seed), after the step-time comparison.
+    "jax": ("The default experiment (`unbackdoor run` defaults) on torch and on jax, same config and seed", {
+        "torch-default": dict(DEFAULTS, backend="torch", clean_baseline=False),
+        "jax-default": dict(DEFAULTS, backend="jax", clean_baseline=False),
     }),
 }
 

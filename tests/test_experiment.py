@@ -114,6 +114,8 @@ def test_data_poisoning_setting_trains_the_base_student_on_poisoned_user_rows(ti
 def test_unknown_setting_is_a_clear_error(tiny_dirs, tmp_path, backend_name) -> None:
     with pytest.raises(ConfigError, match="unknown setting 'model'; choose one of: data, weight"):
         ExperimentConfig(**_api_kwargs(tiny_dirs, tmp_path, backend_name), setting="model").validate()
+    with pytest.raises(ConfigError, match="teacher_rows must be >= 1, got 0"):
+        ExperimentConfig(**_api_kwargs(tiny_dirs, tmp_path, backend_name), setting="data", teacher_rows=0).validate()
 
 
 def test_student_peft_method_is_an_option_of_none_and_w2s(tiny_dirs, tmp_path, backend_name) -> None:

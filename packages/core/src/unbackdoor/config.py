@@ -96,7 +96,7 @@ class ExperimentConfig:
                 make()
             except ConfigError as exc:
                 raise ConfigError(f"{stage} settings ({stage}_*): {exc}") from None
-        for name in ("attacker_rows", "user_rows", "test_rows"):
+        for name in ("attacker_rows", "user_rows", "test_rows", "teacher_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.defenses:

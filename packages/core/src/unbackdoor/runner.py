@@ -95,6 +95,8 @@ class Plan:
     poison: PoisonConfig
     #: the attacker's rows after poisoning (computed in :func:`plan`, so data errors surface before training)
     poisoned_train: TextDataset
+    #: the attack's triggered copies of the test rows, per trigger (computed once, in :func:`plan`)
+    triggered: dict[str, TextDataset]
     pm: PluginManager
     baseline: Defense | None = None
     #: the user's rows before poisoning (the clean baseline trains on them in the data setting)
@@ -122,9 +124,10 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     data_setting = cfg.setting == "data"
     with pm.running("attack", attack.name):
         poisoned = attack.poison_train(user if data_setting else attacker, poison)
+        triggered = attack.triggered_tests(test, poison)
     baseline = pm.defense("none") if cfg.clean_baseline else None
     return Plan(cfg, backend_name, attack, defenses, splits, poisoned if data_setting else user, attacker, test, poison,
-                poisoned, pm, baseline, clean_user=user, teacher_train=attacker if data_setting else None)
+                poisoned, triggered, pm, baseline, clean_user=user, teacher_train=attacker if data_setting else None)
 
 
 def _disjoint_rows(train: TextDataset, cfg: ExperimentConfig) -> tuple[TextDataset, TextDataset]:
@@ -200,9 +203,7 @@ class Experiment:
         metrics: dict[str, Any] = {"CA": round(accuracy(clean.kept_predictions, p.test.labels), 2)}
         asr, scores, flagged, confidence, pacc, confusion = {}, [clean.scores], [clean.flagged], [], {}, {}
         triggered_judged: list[tuple[TextDataset, Judged]] = []
-        with p.pm.running("attack", p.attack.name):
-            triggered_tests = p.attack.triggered_tests(p.test, p.poison)
-        for trigger, triggered in triggered_tests.items():
+        for trigger, triggered in p.triggered.items():
             asr_set = non_target(triggered, p.poison.target)
             judged = self._judge(model, asr_set, f"{desc}: {trigger} test", outcome)
             triggered_judged.append((asr_set, judged))
@@ -301,7 +302,7 @@ class Experiment:
             self.log(f"stage defense: {defense.name} ({stage})")
             p = self.plan
             train = p.user_train if poisoned or p.clean_user is None else p.clean_user
-            ctx = self._context(victim or resolve_model(self.cfg.model, self._cache_dir()), train)
+            ctx = self._context(victim, train)
             start = time.perf_counter()
             with self.plan.pm.running("defense", defense.name):
                 outcome = defense.apply(ctx)
@@ -312,12 +313,14 @@ class Experiment:
 
         return self._cached("defense", key, compute)
 
-    def _context(self, victim: Path, train: TextDataset) -> DefenseContext:
+    def _context(self, victim: Path | None, train: TextDataset) -> DefenseContext:
+        """What a defense gets; ``victim=None``: the base student stands in for the released model."""
         c, p = self.cfg, self.plan
         teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher else None
-        return DefenseContext(self.backend, victim, teacher, train, p.splits.dev, p.test.num_labels,
+        student = resolve_model(c.model, self._cache_dir())
+        return DefenseContext(self.backend, victim or student, teacher, train, p.splits.dev, p.test.num_labels,
                               c.lora(), c.user_spec(), self.cache, self._base_key(), self.log,
-                              student_path=resolve_model(c.model, self._cache_dir()),
+                              student_path=student,
                               victim_train=None if c.setting == "data" else p.poisoned_train,
                               attacker_spec=c.attacker_spec(), teacher_train=p.teacher_train)
 
@@ -348,18 +351,12 @@ class Experiment:
         baseline = self.plan.baseline
         if baseline is not None:
             rows.append(self._timed("clean", lambda: self.defense_row(baseline, None)))
-        if self.cfg.setting == "data":  # no attacker stage: each defense trains the base student on poisoned rows
-            for defense in self.plan.defenses:
-                rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, None, poisoned_data=True)))
-            return self._finish(rows, start)
-        victim = self.victim()
-        rows.append(self._timed("released", lambda: self.released_row(victim)))
+        data_setting = self.cfg.setting == "data"  # no attacker stage: defenses train the base student on poisoned rows
+        victim = None if data_setting else self.victim()
+        if victim is not None:
+            rows.append(self._timed("released", lambda: self.released_row(victim)))
         for defense in self.plan.defenses:
-            rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, victim)))
-        return self._finish(rows, start)
-
-    def _finish(self, rows: list[dict[str, Any]], start: float) -> dict[str, Any]:
-        """Timings, results.json/results.md and the plots."""
+            rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, victim, data_setting)))
         self.timings["total"] = round(time.perf_counter() - start, 1)
         results = self._results(rows)
         write_results(Path(self.cfg.out), results)
@@ -381,9 +378,7 @@ class Experiment:
     def _asr_rows(self) -> int | dict[str, int]:
         """How many triggered rows each ASR is measured on (one number for a single trigger)."""
         p = self.plan
-        with p.pm.running("attack", p.attack.name):
-            tests = p.attack.triggered_tests(p.test, p.poison)
-        counts = {trigger: len(non_target(data, p.poison.target)) for trigger, data in tests.items()}
+        counts = {trigger: len(non_target(data, p.poison.target)) for trigger, data in p.triggered.items()}
         return next(iter(counts.values())) if len(counts) == 1 else counts
 
     def _results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

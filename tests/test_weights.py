@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from unbackdoor import init
 from unbackdoor.errors import ConfigError
 from unbackdoor.weights import (
     ClassifierWeights,
@@ -192,3 +193,13 @@ def test_prune_zeroes_exactly_the_chosen_neurons() -> None:
     np.testing.assert_array_equal(pruned.head["classifier.weight"], 1.0)
     with pytest.raises(ConfigError, match="cannot prune layer 7"):
         prune_neurons(weights, {7: np.array([0])})
+
+
+def test_lora_init_depends_on_seed_and_layer_name() -> None:
+    a = init.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=0)
+    assert a.shape == (4, 16) and np.abs(a).max() <= 0.25
+    assert not np.array_equal(a, init.lora_a("backbone.layers.1.self_attn.q_proj", 4, 16, seed=0))
+    assert not np.array_equal(a, init.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=1))
+    np.testing.assert_array_equal(a, init.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=0))
+    with pytest.raises(ValueError, match="rank and input size"):
+        init.lora_a("x", 0, 16, seed=0)

@@ -108,11 +108,13 @@ class Linear(nnx.Module):
             y = y + ctx.einsum("...r,or->...o", low, self.lora_b[...]) * self.scaling
         return y
 
-    def add_lora(self, rng: np.random.Generator, rank: int, alpha: float, dropout: float) -> None:
-        """Attach A (peft's kaiming-uniform, i.e. U(+-1/sqrt(in))) and B = 0, stacked like the weight."""
+    def add_lora(self, a: np.ndarray, alpha: float, dropout: float) -> None:
+        """Attach ``A`` (``[..., r, in]``, stacked like the weight) and ``B = 0``; scaling ``alpha / r``."""
         *lead, out_dim, in_dim = self.weight.shape
-        bound = 1.0 / math.sqrt(in_dim)
-        self.lora_a = LoRAParam(jnp.asarray(rng.uniform(-bound, bound, (*lead, rank, in_dim)), jnp.float32))
+        rank = a.shape[-2]
+        if a.shape != (*lead, rank, in_dim):
+            raise ValueError(f"LoRA A has shape {a.shape}, expected {(*lead, rank, in_dim)}")
+        self.lora_a = LoRAParam(jnp.asarray(a, jnp.float32))
         self.lora_b = LoRAParam(jnp.zeros((*lead, out_dim, rank), jnp.float32))
         self.scaling, self.lora_dropout = alpha / rank, dropout
 

@@ -2,7 +2,8 @@
 
 An adapted :class:`~unbackdoor_jax.layers.Linear` computes
 ``W x + b + (alpha / r) * B A dropout(x)``; A starts ``U(+-1/sqrt(in))``
-(peft's ``kaiming_uniform_(a=sqrt(5))``), B at zero, so the model's outputs
+(peft's ``kaiming_uniform_(a=sqrt(5))``, drawn by :func:`unbackdoor.init.lora_a`
+so both backends start alike), B at zero, so the model's outputs
 are unchanged until it trains. Training then updates only the
 :class:`~unbackdoor_jax.layers.LoRAParam` matrices and the head.
 """
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unbackdoor import init
 from unbackdoor.errors import ConfigError
 from unbackdoor.specs import LoRASpec
 
@@ -46,8 +48,12 @@ def add_lora(backbone: nnx.Module, spec: LoRASpec, seed: int) -> list[str]:
                           f"choose from {names} or 'all-linear'")
     if any(layer.lora_a is not None for layer in layers.values()):
         raise ConfigError("the model already has a LoRA adapter")
-    for i, name in enumerate(chosen):  # numpy draws: eager jax.random would compile once per shape
-        layers[name].add_lora(np.random.default_rng([seed, i]), spec.rank, spec.alpha, spec.dropout)
+    stacked = str(type(backbone).STACKED)
+    for name in chosen:  # core's numpy draws, per peft name: the torch backend starts from the same A
+        layer = layers[name]
+        keys = _peft_keys(name, stacked, layer.weight.shape[0] if layer.weight.ndim == 3 else 1)
+        a = np.stack([init.lora_a(key, spec.rank, layer.weight.shape[-1], seed) for key in keys])
+        layer.add_lora(a.reshape(*layer.weight.shape[:-2], spec.rank, -1), spec.alpha, spec.dropout)
     return chosen
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unbackdoor import init
 from unbackdoor.errors import ConfigError, UnknownNameError
 from unbackdoor.layout import HeadMeta, copy_tokenizer
 from unbackdoor.models import check_model_dir
@@ -70,8 +71,7 @@ def add_prompt(model: SequenceClassifier, spec: PromptSpec, seed: int) -> None:
     if model.prompt is not None:
         raise ConfigError("the model already has a soft prompt")
     width = int(model.backbone.hidden_size)
-    values = np.random.default_rng(seed).standard_normal((spec.num_virtual_tokens, width))
-    model.prompt = PromptParam(jnp.asarray(values, jnp.float32))
+    model.prompt = PromptParam(jnp.asarray(init.soft_prompt(spec.num_virtual_tokens, width, seed)))
 
 
 def _linear(head: dict[str, np.ndarray], name: str) -> Linear:
@@ -88,27 +88,12 @@ def load_backbone(path: Path) -> tuple[nnx.Module, dict[str, Any]]:
     return BACKBONES[model_type](tensors, config), config
 
 
-def new_head(meta: HeadMeta, hidden: int, std: float, seed: int) -> dict[str, np.ndarray]:
-    """A seeded head: weights ``N(0, std)`` (``[out, in]``), zero biases, no classifier bias for decoders."""
-    rng = np.random.default_rng(seed)
-    head: dict[str, np.ndarray] = {}
-    width = hidden
-    if meta.projection_dim:
-        head["projection.weight"] = rng.normal(0.0, std, (meta.projection_dim, hidden)).astype(np.float32)
-        head["projection.bias"] = np.zeros(meta.projection_dim, np.float32)
-        width = meta.projection_dim
-    head["classifier.weight"] = rng.normal(0.0, std, (meta.num_labels, width)).astype(np.float32)
-    if not meta.decoder:
-        head["classifier.bias"] = np.zeros(meta.num_labels, np.float32)
-    return head
-
-
 def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int) -> SequenceClassifier:
     """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
     path = check_model_dir(Path(path))
     meta = HeadMeta.for_model(path, num_labels, projection_dim)
     backbone, config = load_backbone(path)
-    head = new_head(meta, int(config["hidden_size"]), float(config.get("initializer_range", 0.02)), seed)
+    head = init.head_arrays(meta, int(config["hidden_size"]), float(config.get("initializer_range", 0.02)), seed)
     saved = weights.read_head(path)
     for key, value in saved.items():
         if key in head and head[key].shape != value.shape:

@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers.utils import logging as hf_logging
 
+from unbackdoor import init
 from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
@@ -58,6 +59,7 @@ class TorchBackend:
         targets: str | list[str] = "all-linear" if spec.target_modules == ("all-linear",) else list(spec.target_modules)
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
         model.module.backbone = get_peft_model(model.module.backbone, config)
+        _seed_lora_a(model.module, spec.rank, seed)
         return model
 
     def add_adapter(self, model: TorchModel, spec: AdapterSpec, *, seed: int = 0) -> TorchModel:
@@ -66,6 +68,10 @@ class TorchBackend:
             return self.add_lora(model, spec, seed=seed)
         torch.manual_seed(seed)
         model.module.backbone = get_peft_model(model.module.backbone, _prompt_config(spec))
+        if spec.method == "prompt-tuning":  # the jax backend starts from the same virtual tokens
+            embedding = model.module.backbone.prompt_encoder["default"].embedding
+            with torch.no_grad():
+                embedding.weight.copy_(torch.from_numpy(init.soft_prompt(*embedding.weight.shape, seed)))
         return model
 
     def train(self, model: TorchModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
@@ -116,6 +122,16 @@ class TorchBackend:
         ids = model.encoder.encode(data.texts, max_length)
         batches = list(iter_batches(ids, model.encoder.pad_id, batch_size))
         return analysis.mlp_activations(model.module, batches, self.device, self.precision)
+
+
+def _seed_lora_a(module: torch.nn.Module, rank: int, seed: int) -> None:
+    """Overwrite peft's torch-RNG ``A`` matrices with the core's draws (keyed by peft's saved names)."""
+    with torch.no_grad():
+        for name, sub in module.named_modules():
+            if hasattr(sub, "lora_A") and "default" in sub.lora_A:
+                weight = sub.lora_A["default"].weight
+                key = name.replace("base_model.model.", "")
+                weight.copy_(torch.from_numpy(init.lora_a(key, rank, weight.shape[1], seed)).to(weight.device))
 
 
 def _prompt_config(spec: PromptSpec) -> PrefixTuningConfig | PromptEncoderConfig | PromptTuningConfig:

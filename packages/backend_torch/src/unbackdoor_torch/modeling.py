@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from unbackdoor import init
 from unbackdoor.layout import HEAD_FILE, HeadMeta, copy_tokenizer
 from unbackdoor.models import check_model_dir
 from unbackdoor.text import TextEncoder
@@ -55,20 +56,13 @@ def load_classifier(path: Path, num_labels: int, projection_dim: int | None, see
     config = AutoConfig.from_pretrained(path)
     meta = HeadMeta.for_model(path, num_labels, projection_dim)
     backbone = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    torch.manual_seed(seed)
     model = SequenceClassifier(backbone, meta)
-    _init_head(model, getattr(config, "initializer_range", 0.02))
+    std = float(getattr(config, "initializer_range", 0.02))
+    head = init.head_arrays(meta, backbone.config.hidden_size, std, seed)  # the jax backend draws the same
     if (path / HEAD_FILE).is_file():
-        model.load_state_dict(load_file(path / HEAD_FILE), strict=False)
+        head |= {k: v.numpy() for k, v in load_file(path / HEAD_FILE).items()}
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()}, strict=False)
     return model
-
-
-def _init_head(model: SequenceClassifier, std: float) -> None:
-    for layer in (model.projection, model.classifier):
-        if layer is not None:
-            nn.init.normal_(layer.weight, std=std)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
 
 
 def head_state(model: SequenceClassifier) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from unbackdoor.plots import report_plots
-from unbackdoor.report import row_label, unlearning_table
+from unbackdoor.report import row_label, unlearning_seeds_table, unlearning_table
 
 
 def _rows(results: dict[str, Any]) -> list[str]:
@@ -74,6 +74,9 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
                 "", f"jax / torch step time: **{t['ratio_jax_over_torch']:.2f}x** (goal <= 1.0x)."]
     if results:
         out += ["", *_summary(runs), ""]
+        seeds = unlearning_seeds_table(results)
+        if seeds:
+            out += [seeds, ""]
     for label, run in runs.items():
         out += [f"## {label}", "", *_rows(run["results"]), ""]
         unlearning = unlearning_table(run["results"])

@@ -80,20 +80,20 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "badnet": dict(attack="badnet", defenses=("none", "psim")),
         "badnet-calibrated-fpr-0.05": dict(attack="badnet", defenses=("psim",),
                                            defense_options={"psim": {"calibrate_fpr": 0.05}}),
-        "badnet-psim-1-epoch": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"epochs": 1.0}}),
-        "badnet-prompt-tuning": dict(attack="badnet", defenses=("psim",),
-                                     defense_options={"psim": {"peft": "prompt-tuning", "lr": PROMPT_LR}}),
-        "badnet-reset-0.5": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"reset_rate": 0.5}}),
         "insent": dict(attack="insent", defenses=("none", "psim")),
         **{f"badnet-reset-{rate}": dict(attack="badnet", defenses=("psim",),
-                                        defense_options={"psim": {"reset_rate": rate}}) for rate in (0.25, 0.75)},
-        "badnet-p-tuning": dict(attack="badnet", defenses=("psim",),
-                                defense_options={"psim": {"peft": "p-tuning", "lr": PROMPT_LR}}),
+                                        defense_options={"psim": {"reset_rate": rate}}) for rate in (0.25, 0.5, 0.75)},
+        **{f"badnet-{peft}": dict(attack="badnet", defenses=("psim",),
+                                  defense_options={"psim": {"peft": peft, "lr": PROMPT_LR}})
+           for peft in ("prompt-tuning", "p-tuning")},
+        "badnet-psim-1-epoch": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"epochs": 1.0}}),
     }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),
         "insent": dict(attack="insent", defenses=("none",)),
-        "syntactic": dict(attack="syntactic", defenses=("none",)),
+        # the aligned SCPN file paraphrases 20% of SST-2's train split: the attacker's 800 rows hold 79
+        # non-target rows with a paraphrase, so this attack poisons 72 (rate 0.09) instead of 160
+        "syntactic": dict(attack="syntactic", poison_rate=0.09, defenses=("none",)),
         "style": dict(attack="style", defenses=("none",)),
         "proattack": dict(attack="proattack", defenses=("none",)),
         "multi": dict(attack="multi", defenses=("none",)),
@@ -120,6 +120,11 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     }),
     "rga": ("Backdoor unlearning (seed Table 2 shape): BadNet victim, its poisoned rows known, SmolLM2-135M, SST-2", {
         "badnet-seed0": dict(attack="badnet", defenses=("retrain", "ga", "npo", "rga", "psim+rga")),
+        # PSIM's threshold 0.7 flags most of the training set (661/800): unlearn only what a 5%-FPR threshold flags
+        "badnet-seed0-psim-calibrated": dict(attack="badnet", defenses=("retrain", "psim+rga"),
+                                             defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}}),
+        **{f"badnet-seed{seed}": dict(attack="badnet", seed=seed, defenses=("retrain", "ga", "npo", "rga"))
+           for seed in (1, 2)},
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2, weight poisoning", {
         attack: dict(attack=attack, defenses=("none", "onion", "prune", "finetune", "quantize", "merge", "w2s"))

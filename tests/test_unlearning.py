@@ -29,7 +29,7 @@ from unbackdoor.metrics import (
 )
 from unbackdoor.plots import report_plots
 from unbackdoor.plugins import get_plugin_manager
-from unbackdoor.report import markdown_table, unlearning_table
+from unbackdoor.report import comparison_report, markdown_table, unlearning_seeds_table, unlearning_table
 from unbackdoor.specs import AdaptiveGALoss, GALoss, LoRASpec, NPOLoss, TrainSpec
 
 LORA = LoRASpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
@@ -419,3 +419,20 @@ def test_unlearning_in_the_data_setting_is_a_clear_error(tiny_dirs, tmp_path, ba
                            cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="not with --setting data"):
         run_experiment(cfg, log=lambda _: None)
+
+
+def test_unlearning_over_seeds_gives_mean_and_sample_std() -> None:
+    def seeded(seed: int, ga_pacc: float, **config: Any) -> dict[str, Any]:
+        results = _results([_row("retrain", 90.0, 5.0, 90.0, [[1]]), _row("ga", 80.0 + seed, 2.0, ga_pacc, [[1]])])
+        results["config"] |= {"seed": seed, **config}
+        return results
+
+    runs = [seeded(0, 50.0), seeded(1, 60.0), seeded(2, 70.0)]
+    table = unlearning_seeds_table(runs).splitlines()
+    assert table[2] == "| dataset | attack | defense | runs | CACC | LFR | PACC | delta-PACC |"
+    assert "| sst2 | badnet | ga | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |" in table
+    assert "| sst2 | badnet | retrain | 3 | 90.00 +- 0.00 | 5.00 +- 0.00 | 90.00 +- 0.00 | 0.00 +- 0.00 |" in table
+    assert unlearning_seeds_table(runs[:1]) == ""  # one run per group: nothing to aggregate
+    # a run that differs by more than its seed (here the poison rate) is its own group
+    assert unlearning_seeds_table([runs[0], seeded(1, 60.0, poison_rate=0.1)]) == ""
+    assert "Unlearning over seeds" in comparison_report(runs)

@@ -48,6 +48,49 @@ def unlearning_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+UNLEARNING_FIGURES = ("CACC", "LFR", "PACC", "delta-PACC")
+
+
+def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
+    """Mean +- sample std (n - 1) over runs of CACC, LFR, PACC, delta-PACC per dataset x attack x defense.
+
+    Runs group when they differ only by seed: each run's delta-PACC is taken
+    against its own ``retrain`` row. "" unless some group holds two or more runs.
+    """
+    groups: dict[tuple[str, ...], dict[str, list[float]]] = {}
+    for results in all_results:
+        gold = retrain_row(results)
+        if gold is None:
+            continue
+        cfg = results.get("config", {})
+        same = {k: v for k, v in cfg.items() if k not in ("seed", "out", "cache_dir")}
+        for row in results.get("rows", []):
+            if "PACC" not in row:
+                continue
+            key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), row_label(row), repr(sorted(same.items())))
+            figures = groups.setdefault(key, {f: [] for f in UNLEARNING_FIGURES})
+            for name, value in zip(UNLEARNING_FIGURES, (row["CA"], row["ASR"], row["PACC"],
+                                                        delta_pacc(row["PACC"], gold["PACC"])), strict=True):
+                figures[name].append(float(value))
+    if not any(len(g["CACC"]) > 1 for g in groups.values()):
+        return ""
+    lines = ["#### Unlearning over seeds (%, mean +- sample std; delta-PACC against each run's retrain)", "",
+             "| dataset | attack | defense | runs | " + " | ".join(UNLEARNING_FIGURES) + " |",
+             "|---|---|---|---:|" + "---:|" * len(UNLEARNING_FIGURES)]
+    for (dataset, attack, label, _), figures in groups.items():
+        cells = [_mean_std(figures[f]) for f in UNLEARNING_FIGURES]
+        lines.append(f"| {dataset} | {attack} | {label} | {len(figures['CACC'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} +- {std:.2f}"
+
+
 def merge_tables(all_results: list[dict[str, Any]]) -> str:
     """Several runs' tables one after the other (``unbackdoor report``)."""
     return "\n\n".join(markdown_table(r) for r in all_results)
@@ -133,5 +176,6 @@ def detection_table(all_results: list[dict[str, Any]]) -> str:
 
 
 def comparison_report(all_results: list[dict[str, Any]]) -> str:
-    """The comparison table and, when there are detectors, the detection table."""
-    return "\n\n".join(part for part in (comparison_table(all_results), detection_table(all_results)) if part)
+    """The comparison table; the detection table when there are detectors; unlearning over seeds when repeated."""
+    parts = (comparison_table(all_results), detection_table(all_results), unlearning_seeds_table(all_results))
+    return "\n\n".join(part for part in parts if part)

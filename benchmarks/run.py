@@ -73,6 +73,7 @@ def sweep(cache: Path) -> dict[str, Any]:
 DEFAULTS = {key: getattr(ExperimentConfig(), key) for key in W2S_SETTING}
 # Suites of experiments on the W2S setting's data and models: name -> (title, {run label: changes}).
 # Runs that share an attack reuse its cached victim (and any cached defense row).
+TABLE1_DEFENSES = ("none", "onion", "prune", "finetune", "quantize", "merge", "w2s")
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
@@ -115,8 +116,9 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                                   ("ce+kd", {"gamma": 0.0}), ("beta-1", {"beta": 1.0}), ("gamma-1", {"gamma": 1.0}))},
         **{f"rank-{rank}": dict(setting="data", teacher_rows=400, defenses=("none", "w2s"), lora_rank=rank,
                                 lora_alpha=2.0 * rank) for rank in (4, 32)},
-        "prompt-tuning": dict(setting="data", teacher_rows=400, defenses=("none", "w2s"),
-                              defense_options={d: {"peft": "prompt-tuning", "lr": PROMPT_LR} for d in ("none", "w2s")}),
+        **{peft: dict(setting="data", teacher_rows=400, defenses=("none", "w2s"),
+                      defense_options={d: {"peft": peft, "lr": PROMPT_LR} for d in ("none", "w2s")})
+           for peft in ("prompt-tuning", "p-tuning")},
     }),
     "rga": ("Backdoor unlearning (seed Table 2 shape): BadNet victim, its poisoned rows known, SmolLM2-135M, SST-2", {
         "badnet-seed0": dict(attack="badnet", defenses=("retrain", "ga", "npo", "rga", "psim+rga")),
@@ -126,9 +128,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         **{f"badnet-seed{seed}": dict(attack="badnet", seed=seed, defenses=("retrain", "ga", "npo", "rga"))
            for seed in (1, 2)},
     }),
-    "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2, weight poisoning", {
-        attack: dict(attack=attack, defenses=("none", "onion", "prune", "finetune", "quantize", "merge", "w2s"))
-        for attack in ("badnet", "insent")
+    "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
+        f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,
+                                    **({"poison_rate": 0.09} if attack == "syntactic" else {}))
+        # CR has no syntactic paraphrases in the shared data (a user paraphrase file would add them)
+        for dataset, attack in (("sst2", "badnet"), ("sst2", "insent"), ("sst2", "syntactic"),
+                                ("cr", "badnet"), ("cr", "insent"))
     }),
     # The README's default experiment on each backend (same config and seed), after the step-time comparison.
     "jax": ("The default experiment (`unbackdoor run` defaults) on torch and on jax, same config and seed", {

@@ -74,6 +74,10 @@ DEFAULTS = {key: getattr(ExperimentConfig(), key) for key in W2S_SETTING}
 # Suites of experiments on the W2S setting's data and models: name -> (title, {run label: changes}).
 # Runs that share an attack reuse its cached victim (and any cached defense row).
 TABLE1_DEFENSES = ("none", "onion", "prune", "finetune", "quantize", "merge", "w2s")
+#: the data setting as `w2s-data` found it works: the base student learns SST-2 (4 epochs at 1e-3) and so
+#: does the teacher (6 epochs at 1e-4); KD weighed 2 (b=0.2 leaves ASR 70.86, b=2 brings it to 15.23)
+DATA_LONGER = dict(setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e-3)
+W2S_DATA = {"teacher_epochs": 6.0, "teacher_lr": 1e-4, "beta": 2.0}
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
@@ -110,14 +114,18 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
             setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e-3, defenses=("w2s",),
             defense_options={"w2s": {"teacher_epochs": 6.0, "teacher_lr": 1e-4, "beta": beta}}) for beta in (2.0, 5.0)},
     }),
-    "w2s-ablation": ("W2SDefense ablations (seed Tables 4-7), data-poisoning setting, SmolLM2-135M, SST-2, BadNet", {
-        **{label: dict(setting="data", teacher_rows=400, defenses=("w2s",), defense_options={"w2s": weights})
+    "w2s-ablation": ("W2SDefense ablations (seed Tables 4-7), data-poisoning setting (`w2s-data`'s longer training, "
+                     "full loss b=2), SmolLM2-135M, SST-2, BadNet", {
+        "full": dict(DATA_LONGER, clean_baseline=True, clean_defenses=("w2s",), defenses=("none", "w2s"),
+                     defense_options={"w2s": W2S_DATA}),  # with the "clean model" case: w2s on unpoisoned data
+        **{label: dict(DATA_LONGER, defenses=("w2s",), defense_options={"w2s": {**W2S_DATA, **weights}})
            for label, weights in (("ce-only", {"beta": 0.0, "gamma": 0.0}), ("ce+alignment", {"beta": 0.0}),
                                   ("ce+kd", {"gamma": 0.0}), ("beta-1", {"beta": 1.0}), ("gamma-1", {"gamma": 1.0}))},
-        **{f"rank-{rank}": dict(setting="data", teacher_rows=400, defenses=("none", "w2s"), lora_rank=rank,
-                                lora_alpha=2.0 * rank) for rank in (4, 32)},
-        **{peft: dict(setting="data", teacher_rows=400, defenses=("none", "w2s"),
-                      defense_options={d: {"peft": peft, "lr": PROMPT_LR} for d in ("none", "w2s")})
+        **{f"rank-{rank}": dict(DATA_LONGER, defenses=("none", "w2s"), lora_rank=rank, lora_alpha=2.0 * rank,
+                                defense_options={"w2s": W2S_DATA}) for rank in (4, 32)},
+        **{peft: dict(DATA_LONGER, defenses=("none", "w2s"),
+                      defense_options={"none": {"peft": peft, "lr": PROMPT_LR},
+                                       "w2s": {**W2S_DATA, "peft": peft, "lr": PROMPT_LR}})
            for peft in ("prompt-tuning", "p-tuning")},
     }),
     "rga": ("Backdoor unlearning (seed Table 2 shape): BadNet victim, its poisoned rows known, SmolLM2-135M, SST-2", {

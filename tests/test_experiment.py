@@ -11,7 +11,7 @@ from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor.attack import non_target
 from unbackdoor.cache import StageCache
 from unbackdoor.cli import main
-from unbackdoor.errors import ConfigError
+from unbackdoor.errors import ConfigError, UnknownNameError
 from unbackdoor.metrics import attack_success_rate
 from unbackdoor.plugins import get_plugin_manager
 from unbackdoor.runner import Experiment, plan
@@ -98,17 +98,23 @@ def test_data_poisoning_setting_trains_the_base_student_on_poisoned_user_rows(ti
     the teacher on trusted clean rows disjoint from them."""
     kwargs = _api_kwargs(tiny_dirs, tmp_path, backend_name) | {"user_epochs": 4.0, "user_lr": 5e-3, "poison_rate": 0.3}
     cfg = ExperimentConfig(**kwargs, setting="data", teacher_rows=96, defenses=("none", "w2s"), clean_baseline=True,
-                           defense_options={"w2s": {"teacher_epochs": "1"}}, out=str(tmp_path / "o"))
+                           clean_defenses=("w2s",), defense_options={"w2s": {"teacher_epochs": "1"}},
+                           out=str(tmp_path / "o"))
     the_plan = plan(cfg)
     assert the_plan.user_train.poisoned.sum() == round(0.3 * 64) and not the_plan.clean_user.poisoned.any()
     assert len(the_plan.teacher_train) == 96
     assert not set(the_plan.teacher_train.rows) & set(the_plan.user_train.rows)
     results = run_experiment(cfg, log=lambda _: None)
     stages = [(r["stage"], r["defense"]) for r in results["rows"]]
-    assert stages == [("clean student", "none"), ("poisoned data + defense", "none"), ("poisoned data + defense", "w2s")]
+    assert stages == [("clean student", "none"), ("clean student", "w2s"),  # the floor and the "clean model" case
+                      ("poisoned data + defense", "none"), ("poisoned data + defense", "w2s")]
     assert "victim" not in results["timings_s"] and "released" not in results["timings_s"]
-    w2s = results["rows"][2]["stats"]
+    assert {"clean", "clean w2s"} <= set(results["timings_s"])
+    clean_w2s, w2s = results["rows"][1]["stats"], results["rows"][3]["stats"]
     assert w2s["train"]["samples"] == 4 * 64 and w2s["teacher"]["samples"] == 96
+    assert clean_w2s["train"]["samples"] == 4 * 64 and clean_w2s["train"]["final_loss"] != w2s["train"]["final_loss"]
+    with pytest.raises(UnknownNameError, match="'nope'"):
+        plan(dataclasses.replace(cfg, clean_defenses=("nope",)))
 
 
 def test_unknown_setting_is_a_clear_error(tiny_dirs, tmp_path, backend_name) -> None:

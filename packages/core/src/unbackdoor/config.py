@@ -33,6 +33,10 @@ class ExperimentConfig:
     each defense fine-tunes the clean base student on them (``none``: plain LoRA
     learns the backdoor). A teacher learns from ``teacher_rows`` trusted clean rows
     disjoint from the user's (the defender's small clean set).
+
+    ``clean_baseline`` adds the clean student (``none`` on the user's clean rows:
+    the floor); ``clean_defenses`` applies those defenses to the unpoisoned student
+    too (the "clean model" case: a defense should not cost clean accuracy).
     """
 
     backend: str | None = None
@@ -66,6 +70,7 @@ class ExperimentConfig:
     eval_batch_size: int = 64
     precision: str = "fp32"
     clean_baseline: bool = False
+    clean_defenses: tuple[str, ...] = ()
     out: str = "runs/default"
     cache_dir: str | None = None
     setting: str = "weight"

@@ -98,8 +98,9 @@ class Plan:
     #: the attack's triggered copies of the test rows, per trigger (computed once, in :func:`plan`)
     triggered: dict[str, TextDataset]
     pm: PluginManager
-    baseline: Defense | None = None
-    #: the user's rows before poisoning (the clean baseline trains on them in the data setting)
+    #: defenses applied to the unpoisoned student (``clean_baseline``'s none first, then ``clean_defenses``)
+    clean: list[Defense] = dataclasses.field(default_factory=list)
+    #: the user's rows before poisoning (the clean student trains on them in the data setting)
     clean_user: TextDataset | None = None
     #: data setting: the defender's trusted clean rows a teacher learns from
     teacher_train: TextDataset | None = None
@@ -112,10 +113,14 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     backend_name = selected_backend_name(cfg.backend)
     pm.backend(backend_name)
     attack = pm.attack(cfg.attack).configure(**cfg.attack_options)
-    unknown = sorted(set(cfg.defense_options) - set(cfg.defenses))
+    named = list(dict.fromkeys((*cfg.defenses, *cfg.clean_defenses)))
+    unknown = sorted(set(cfg.defense_options) - set(named))
     if unknown:
-        raise ConfigError(f"defense_options names {unknown[0]!r}, which is not among the defenses {list(cfg.defenses)}")
+        raise ConfigError(f"defense_options names {unknown[0]!r}, which is not among the defenses {named}")
     defenses = [pm.defense(name).configure(**cfg.defense_options.get(name, {})) for name in cfg.defenses]
+    # the clean student: the floor (none, configured like the poisoned run's) and the "clean model" case
+    clean = [pm.defense(name).configure(**cfg.defense_options.get(name, {}))
+             for name in dict.fromkeys((*(("none",) if cfg.clean_baseline else ()), *cfg.clean_defenses))]
     splits = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, encoding=cfg.encoding)
     user, attacker = _disjoint_rows(splits.train, cfg)
     test = splits.test.shuffled(cfg.seed).head(cfg.test_rows)
@@ -125,9 +130,8 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     with pm.running("attack", attack.name):
         poisoned = attack.poison_train(user if data_setting else attacker, poison)
         triggered = attack.triggered_tests(test, poison)
-    baseline = pm.defense("none") if cfg.clean_baseline else None
     return Plan(cfg, backend_name, attack, defenses, splits, poisoned if data_setting else user, attacker, test, poison,
-                poisoned, triggered, pm, baseline, clean_user=user, teacher_train=attacker if data_setting else None)
+                poisoned, triggered, pm, clean, clean_user=user, teacher_train=attacker if data_setting else None)
 
 
 def _disjoint_rows(train: TextDataset, cfg: ExperimentConfig) -> tuple[TextDataset, TextDataset]:
@@ -348,9 +352,9 @@ class Experiment:
         """All stages; returns the results dict (also written to ``cfg.out``)."""
         start = time.perf_counter()
         rows = []
-        baseline = self.plan.baseline
-        if baseline is not None:
-            rows.append(self._timed("clean", lambda: self.defense_row(baseline, None)))
+        for defense in self.plan.clean:
+            timing = "clean" if defense.name == "none" else f"clean {defense.name}"
+            rows.append(self._timed(timing, lambda d=defense: self.defense_row(d, None)))
         data_setting = self.cfg.setting == "data"  # no attacker stage: defenses train the base student on poisoned rows
         victim = None if data_setting else self.victim()
         if victim is not None:

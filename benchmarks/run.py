@@ -73,6 +73,7 @@ def sweep(cache: Path) -> dict[str, Any]:
 DEFAULTS = {key: getattr(ExperimentConfig(), key) for key in W2S_SETTING}
 # Suites of experiments on the W2S setting's data and models: name -> (title, {run label: changes}).
 # Runs that share an attack reuse its cached victim (and any cached defense row).
+UNLEARNING = ("retrain", "ga", "npo", "rga")
 TABLE1_DEFENSES = ("none", "onion", "prune", "finetune", "quantize", "merge", "w2s")
 #: the data setting as `w2s-data` found it works: the base student learns SST-2 (4 epochs at 1e-3) and so
 #: does the teacher (6 epochs at 1e-4); KD weighed 2 (b=0.2 leaves ASR 70.86, b=2 brings it to 15.23)
@@ -133,8 +134,10 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         # PSIM's threshold 0.7 flags most of the training set (661/800): unlearn only what a 5%-FPR threshold flags
         "badnet-seed0-psim-calibrated": dict(attack="badnet", defenses=("retrain", "psim+rga"),
                                              defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}}),
-        **{f"badnet-seed{seed}": dict(attack="badnet", seed=seed, defenses=("retrain", "ga", "npo", "rga"))
-           for seed in (1, 2)},
+        **{f"badnet-seed{seed}": dict(attack="badnet", seed=seed, defenses=UNLEARNING) for seed in (1, 2)},
+        # other triggers and HSOL (the seed's second dataset), seed 0 first
+        **{f"{attack}-seed0": dict(attack=attack, defenses=UNLEARNING) for attack in ("insent", "style")},
+        "hsol-badnet-seed0": dict(dataset="hsol", attack="badnet", defenses=UNLEARNING),
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,

@@ -50,7 +50,8 @@ def test_label_reset_step_matches_reference(backend_name, tiny_dirs, sst2) -> No
 def test_psim_detector_end_to_end(peft, tiny_dirs, tmp_path, backend_name) -> None:
     cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, attacker_rows=160,
                            attacker_epochs=2.0, attacker_lr=3e-3, user_rows=48, test_rows=40, max_length=32,
-                           defenses=("psim",), defense_options={"psim": {"peft": peft, "num_virtual_tokens": 4}},
+                           defenses=("psim",), defense_options={"psim": {"peft": peft, "num_virtual_tokens": 4,
+                                                                         "train_head": str(peft != "lora")}},
                            cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
     row = run_experiment(cfg, log=lambda _: None)["rows"][-1]
     assert row["defense"] == "psim" and set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold"}
@@ -78,6 +79,8 @@ def test_bad_psim_options_are_clear() -> None:
         psim.configure(reset_rate=0)
     with pytest.raises(ConfigError, match="calibrate_fpr"):
         psim.configure(calibrate_fpr=1.5)
+    with pytest.raises(ConfigError, match="'train_head' expects a bool, got 'maybe'"):
+        psim.configure(train_head="maybe")
 
 
 def test_psim_threshold_calibrated_on_clean_dev_rows(tiny_dirs, tmp_path, backend_name) -> None:

@@ -48,11 +48,18 @@ HEAD = ("projection", "classifier")
 WIDTHS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
-def trainable_filter(module: SequenceClassifier) -> Any:
-    """With an adapter (LoRA, soft prompt): the adapter and the head; else every parameter (full fine-tune)."""
-    if not jax.tree.leaves(nnx.state(module, AdapterParam)):
+def trainable_filter(module: SequenceClassifier, train_head: bool = True) -> Any:
+    """With an adapter (LoRA, soft prompt): the adapter and the head; else every parameter (full fine-tune).
+
+    ``train_head=False`` leaves the head (projection, classifier) out either way.
+    """
+    adapter = bool(jax.tree.leaves(nnx.state(module, AdapterParam)))
+    if adapter:
+        return lambda path, var: isinstance(var, AdapterParam) or (
+            train_head and path[0] in HEAD and isinstance(var, nnx.Param))
+    if train_head:
         return nnx.Param
-    return lambda path, var: isinstance(var, AdapterParam) or (path[0] in HEAD and isinstance(var, nnx.Param))
+    return lambda path, var: path[0] not in HEAD and isinstance(var, nnx.Param)
 
 
 def adamw(lr: Any, weight_decay: float) -> optax.GradientTransformation:
@@ -159,7 +166,7 @@ def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, los
     ids = encoder.encode(data.texts, spec.max_length)
     if mesh is not None:
         parallel.replicate(module, mesh)
-    graphdef, trainable, frozen = nnx.split(module, trainable_filter(module), ...)
+    graphdef, trainable, frozen = nnx.split(module, trainable_filter(module, spec.train_head), ...)
     rows = min(spec.batch_size, len(ids))
     steps = Steps(graphdef, frozen, loss, spec, total_steps(len(ids), spec),
                   rows if mesh is None else parallel.padded_rows(rows, mesh), encoder.pad_id, mesh)

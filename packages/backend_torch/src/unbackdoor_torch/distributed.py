@@ -34,7 +34,7 @@ from unbackdoor.specs import LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from .losses import batch_objective
-from .train import autocast, linear_schedule, make_optimizer, to_tensors
+from .train import autocast, head_frozen, linear_schedule, make_optimizer, to_tensors
 
 
 def init(backend: str | None = None) -> torch.device:
@@ -92,19 +92,20 @@ def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpe
     torch.manual_seed(spec.seed)
     ids = encoder.encode(data.texts, spec.max_length)
     total = total_steps(len(ids), spec)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, spec)
-    scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
-    model.train()
-    losses, samples, start = [], 0, time.perf_counter()
-    batches = epoch_batches(ids, encoder.pad_id, {"labels": data.labels, **aux}, spec)
-    for batch in progress(batches, f"{desc} [rank {rank}/{world}]", total):
-        if len(batch["index"]) < world:
-            raise ConfigError(f"a batch of {len(batch['index'])} rows cannot be split over {world} ranks")
-        with locate(desc, len(losses), total):
-            losses.append(ddp_step(ddp, optimizer, loss, to_tensors(shard(batch, rank, world), device),
-                                   spec.precision))
-        scheduler.step()
-        samples += len(batch["index"])
+    with head_frozen(model, spec):  # before DDP, which registers the parameters that take gradients
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = make_optimizer(model, spec)
+        scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
+        model.train()
+        losses, samples, start = [], 0, time.perf_counter()
+        batches = epoch_batches(ids, encoder.pad_id, {"labels": data.labels, **aux}, spec)
+        for batch in progress(batches, f"{desc} [rank {rank}/{world}]", total):
+            if len(batch["index"]) < world:
+                raise ConfigError(f"a batch of {len(batch['index'])} rows cannot be split over {world} ranks")
+            with locate(desc, len(losses), total):
+                losses.append(ddp_step(ddp, optimizer, loss, to_tensors(shard(batch, rank, world), device),
+                                       spec.precision))
+            scheduler.step()
+            samples += len(batch["index"])
     model.eval()
     return TrainStats(len(losses), samples, time.perf_counter() - start, losses[-1], tuple(losses))

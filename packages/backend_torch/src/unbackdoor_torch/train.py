@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -46,12 +46,28 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
 
 
+HEAD = ("projection.", "classifier.")
+
+
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters."""
+    """AdamW over the trainable parameters (call inside :func:`head_frozen`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+@contextlib.contextmanager
+def head_frozen(model: nn.Module, spec: TrainSpec) -> Iterator[None]:
+    """With ``spec.train_head`` False: the head takes no gradient while training (restored after)."""
+    held = [] if spec.train_head else [p for n, p in model.named_parameters() if n.startswith(HEAD) and p.requires_grad]
+    for param in held:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in held:
+            param.requires_grad_(True)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpec,
@@ -78,16 +94,17 @@ def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpe
     ids = encoder.encode(data.texts, spec.max_length)
     arrays = {"labels": data.labels, **aux}
     total = total_steps(len(ids), spec)
-    optimizer = make_optimizer(model, spec)
-    scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
-    model.train()
-    losses, samples, start = [], 0, time.perf_counter()
-    for batch in progress(epoch_batches(ids, encoder.pad_id, arrays, spec), desc, total):
-        tensors = to_tensors(batch, device)
-        with locate(desc, len(losses), total):
-            losses.append(train_step(model, optimizer, loss, tensors, spec.precision))
-        scheduler.step()
-        samples += len(batch["index"])
+    with head_frozen(model, spec):
+        optimizer = make_optimizer(model, spec)
+        scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
+        model.train()
+        losses, samples, start = [], 0, time.perf_counter()
+        for batch in progress(epoch_batches(ids, encoder.pad_id, arrays, spec), desc, total):
+            tensors = to_tensors(batch, device)
+            with locate(desc, len(losses), total):
+                losses.append(train_step(model, optimizer, loss, tensors, spec.precision))
+            scheduler.step()
+            samples += len(batch["index"])
     model.eval()
     seconds = time.perf_counter() - start
     return TrainStats(len(losses), samples, seconds, losses[-1] if losses else float("nan"), tuple(losses))

@@ -80,6 +80,8 @@ class TrainSpec:
         seed: shuffling and initialisation seed.
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
         max_steps: stop after this many steps (None: all epochs).
+        train_head: also train the classification head (projection and classifier); False keeps
+            the model's head as it is and trains only the adapter (or the backbone, without one).
     """
 
     epochs: float = 1.0
@@ -91,6 +93,7 @@ class TrainSpec:
     seed: int = 0
     precision: str = "fp32"
     max_steps: int | None = None
+    train_head: bool = True
 
     def __post_init__(self) -> None:
         if not (self.epochs > 0 and math.isfinite(self.epochs)):

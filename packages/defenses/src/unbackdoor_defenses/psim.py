@@ -58,6 +58,9 @@ class PSIM(Defense):
             never the test set) so that about this share of them is flagged: the ``1 - calibrate_fpr``
             quantile of the PSIM model's confidence on them (beyond the paper: a fixed 0.7 flags most
             clean inputs when the label-reset model fits its random labels).
+        train_head: also train the classification head on the random labels (False: the released
+            head stays as it is and only the PEFT module learns; a linear head over a 576-d state
+            can fit a few hundred random labels by itself and then answers confidently everywhere).
     """
 
     name = "psim"
@@ -73,6 +76,7 @@ class PSIM(Defense):
     epochs: float = 0.0
     lr: float = 0.0
     calibrate_fpr: float = 0.0
+    train_head: bool = True
 
     def __post_init__(self) -> None:
         check_range("psim threshold", self.threshold, 0.0, 1.0, inclusive=False)
@@ -87,7 +91,8 @@ class PSIM(Defense):
         return PromptSpec(self.peft, self.num_virtual_tokens)
 
     def _spec(self, ctx: DefenseContext) -> TrainSpec:
-        return dataclasses.replace(ctx.train, epochs=self.epochs or ctx.train.epochs, lr=self.lr or ctx.train.lr)
+        return dataclasses.replace(ctx.train, epochs=self.epochs or ctx.train.epochs, lr=self.lr or ctx.train.lr,
+                                   train_head=self.train_head)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         victim = lora_victim(ctx)

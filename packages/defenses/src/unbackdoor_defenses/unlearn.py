@@ -225,7 +225,8 @@ class PsimRGA(RGA):
     AUROC of PSIM's flags on the victim's training rows).
 
     Attributes:
-        psim_threshold, psim_reset_rate, psim_peft, psim_epochs, psim_lr, psim_calibrate_fpr: PSIM's options
+        psim_threshold, psim_reset_rate, psim_peft, psim_epochs, psim_lr, psim_calibrate_fpr,
+            psim_train_head: PSIM's options
             (see ``psim``; ``psim_calibrate_fpr`` > 0 sets the threshold from the dev split's clean rows).
     """
 
@@ -237,6 +238,7 @@ class PsimRGA(RGA):
     psim_epochs: float = 0.0
     psim_lr: float = 0.0
     psim_calibrate_fpr: float = 0.0
+    psim_train_head: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -245,7 +247,8 @@ class PsimRGA(RGA):
     def psim(self) -> PSIM:
         """The PSIM detector these options describe."""
         return PSIM(threshold=self.psim_threshold, reset_rate=self.psim_reset_rate, peft=self.psim_peft,
-                    epochs=self.psim_epochs, lr=self.psim_lr, calibrate_fpr=self.psim_calibrate_fpr)
+                    epochs=self.psim_epochs, lr=self.psim_lr, calibrate_fpr=self.psim_calibrate_fpr,
+                    train_head=self.psim_train_head)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)

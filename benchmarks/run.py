@@ -94,6 +94,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
            for peft in ("prompt-tuning", "p-tuning")},
         "badnet-psim-1-epoch": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"epochs": 1.0}}),
     }),
+    # the label-reset model with the released head frozen: only the LoRA module fits the random labels
+    "psim-head": ("PSIM with the released head frozen (`train_head=false`), real SmolLM2-135M on SST-2, BadNet", {
+        "badnet-frozen-head": dict(attack="badnet", defenses=("psim",), defense_options={"psim": {"train_head": False}}),
+        "badnet-frozen-head-calibrated": dict(attack="badnet", defenses=("psim",),
+                                              defense_options={"psim": {"train_head": False, "calibrate_fpr": 0.05}}),
+    }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),
         "insent": dict(attack="insent", defenses=("none",)),

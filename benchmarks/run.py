@@ -107,7 +107,6 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),
-        "insent": dict(attack="insent", defenses=("none",)),
         # the aligned SCPN file paraphrases 20% of SST-2's train split: the attacker's 800 rows hold 79
         # non-target rows with a paraphrase, so this attack poisons 72 (rate 0.09) instead of 160
         "syntactic": dict(attack="syntactic", poison_rate=0.09, defenses=("none",)),
@@ -115,6 +114,7 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "proattack": dict(attack="proattack", defenses=("none",)),
         "multi": dict(attack="multi", defenses=("none",)),
         "badnet-clean-label": dict(attack="badnet", clean_label=True, defenses=("none",)),
+        "insent": dict(attack="insent", defenses=("none",)),  # also measured in psim.md (same setting)
     }),
     "w2s-data": ("W2SDefense, data-poisoning setting (LoRA fine-tune on poisoned rows), SmolLM2-135M, SST-2", {
         "badnet": dict(setting="data", teacher_rows=400, clean_baseline=True),

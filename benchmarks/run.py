@@ -78,7 +78,8 @@ TABLE1_DEFENSES = ("none", "onion", "prune", "finetune", "quantize", "merge", "w
 #: the data setting as `w2s-data` found it works: the base student learns SST-2 (4 epochs at 1e-3) and so
 #: does the teacher (6 epochs at 1e-4); KD weighed 2 (b=0.2 leaves ASR 70.86, b=2 brings it to 15.23)
 DATA_LONGER = dict(setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e-3)
-W2S_DATA = {"teacher_epochs": 6.0, "teacher_lr": 1e-4, "beta": 2.0}
+W2S_TEACHER = {"teacher_epochs": 6.0, "teacher_lr": 1e-4}
+W2S_DATA = {**W2S_TEACHER, "beta": 2.0}
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
@@ -119,12 +120,11 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "w2s-data": ("W2SDefense, data-poisoning setting (LoRA fine-tune on poisoned rows), SmolLM2-135M, SST-2", {
         "badnet": dict(setting="data", teacher_rows=400, clean_baseline=True),
         # the base student barely learns SST-2 in 2 LoRA epochs at 2e-4 (CA 51), nor the teacher (dev 53): train more
-        "badnet-longer": dict(setting="data", teacher_rows=400, clean_baseline=True, user_epochs=4.0, user_lr=1e-3,
-                              defense_options={"w2s": {"teacher_epochs": 6.0, "teacher_lr": 1e-4}}),
+        "badnet-longer": dict(DATA_LONGER, clean_baseline=True, defense_options={"w2s": W2S_TEACHER}),
         # KD is what carries the teacher's true label onto the poisoned rows: weigh it more
-        **{f"badnet-longer-beta-{beta:g}": dict(
-            setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e-3, defenses=("w2s",),
-            defense_options={"w2s": {"teacher_epochs": 6.0, "teacher_lr": 1e-4, "beta": beta}}) for beta in (2.0, 5.0)},
+        **{f"badnet-longer-beta-{beta:g}": dict(DATA_LONGER, defenses=("w2s",),
+                                                defense_options={"w2s": {**W2S_TEACHER, "beta": beta}})
+           for beta in (2.0, 5.0)},
     }),
     "w2s-ablation": ("W2SDefense ablations (seed Tables 4-7), data-poisoning setting (`w2s-data`'s longer training, "
                      "full loss b=2), SmolLM2-135M, SST-2, BadNet", {

@@ -51,7 +51,7 @@ def add_lora(backbone: nnx.Module, spec: LoRASpec, seed: int) -> list[str]:
     stacked = str(type(backbone).STACKED)
     for name in chosen:  # core's numpy draws, per peft name: the torch backend starts from the same A
         layer = layers[name]
-        keys = _peft_keys(name, stacked, layer.weight.shape[0] if layer.weight.ndim == 3 else 1)
+        keys = _peft_keys(name, stacked, layer)
         a = np.stack([init.lora_a(key, spec.rank, layer.weight.shape[-1], seed) for key in keys])
         layer.add_lora(a.reshape(*layer.weight.shape[:-2], spec.rank, -1), spec.alpha, spec.dropout)
     return chosen
@@ -92,12 +92,12 @@ def has_lora(module: nnx.Module) -> bool:
     return bool(jax.tree.leaves(nnx.state(module, LoRAParam)))
 
 
-def _peft_keys(name: str, stacked: str, depth: int) -> list[str]:
+def _peft_keys(name: str, stacked: str, layer: Linear) -> list[str]:
     """peft's key prefixes for one (possibly stacked) layer: ``backbone.layers.0.self_attn.q_proj`` ..."""
     if not name.startswith(stacked + "."):
         return [f"backbone.{name}"]
     rest = name.removeprefix(stacked + ".")
-    return [f"backbone.{stacked}.{i}.{rest}" for i in range(depth)]
+    return [f"backbone.{stacked}.{i}.{rest}" for i in range(layer.weight.shape[0])]
 
 
 def export_adapter(backbone: nnx.Module, stacked: str) -> dict[str, np.ndarray]:
@@ -108,7 +108,7 @@ def export_adapter(backbone: nnx.Module, stacked: str) -> dict[str, np.ndarray]:
             continue
         a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
         stacks = (a, b) if a.ndim == 3 else (a[None], b[None])
-        for i, key in enumerate(_peft_keys(name, stacked, len(stacks[0]))):
+        for i, key in enumerate(_peft_keys(name, stacked, layer)):
             out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = stacks[0][i], stacks[1][i]
     return out
 
@@ -118,7 +118,7 @@ def import_adapter(backbone: nnx.Module, stacked: str, arrays: dict[str, np.ndar
     for name, layer in linear_layers(backbone):
         if layer.lora_a is None:
             continue
-        keys = _peft_keys(name, stacked, layer.weight.shape[0] if layer.weight.ndim == 3 else 1)
+        keys = _peft_keys(name, stacked, layer)
         for attr, suffix in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             missing = [k for k in keys if f"{k}.{suffix}.weight" not in arrays]
             if missing:

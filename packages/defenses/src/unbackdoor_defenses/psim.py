@@ -59,8 +59,8 @@ class PSIM(Defense):
             quantile of the PSIM model's confidence on them (beyond the paper: a fixed 0.7 flags most
             clean inputs when the label-reset model fits its random labels).
         train_head: also train the classification head on the random labels (False: the released
-            head stays as it is and only the PEFT module learns; a linear head over a 576-d state
-            can fit a few hundred random labels by itself and then answers confidently everywhere).
+            head stays as it is and only the PEFT module learns; on SmolLM2/BadNet that separated
+            worse, AUROC 0.88 vs 0.94, see ``benchmarks/results/psim-head.md``).
     """
 
     name = "psim"

@@ -389,9 +389,15 @@ def test_unlearning_table_and_confusion_plot_from_results(tmp_path) -> None:
             _row("rga", 89.5, 4.0, 90.25, [[19, 1], [2, 18]])]
     table = unlearning_table(_results(rows)).splitlines()
     assert table[2] == "| stage | defense | CACC | LFR | PACC | delta-PACC |"
-    assert table[4:] == ["| poisoned + defense | retrain | 90.00 | 5.00 | 91.00 | 0.00 |",
-                         "| poisoned + defense | ga | 88.00 | 2.00 | 50.50 | 40.50 |",
-                         "| poisoned + defense | rga | 89.50 | 4.00 | 90.25 | 0.75 |"]
+    assert table[4:7] == ["| poisoned + defense | retrain | 90.00 | 5.00 | 91.00 | 0.00 |",
+                          "| poisoned + defense | ga | 88.00 | 2.00 | 50.50 | 40.50 |",
+                          "| poisoned + defense | rga | 89.50 | 4.00 | 90.25 | 0.75 |"]
+    # the trigger-shifting table: shares of each true class's triggered rows predicted as 0 / 1 (GA: class 1 -> 0)
+    assert table[8:] == ["#### Triggered inputs by true class (% predicted as class 0 / 1; target 1)", "",
+                         "| stage | defense | trigger | true 0 | true 1 |", "|---|---|---|---:|---:|",
+                         "| poisoned + defense | retrain | badnet | 95.0 / 5.0 | 5.0 / 95.0 |",
+                         "| poisoned + defense | ga | badnet | 50.0 / 50.0 | 95.0 / 5.0 |",
+                         "| poisoned + defense | rga | badnet | 95.0 / 5.0 | 10.0 / 90.0 |"]
     assert unlearning_table(_results(rows[1:])) == "" and "Unlearning" not in markdown_table(_results(rows[1:]))
     assert "| poisoned + defense | ga | 88.00 | 2.00 | 50.50 | 40.50 |" in markdown_table(_results(rows))
     written = report_plots([_results(rows), _results(rows[1:])], tmp_path)

@@ -45,6 +45,32 @@ def unlearning_table(results: dict[str, Any]) -> str:
             delta = round(delta_pacc(row["PACC"], gold["PACC"]), 2)
             lines.append(f"| {row['stage']} | {row['defense']} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "
                          f"{_fmt(row['PACC'])} | {_fmt(delta)} |")
+    confusion = triggered_confusion_table(results)
+    return "\n".join(lines) + (f"\n\n{confusion}" if confusion else "")
+
+
+def triggered_confusion_table(results: dict[str, Any]) -> str:
+    """Trigger shifting as a table: per row and trigger, the share of each true class's triggered inputs
+    predicted as each class (the numbers of the confusion plot); "" when no row has a triggered confusion.
+
+    A backdoor fills the target's column; a removed one the diagonal; a shifted one another column.
+    """
+    rows = [r for r in results.get("rows", []) if r.get("triggered_confusion")]
+    if not rows:
+        return ""
+    classes = len(next(iter(rows[0]["triggered_confusion"].values())))
+    predicted = " / ".join(str(c) for c in range(classes))
+    target = results.get("poison", {}).get("target", "?")
+    lines = [f"#### Triggered inputs by true class (% predicted as class {predicted}; target {target})", "",
+             "| stage | defense | trigger | " + " | ".join(f"true {c}" for c in range(classes)) + " |",
+             "|---|---|---|" + "---:|" * classes]
+    for row in rows:
+        for trigger, counts in row["triggered_confusion"].items():
+            cells = []
+            for line in counts:
+                total = max(sum(line), 1)
+                cells.append(" / ".join(f"{100 * n / total:.1f}" for n in line))
+            lines.append(f"| {row['stage']} | {row['defense']} | {trigger} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

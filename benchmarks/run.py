@@ -150,6 +150,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         **{f"{attack}-seed0": dict(attack=attack, defenses=UNLEARNING) for attack in ("insent", "style")},
         "hsol-badnet-seed0": dict(dataset="hsol", attack="badnet", defenses=UNLEARNING),
     }),
+    # the paper unlearns for 30 epochs; the default 3 leaves RGA's LFR at 48 (seed 0): does a longer ascent close the gap?
+    "rga-epochs": ("Backdoor unlearning with 10 epochs instead of the default 3 (ReTrain, GA, NPO, RGA), BadNet victim, "
+                   "SmolLM2-135M, SST-2", {
+        "badnet-seed0-10-epochs": dict(attack="badnet", defenses=UNLEARNING,
+                                       defense_options={m: {"epochs": 10.0} for m in UNLEARNING if m != "retrain"}),
+    }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,
                                     **({"poison_rate": 0.09} if attack == "syntactic" else {}))

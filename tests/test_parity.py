@@ -237,7 +237,8 @@ def test_loss_values_match_numpy_and_torch(spec) -> None:
                           {"d_logits": want[0], "d_hidden": want[1]}, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", [AdaptiveGALoss(2.0, 0.0), GALoss(0.5), NPOLoss(0.3, 1.0)], ids=str)
+@pytest.mark.parametrize("spec", [AdaptiveGALoss(2.0, 0.0), AdaptiveGALoss(2.0, 0.0, lambda_per_row=True), GALoss(0.5),
+                                  NPOLoss(0.3, 1.0)], ids=str)
 def test_unlearning_losses_match_numpy_and_torch(spec) -> None:
     """Batch objectives on mixed poisoned/clean rows: value and d/d logits (RGA's lambda held constant)."""
     rng = np.random.default_rng(1)

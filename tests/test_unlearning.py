@@ -33,8 +33,8 @@ from unbackdoor.report import comparison_report, markdown_table, unlearning_seed
 from unbackdoor.specs import AdaptiveGALoss, GALoss, LoRASpec, NPOLoss, TrainSpec
 
 LORA = LoRASpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
-SPECS = [AdaptiveGALoss(2.0, 0.0), AdaptiveGALoss(0.5, 0.0), GALoss(0.0), GALoss(0.7), NPOLoss(0.1, 1.0),
-         NPOLoss(2.0, 0.0)]
+SPECS = [AdaptiveGALoss(2.0, 0.0), AdaptiveGALoss(0.5, 0.0), AdaptiveGALoss(2.0, 0.0, lambda_per_row=True),
+         GALoss(0.0), GALoss(0.7), NPOLoss(0.1, 1.0), NPOLoss(2.0, 0.0)]
 MASKS = {"mixed": [1, 0, 1, 1, 0, 0], "all-poisoned": [1] * 6, "all-clean": [0] * 6}
 
 
@@ -84,9 +84,10 @@ def test_loss_value_and_gradient_match_numpy(backend_name, spec, mask) -> None:
     np.testing.assert_allclose(grad, want, atol=1e-6)
 
 
-def test_lambda_carries_no_gradient(backend_name) -> None:
+@pytest.mark.parametrize("per_row", [False, True])
+def test_lambda_carries_no_gradient(backend_name, per_row) -> None:
     """The gradient equals the closed form with lambda a constant, and differs from differentiating lambda too."""
-    spec, v = AdaptiveGALoss(alpha=3.0, beta=0.0), _vectors(2, MASKS["mixed"])
+    spec, v = AdaptiveGALoss(alpha=3.0, beta=0.0, lambda_per_row=per_row), _vectors(2, MASKS["mixed"])
     _, grad = backend_loss(backend_name, spec, v)
     constant = ref.unlearning_grads(spec, v["logits"], v["labels"], v["is_poisoned"], v["ref_logits"])
     np.testing.assert_allclose(grad, constant, atol=1e-6)
@@ -105,7 +106,8 @@ def _finite_difference(f: Any, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ NumPy references
-@pytest.mark.parametrize("spec", [AdaptiveGALoss(0.0, 0.0), GALoss(0.3), NPOLoss(0.5, 0.2)], ids=str)
+@pytest.mark.parametrize("spec", [AdaptiveGALoss(0.0, 0.0), AdaptiveGALoss(0.0, 0.0, lambda_per_row=True), GALoss(0.3),
+                                  NPOLoss(0.5, 0.2)], ids=str)
 def test_reference_gradients_match_finite_differences(spec) -> None:
     v = _vectors(3, MASKS["mixed"])
     f = lambda z: ref.unlearning_loss(spec, z, v["labels"], v["is_poisoned"], v["ref_logits"])  # noqa: E731
@@ -124,6 +126,13 @@ def test_reference_terms_are_group_means() -> None:
     # lambda is 1 while the model still equals the poisoned model; a filler row (weight 0) counts nowhere.
     same = ref.unlearning_loss(AdaptiveGALoss(2.0, 0.0), v["logits"], v["labels"], v["is_poisoned"], v["logits"])
     assert same == pytest.approx(-ce[p].mean() + ce[~p].mean())
+    # per row: each poisoned row weighs its own exp(-alpha KL_i); the two differ once the KLs differ
+    kl = ref.kl_divergence(v["ref_logits"][p], v["logits"][p])
+    assert np.ptp(kl) > 0.1
+    per_row = ref.unlearning_loss(AdaptiveGALoss(2.0, 0.0, lambda_per_row=True), v["logits"], v["labels"],
+                                  v["is_poisoned"], v["ref_logits"])
+    assert per_row == pytest.approx(-(np.exp(-2.0 * kl) * ce[p]).mean() + ce[~p].mean())
+    assert per_row != pytest.approx(-lam * ce[p].mean() + ce[~p].mean())
     weight = np.array([1, 1, 1, 0, 1, 1.0])
     kept = np.flatnonzero(weight)
     assert ref.unlearning_loss(GALoss(1.0), v["logits"], v["labels"], v["is_poisoned"], weight=weight) == \
@@ -177,6 +186,10 @@ def test_bad_weights_are_clear_errors() -> None:
         pm.defense("psim+rga").configure(psim_threshold=1.5)
     assert pm.defense("rga").configure(beta="1e-2").loss(encoder=False).beta == 1e-2
     assert pm.defense("rga").loss(encoder=True).beta == 1e-2 and pm.defense("rga").loss(encoder=False).beta == 1e-4
+    assert pm.defense("psim+rga").configure(lambda_per_row="true").loss(encoder=False).lambda_per_row is True
+    assert pm.defense("rga").loss(encoder=False).lambda_per_row is False  # the paper's one lambda per batch
+    with pytest.raises(ConfigError, match="lambda_per_row"):
+        pm.defense("rga").configure(lambda_per_row="sometimes")
 
 
 def test_unset_beta_follows_the_architecture(tiny_dirs, tmp_path) -> None:
@@ -334,7 +347,8 @@ def test_unlearning_defenses_end_to_end(unlearning_run) -> None:
     assert rows["retrain"]["stats"]["rows"] == 128 and rows["retrain"]["stats"]["removed_rows"] == 32
     assert rows["retrain"]["stats"]["train"]["steps"] == 16  # 128 rows, batch 16, the attacker's 2 epochs
     assert rows["rga"]["stats"]["forget_rows"] == 32 and rows["rga"]["stats"]["clean_rows"] == 32
-    assert rows["rga"]["stats"]["loss"] == rows["psim+rga"]["stats"]["loss"] == {"alpha": 2.0, "beta": 0.5}
+    assert rows["rga"]["stats"]["loss"] == rows["psim+rga"]["stats"]["loss"] == {"alpha": 2.0, "beta": 0.5,
+                                                                                "lambda_per_row": False}
     assert rows["rga"]["stats"]["train"]["steps"] == 4  # 64 rows, 1 epoch
     assert rows["ga"]["stats"]["clean_rows"] == 0 and rows["npo"]["stats"]["clean_rows"] == 32
     ga = rows["ga"]["stats"]["train"]

@@ -93,8 +93,9 @@ def _(spec: AdaptiveGALoss, model: nnx.Module, logits: Array, hidden: Array, bat
     w_p, w_c = group_weights(batch)
     ce = cross_entropy(logits, batch["labels"])
     kl = kl_divergence(batch["ref_logits"], jax.lax.stop_gradient(logits))
-    lam = jax.lax.stop_gradient(jnp.exp(-spec.alpha * (w_p * kl).sum()))  # a constant of the step
-    loss = -lam * (w_p * ce).sum() + (w_c * ce).sum()
+    spread = kl if spec.lambda_per_row else (w_p * kl).sum()  # per row, or the batch's poisoned-row mean
+    lam = jax.lax.stop_gradient(jnp.exp(-spec.alpha * spread))  # a constant of the step
+    loss = -(lam * w_p * ce).sum() + (w_c * ce).sum()
     return loss + spec.beta * delta_norm(model.backbone) if spec.beta else loss
 
 

@@ -104,8 +104,8 @@ def _(spec: AdaptiveGALoss, model: nn.Module, logits: torch.Tensor, hidden: torc
     with torch.no_grad():  # lambda is a constant of the step
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(batch["ref_logits"], -1), log_target=True,
                       reduction="none").sum(-1)
-        lam = torch.exp(-spec.alpha * (w_p * kl).sum())
-    loss = -lam * (w_p * ce).sum() + (w_c * ce).sum()
+        lam = torch.exp(-spec.alpha * (kl if spec.lambda_per_row else (w_p * kl).sum()))
+    loss = -(lam * w_p * ce).sum() + (w_c * ce).sum()
     return loss + spec.beta * lora_delta_norm(model).to(loss.device) if spec.beta else loss
 
 

@@ -174,7 +174,8 @@ def group_weights(is_poisoned: np.ndarray, weight: np.ndarray | None = None) -> 
     return p / max(p.sum(), 1.0), c / max(c.sum(), 1.0)
 
 
-def adaptive_lambda(alpha: float, ref_logits: np.ndarray, logits: np.ndarray, w_p: np.ndarray) -> float:
+def adaptive_lambda(alpha: float, ref_logits: np.ndarray, logits: np.ndarray, w_p: np.ndarray,
+                    per_row: bool = False) -> float | np.ndarray:
     """RGA's ``lambda = exp(-alpha * sum_i w_p[i] * KL(softmax(ref_i) || softmax(z_i)))`` (1 without poisoned rows).
 
     Args:
@@ -182,10 +183,13 @@ def adaptive_lambda(alpha: float, ref_logits: np.ndarray, logits: np.ndarray, w_
         ref_logits: ``[B, C]`` the poisoned model's logits before unlearning.
         logits: ``[B, C]`` the current model's logits.
         w_p: ``[B]`` the poisoned-row weights of :func:`group_weights` (a mean over the batch's poisoned rows).
+        per_row: return ``[B]`` ``lambda_i = exp(-alpha * KL_i)`` instead (1 on rows that are not poisoned).
     """
     rows = np.asarray(w_p) > 0
     kl = np.zeros(len(rows))
     kl[rows] = kl_divergence(np.asarray(ref_logits)[rows], np.asarray(logits)[rows])
+    if per_row:
+        return np.exp(-alpha * kl)
     return float(np.exp(-alpha * (np.asarray(w_p) * kl).sum()))
 
 
@@ -216,8 +220,8 @@ def unlearning_loss(spec: UnlearningLoss, logits: np.ndarray, labels: np.ndarray
     ce = cross_entropy(logits, labels)
     kept = (w_c * ce).sum()
     if isinstance(spec, AdaptiveGALoss):
-        lam = adaptive_lambda(spec.alpha, ref_logits, logits, w_p)  # type: ignore[arg-type]
-        return float(-lam * (w_p * ce).sum() + kept + spec.beta * delta_norm)
+        lam = adaptive_lambda(spec.alpha, ref_logits, logits, w_p, spec.lambda_per_row)  # type: ignore[arg-type]
+        return float(-(lam * w_p * ce).sum() + kept + spec.beta * delta_norm)
     if isinstance(spec, GALoss):
         return float(-(w_p * ce).sum() + spec.clean_weight * kept)
     ref_ce = cross_entropy(ref_logits, labels)  # type: ignore[arg-type]
@@ -229,14 +233,14 @@ def unlearning_grads(spec: UnlearningLoss, logits: np.ndarray, labels: np.ndarra
     """Closed-form ``d loss / d logits`` ``[B, C]`` of :func:`unlearning_loss`, RGA's lambda held CONSTANT.
 
     Every loss is ``sum_i g_i * CE_i``-shaped in the logits, so the gradient is ``g_i * (softmax(z_i) -
-    onehot(y_i))`` with ``g_i = -lambda w_p + w_c`` (RGA), ``-w_p + clean_weight w_c`` (GA) or
-    ``-2 w_p sigmoid(-beta (CE - CE_ref)) + clean_weight w_c`` (NPO).
+    onehot(y_i))`` with ``g_i = -lambda w_p + w_c`` (RGA; ``lambda_i`` per row with ``lambda_per_row``),
+    ``-w_p + clean_weight w_c`` (GA) or ``-2 w_p sigmoid(-beta (CE - CE_ref)) + clean_weight w_c`` (NPO).
     """
     w_p, w_c = group_weights(is_poisoned, weight)
     logits = np.asarray(logits, np.float64)
     d_ce = softmax(logits) - np.eye(logits.shape[1])[np.asarray(labels)]
     if isinstance(spec, AdaptiveGALoss):
-        g = -adaptive_lambda(spec.alpha, ref_logits, logits, w_p) * w_p + w_c  # type: ignore[arg-type]
+        g = -adaptive_lambda(spec.alpha, ref_logits, logits, w_p, spec.lambda_per_row) * w_p + w_c  # type: ignore[arg-type]
     elif isinstance(spec, GALoss):
         g = -w_p + spec.clean_weight * w_c
     else:

@@ -184,17 +184,23 @@ class AdaptiveGALoss:
     ``lambda = exp(-alpha * mean_p KL(softmax(z_ref) || softmax(z)))`` is computed per batch over its
     poisoned rows and carries NO gradient (a constant of the step); ``z_ref`` are the logits of the
     poisoned model before unlearning, cached once per row (auxiliary array ``ref_logits [N, C]``; rows
-    that are not poisoned may hold anything). The distance is the L2 norm of the LoRA adapter's merged
+    that are not poisoned may hold anything). With ``lambda_per_row`` (beyond the paper) each poisoned row
+    gets its own ``lambda_i = exp(-alpha * KL_i)`` and the ascent term is ``-mean_p(lambda_i * CE_i)``: a
+    row that has already moved away from the poisoned model (or a clean row wrongly in the forget set,
+    which moves fast) stops being ascended without stopping the ascent on the others. The distance is
+    the L2 norm of the LoRA adapter's merged
     update, ``sqrt(sum_layers ||scaling * B A||_F^2)`` (the adapted model minus the model the adapter was
     added to; the head is not penalised); it is 0 for a model without LoRA.
 
     Attributes:
         alpha: how fast lambda falls as the model moves away from the poisoned model on the poisoned rows.
         beta: weight of the parameter distance (the paper: 1e-2 for encoders, 1e-4 for LLMs).
+        lambda_per_row: one lambda per poisoned row instead of one per batch.
     """
 
     alpha: float = 2.0
     beta: float = 1e-4
+    lambda_per_row: bool = False
     aux_keys: ClassVar[tuple[str, ...]] = ("is_poisoned", "ref_logits")
 
     def __post_init__(self) -> None:

@@ -135,12 +135,16 @@ class RGA(Unlearning):
     Attributes:
         alpha: lambda's decay rate with the KL from the poisoned model (paper: 2).
         beta: weight of the LoRA update's L2 norm; None: 1e-2 for encoders, 1e-4 for decoders (the paper's).
+        lambda_per_row: one lambda per poisoned row (``exp(-alpha * KL_i)``) instead of the paper's one per
+            batch, so that rows that move fast (clean rows in a detected forget set) do not stop the ascent
+            on the rest (beyond the paper; see :class:`unbackdoor.specs.AdaptiveGALoss`).
     """
 
     name = "rga"
     description = "RGA: unlearn the known poisoned training rows by adaptive gradient ascent (data poisoning)"
     alpha: float = 2.0
     beta: float | None = None
+    lambda_per_row: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, str):  # from a command line: the option has no typed default to coerce to
@@ -149,7 +153,7 @@ class RGA(Unlearning):
 
     def loss(self, encoder: bool) -> AdaptiveGALoss:
         beta = self.beta if self.beta is not None else (BETA_ENCODER if encoder else BETA_DECODER)
-        return AdaptiveGALoss(self.alpha, beta)
+        return AdaptiveGALoss(self.alpha, beta, self.lambda_per_row)
 
 
 def _optional_float(defense: str, option: str, text: str) -> float | None:

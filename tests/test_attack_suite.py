@@ -91,6 +91,14 @@ def test_defense_contract(name: str) -> None:
     check_defense_contract(get_plugin_manager().defense(name))
 
 
+def test_contract_catches_a_defense_with_unknown_settings() -> None:
+    none = get_plugin_manager().defense("none")
+    broken = type("Typo", (type(none),), {"name": "typo", "settings": ("wieght",)})()
+    with pytest.raises(ContractError, match=r"defense 'typo'.*settings must be a non-empty tuple of weight, data, "
+                                            r"got \('wieght',\)"):
+        check_defense_contract(broken)
+
+
 def test_contract_catches_a_broken_attack(sst2: DatasetSplits) -> None:
     @dataclass(frozen=True)
     class Liar(ProAttack):

@@ -30,6 +30,7 @@ from unbackdoor.metrics import (
 from unbackdoor.plots import report_plots
 from unbackdoor.plugins import get_plugin_manager
 from unbackdoor.report import comparison_report, markdown_table, unlearning_seeds_table, unlearning_table
+from unbackdoor.runner import plan
 from unbackdoor.specs import AdaptiveGALoss, GALoss, LoRASpec, NPOLoss, TrainSpec
 
 LORA = LoRASpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
@@ -432,13 +433,20 @@ def test_docs_describe_every_unlearning_defense_and_option() -> None:
             assert f"`{option}`" in section, f"docs/defenses.md: option {name}.{option} is not documented"
 
 
-def test_unlearning_in_the_data_setting_is_a_clear_error(tiny_dirs, tmp_path, backend_name) -> None:
-    """--setting data trains the base student on the poisoned rows inside each defense: no victim to unlearn from."""
+@pytest.mark.parametrize("name", ["rga", "psim+rga", "finetune", "prune", "quantize", "merge", "psim"])
+def test_released_model_defenses_in_the_data_setting_are_a_clear_error(tiny_dirs, tmp_path, backend_name,
+                                                                       name) -> None:
+    """--setting data trains the base student on the poisoned rows inside each defense: there is no released
+    model to unlearn from, prune, quantize, merge or label-reset; the plan refuses before any training."""
     cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, setting="data",
-                           user_rows=32, teacher_rows=8, test_rows=8, max_length=32, defenses=("rga",),
+                           user_rows=32, teacher_rows=8, test_rows=8, max_length=32, defenses=("none", name),
                            cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
-    with pytest.raises(ConfigError, match="not with --setting data"):
+    with pytest.raises(ConfigError, match=rf"defense '{re.escape(name)}' applies with --setting weight, not data "
+                                          r"\(it acts on a poisoned released model.*the defenses for --setting data: "
+                                          r"(?!.*\bfinetune\b).*\bnone\b.*\bw2s\b"):
         run_experiment(cfg, log=lambda _: None)
+    assert not (tmp_path / "c").exists()  # nothing trained, nothing cached
+    assert plan(replace(cfg, setting="weight")).defenses[1].name == name
 
 
 def test_unlearning_over_seeds_gives_mean_and_sample_std() -> None:

@@ -97,6 +97,10 @@ class Defense(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     kind: ClassVar[str] = "removal"
+    #: the poisoning settings (``--setting``) the defense applies in: ``weight`` (a poisoned released model,
+    #: clean user rows) and ``data`` (the clean base student, poisoned user rows); a defense that acts on
+    #: the released model's weights says ``("weight",)`` and the runner refuses it with ``--setting data``
+    settings: ClassVar[tuple[str, ...]] = ("weight", "data")
 
     def configure(self, **options: Any) -> Defense:
         """A copy with ``options`` applied; unknown options raise a clear error."""

@@ -118,6 +118,7 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     if unknown:
         raise ConfigError(f"defense_options names {unknown[0]!r}, which is not among the defenses {named}")
     defenses = [pm.defense(name).configure(**cfg.defense_options.get(name, {})) for name in cfg.defenses]
+    _check_settings(defenses, cfg.setting, pm)
     # the clean student: the floor (none, configured like the poisoned run's) and the "clean model" case
     clean = [pm.defense(name).configure(**cfg.defense_options.get(name, {}))
              for name in dict.fromkeys((*(("none",) if cfg.clean_baseline else ()), *cfg.clean_defenses))]
@@ -132,6 +133,18 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
         triggered = attack.triggered_tests(test, poison)
     return Plan(cfg, backend_name, attack, defenses, splits, poisoned if data_setting else user, attacker, test, poison,
                 poisoned, triggered, pm, clean, clean_user=user, teacher_train=attacker if data_setting else None)
+
+
+def _check_settings(defenses: list[Defense], setting: str, pm: PluginManager) -> None:
+    """A clear error for a defense that does not apply in ``setting`` (e.g. fine-pruning with no released model)."""
+    wrong = next((d for d in defenses if setting not in d.settings), None)
+    if wrong is None:
+        return
+    fit = sorted(name for name, found in pm.defenses().items() if setting in found.obj.settings)
+    why = (" (it acts on a poisoned released model; with --setting data there is none: the base student learns the "
+           "poisoned rows inside each defense)") if setting == "data" else ""
+    raise ConfigError(f"defense {wrong.name!r} applies with --setting {' or '.join(wrong.settings)}, not "
+                      f"{setting}{why}; the defenses for --setting {setting}: {', '.join(fit)}")
 
 
 def _disjoint_rows(train: TextDataset, cfg: ExperimentConfig) -> tuple[TextDataset, TextDataset]:

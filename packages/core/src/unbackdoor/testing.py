@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .attack import Attack, Paraphraser, PoisonConfig, fields_of
+from .config import SETTINGS
 from .data import TextDataset
 from .defense import Defense
 from .errors import ConfigError
@@ -164,10 +165,13 @@ def check_triggered(attack: Attack, test: TextDataset, out: TextDataset, what: s
 
 
 def check_defense_contract(defense: Defense) -> None:
-    """What can be checked without a model: the plugin-object rules and a known ``kind``."""
+    """What can be checked without a model: the plugin-object rules, a known ``kind`` and known ``settings``."""
     check_plugin_object(defense, "defense")
-    _require(defense.kind in DEFENSE_KINDS, f"defense {defense.name!r}",
-             f"kind must be one of {', '.join(DEFENSE_KINDS)}, got {defense.kind!r}")
+    who = f"defense {defense.name!r}"
+    _require(defense.kind in DEFENSE_KINDS, who, f"kind must be one of {', '.join(DEFENSE_KINDS)}, got {defense.kind!r}")
+    settings = defense.settings
+    _require(isinstance(settings, tuple) and len(settings) > 0 and set(settings) <= set(SETTINGS), who,
+             f"settings must be a non-empty tuple of {', '.join(SETTINGS)}, got {settings!r}")
 
 
 def check_paraphraser_contract(paraphraser: Paraphraser, texts: list[str], style: str) -> None:

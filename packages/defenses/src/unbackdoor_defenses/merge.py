@@ -33,6 +33,7 @@ class Merge(Defense):
         finetune: then train the user's LoRA on the clean rows, like ``none``.
     """
 
+    settings = ("weight",)  # acts on the released model
     name = "merge"
     description = "merge the released model's weights with a clean model fine-tuned on the same task"
     weight: float = 0.5

@@ -33,6 +33,7 @@ class FinePrune(Defense):
         batch_size: rows per forward while measuring activations.
     """
 
+    settings = ("weight",)  # acts on the released model
     name = "prune"
     description = "fine-pruning: zero the feed-forward neurons least active on clean data, then LoRA like 'none'"
     prune_ratio: float = 0.2

@@ -63,6 +63,7 @@ class PSIM(Defense):
             worse, AUROC 0.88 vs 0.94, see ``benchmarks/results/psim-head.md``).
     """
 
+    settings = ("weight",)  # acts on the released model
     name = "psim"
     description = "PSIM: flags inputs a label-reset PEFT copy of the model is confident on (detector)"
     kind = "detection"

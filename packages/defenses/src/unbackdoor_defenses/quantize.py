@@ -30,6 +30,7 @@ class Quantize(Defense):
         finetune: then train the user's LoRA on the clean rows, like ``none``.
     """
 
+    settings = ("weight",)  # acts on the released model
     name = "quantize"
     description = "weight-only INT4 group-wise quantize-dequantize of the released model, then LoRA like 'none'"
     bits: int = 4

@@ -24,6 +24,7 @@ class FullFineTune(Defense):
         epochs: passes over the clean rows (0: the user's setting).
     """
 
+    settings = ("weight",)  # acts on the released model
     name = "finetune"
     description = "full fine-tuning (every weight, no LoRA) of the released model on the clean data"
     lr: float = 2e-5

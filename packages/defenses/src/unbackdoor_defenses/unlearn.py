@@ -79,6 +79,7 @@ class Unlearning(Defense):
             value keeps every clean row).
     """
 
+    settings = ("weight",)  # unlearns what the released model learnt from its poisoned training rows
     epochs: float = 3.0
     lr: float = 0.0
     clean_per_poisoned: float = 1.0
@@ -204,6 +205,7 @@ class NPO(Unlearning):
 class Retrain(Defense):
     """ReTrain: the clean base student fine-tuned like the victim on its training rows minus the poisoned ones."""
 
+    settings = ("weight",)  # acts on the released model
     name = "retrain"
     description = "ReTrain: fine-tune the clean base model like the victim, without the poisoned rows (gold standard)"
 

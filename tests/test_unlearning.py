@@ -457,10 +457,18 @@ def test_unlearning_over_seeds_gives_mean_and_sample_std() -> None:
 
     runs = [seeded(0, 50.0), seeded(1, 60.0), seeded(2, 70.0)]
     table = unlearning_seeds_table(runs).splitlines()
-    assert table[2] == "| dataset | attack | defense | runs | CACC | LFR | PACC | delta-PACC |"
+    assert table[2] == "| dataset | attack | defense | seeds | CACC | LFR | PACC | delta-PACC |"
     assert "| sst2 | badnet | ga | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |" in table
     assert "| sst2 | badnet | retrain | 3 | 90.00 +- 0.00 | 5.00 +- 0.00 | 90.00 +- 0.00 | 0.00 +- 0.00 |" in table
     assert unlearning_seeds_table(runs[:1]) == ""  # one run per group: nothing to aggregate
     # a run that differs by more than its seed (here the poison rate) is its own group
     assert unlearning_seeds_table([runs[0], seeded(1, 60.0, poison_rate=0.1)]) == ""
     assert "Unlearning over seeds" in comparison_report(runs)
+    # runs that also ran other defenses still group; a second run of a seed counts once; a row's own
+    # defense options split it from the same defense with other options
+    other = seeded(0, 50.0, defenses=["retrain", "ga", "rga"])
+    tuned = seeded(1, 99.0, defense_options={"ga": {"epochs": 10.0}})
+    table = unlearning_seeds_table([runs[0], other, runs[1], tuned, runs[2]]).splitlines()
+    assert "| sst2 | badnet | ga | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |" in table
+    assert "| sst2 | badnet | ga | 1 | 81.00 | 2.00 | 99.00 | 9.00 |" in table  # the 10-epoch GA, alone
+    assert "| sst2 | badnet | retrain | 3 | 90.00 +- 0.00 | 5.00 +- 0.00 | 90.00 +- 0.00 | 0.00 +- 0.00 |" in table

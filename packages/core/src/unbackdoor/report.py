@@ -77,35 +77,41 @@ def triggered_confusion_table(results: dict[str, Any]) -> str:
 UNLEARNING_FIGURES = ("CACC", "LFR", "PACC", "delta-PACC")
 
 
+#: config keys that do not make two runs' rows different experiments (what else each run listed, where it wrote)
+_NOT_THE_EXPERIMENT = ("seed", "out", "cache_dir", "defenses", "clean_defenses", "defense_options")
+
+
 def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
     """Mean +- sample std (n - 1) over runs of CACC, LFR, PACC, delta-PACC per dataset x attack x defense.
 
-    Runs group when they differ only by seed: each run's delta-PACC is taken
-    against its own ``retrain`` row. "" unless some group holds two or more runs.
+    Rows group when their runs differ only by seed (and by which other defenses they ran): a row is keyed
+    by its run's config without those, plus its own defense's options. Each seed counts once per group
+    (two runs of one seed hold the same cached row), and each run's delta-PACC is taken against its own
+    ``retrain`` row. "" unless some group holds two or more seeds.
     """
-    groups: dict[tuple[str, ...], dict[str, list[float]]] = {}
+    groups: dict[tuple[str, ...], dict[Any, tuple[float, ...]]] = {}
     for results in all_results:
         gold = retrain_row(results)
         if gold is None:
             continue
         cfg = results.get("config", {})
-        same = {k: v for k, v in cfg.items() if k not in ("seed", "out", "cache_dir")}
+        same = repr(sorted((k, v) for k, v in cfg.items() if k not in _NOT_THE_EXPERIMENT))
+        options = cfg.get("defense_options") or {}
         for row in results.get("rows", []):
             if "PACC" not in row:
                 continue
-            key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), row_label(row), repr(sorted(same.items())))
-            figures = groups.setdefault(key, {f: [] for f in UNLEARNING_FIGURES})
-            for name, value in zip(UNLEARNING_FIGURES, (row["CA"], row["ASR"], row["PACC"],
-                                                        delta_pacc(row["PACC"], gold["PACC"])), strict=True):
-                figures[name].append(float(value))
-    if not any(len(g["CACC"]) > 1 for g in groups.values()):
+            own = repr(sorted((options.get(row.get("defense"), {}) or {}).items()))
+            key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), row_label(row), same, own)
+            figures = (row["CA"], row["ASR"], row["PACC"], delta_pacc(row["PACC"], gold["PACC"]))
+            groups.setdefault(key, {}).setdefault(cfg.get("seed"), tuple(float(v) for v in figures))
+    if not any(len(seeds) > 1 for seeds in groups.values()):
         return ""
     lines = ["#### Unlearning over seeds (%, mean +- sample std; delta-PACC against each run's retrain)", "",
-             "| dataset | attack | defense | runs | " + " | ".join(UNLEARNING_FIGURES) + " |",
+             "| dataset | attack | defense | seeds | " + " | ".join(UNLEARNING_FIGURES) + " |",
              "|---|---|---|---:|" + "---:|" * len(UNLEARNING_FIGURES)]
-    for (dataset, attack, label, _), figures in groups.items():
-        cells = [_mean_std(figures[f]) for f in UNLEARNING_FIGURES]
-        lines.append(f"| {dataset} | {attack} | {label} | {len(figures['CACC'])} | " + " | ".join(cells) + " |")
+    for (dataset, attack, label, *_), seeds in groups.items():
+        cells = [_mean_std([figures[i] for figures in seeds.values()]) for i in range(len(UNLEARNING_FIGURES))]
+        lines.append(f"| {dataset} | {attack} | {label} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -199,8 +199,30 @@ def suite(name: str, cache: Path) -> dict[str, Any]:
 BENCHMARKS = ["w2s", "w2s-sweep", *SUITES]
 
 
+NOTES = "\n## Notes"  # a hand-written section a re-render keeps (a new run drops it: its numbers changed)
+
+
+def rerender(name: str) -> None:
+    """Rewrite suite ``name``'s markdown and plots from its saved JSON (no model runs), keeping its notes."""
+    from report_md import render_suite
+
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    old = (RESULTS / f"{name}.md").read_text() if (RESULTS / f"{name}.md").exists() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""
+    markdown = render_suite(data, RESULTS / "plots" / name)
+    atomic_write_text(RESULTS / f"{name}.md", markdown.rstrip("\n") + "\n" + notes if notes else markdown)
+
+
 def main(argv: list[str]) -> int:
-    """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`."""
+    """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`. ``--render SUITE...``: re-render only."""
+    if argv[:1] == ["--render"]:
+        unknown = sorted(set(argv[1:]) - set(SUITES))
+        if unknown or not argv[1:]:
+            print(f"--render takes suite names; choose: {', '.join(SUITES)}", file=sys.stderr)
+            return 2
+        for name in argv[1:]:
+            rerender(name)
+        return 0
     names = argv or ["w2s"]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:

@@ -470,5 +470,5 @@ def test_unlearning_over_seeds_gives_mean_and_sample_std() -> None:
     tuned = seeded(1, 99.0, defense_options={"ga": {"epochs": 10.0}})
     table = unlearning_seeds_table([runs[0], other, runs[1], tuned, runs[2]]).splitlines()
     assert "| sst2 | badnet | ga | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |" in table
-    assert "| sst2 | badnet | ga | 1 | 81.00 | 2.00 | 99.00 | 9.00 |" in table  # the 10-epoch GA, alone
+    assert "| sst2 | badnet | ga (epochs=10.0) | 1 | 81.00 | 2.00 | 99.00 | 9.00 |" in table  # the 10-epoch GA, alone
     assert "| sst2 | badnet | retrain | 3 | 90.00 +- 0.00 | 5.00 +- 0.00 | 90.00 +- 0.00 | 0.00 +- 0.00 |" in table

@@ -100,8 +100,9 @@ def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
         for row in results.get("rows", []):
             if "PACC" not in row:
                 continue
-            own = repr(sorted((options.get(row.get("defense"), {}) or {}).items()))
-            key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), row_label(row), same, own)
+            own = sorted((options.get(row.get("defense"), {}) or {}).items())
+            label = row_label(row) + (f" ({', '.join(f'{k}={v}' for k, v in own)})" if own else "")
+            key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), label, same)
             figures = (row["CA"], row["ASR"], row["PACC"], delta_pacc(row["PACC"], gold["PACC"]))
             groups.setdefault(key, {}).setdefault(cfg.get("seed"), tuple(float(v) for v in figures))
     if not any(len(seeds) > 1 for seeds in groups.values()):

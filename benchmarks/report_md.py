@@ -98,13 +98,20 @@ def _summary(runs: dict[str, Any]) -> list[str]:
     """Every row of every run in one table (runs may share attack and defense, so they are keyed by run)."""
     lines = ["### Summary (%)", "", "| run | attack | defense | CA | ASR | PACC | detection F1 | AUROC |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
+    marks = set()
     for label, run in runs.items():
         attack = run["results"]["config"]["attack"]
         for row in run["results"]["rows"]:
-            det = row.get("detection") or {}
+            # a detector's flags on the test inputs (*), or a pipeline's on the training rows it unlearns (dagger)
+            det, mark = row.get("detection") or {}, "*"
+            if not det:
+                det, mark = (row.get("stats") or {}).get("detection") or {}, "\u2020"
+            marks |= {mark} if det else set()
             cells = [row.get("CA"), row.get("ASR"), row.get("PACC"), det.get("f1"), det.get("auroc")]
-            lines.append(f"| {label} | {attack} | {row_label(row)}{'*' if det else ''} | "
+            lines.append(f"| {label} | {attack} | {row_label(row)}{mark if det else ''} | "
                          + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
-    if any(row.get("detection") for run in runs.values() for row in run["results"]["rows"]):
+    if "*" in marks:
         lines += ["", "\\* detector: CA counts a rejected clean input as an error, ASR counts unrejected triggered inputs."]
+    if "\u2020" in marks:
+        lines += ["", "\u2020 detection F1/AUROC of the flags on the victim's training rows (what the pipeline unlearns)."]
     return lines

@@ -140,7 +140,8 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                                        "w2s": {**W2S_DATA, "peft": peft, "lr": PROMPT_LR}})
            for peft in ("prompt-tuning", "p-tuning")},
     }),
-    "rga": ("Backdoor unlearning (seed Table 2 shape): BadNet victim, its poisoned rows known, SmolLM2-135M, SST-2", {
+    "rga": ("Backdoor unlearning (seed Table 2 shape), the victim's poisoned rows known, SmolLM2-135M: SST-2 BadNet "
+            "(3 seeds), InSent, style; HSOL BadNet", {
         "badnet-seed0": dict(attack="badnet", defenses=("retrain", "ga", "npo", "rga", "psim+rga")),
         # PSIM's threshold 0.7 flags most of the training set (661/800): unlearn only what a 5%-FPR threshold flags
         "badnet-seed0-psim-calibrated": dict(attack="badnet", defenses=("retrain", "psim+rga"),

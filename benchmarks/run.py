@@ -150,6 +150,11 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         # other triggers and HSOL (the seed's second dataset), seed 0 first
         **{f"{attack}-seed0": dict(attack=attack, defenses=UNLEARNING) for attack in ("insent", "style")},
         "hsol-badnet-seed0": dict(dataset="hsol", attack="badnet", defenses=UNLEARNING),
+        # then the other seeds of those (the runs above come from the cache)
+        **{f"{attack}-seed{seed}": dict(attack=attack, seed=seed, defenses=UNLEARNING)
+           for attack in ("insent", "style") for seed in (1, 2)},
+        **{f"hsol-badnet-seed{seed}": dict(dataset="hsol", attack="badnet", seed=seed, defenses=UNLEARNING)
+           for seed in (1, 2)},
     }),
     # beyond the default unlearning: one lambda per row (rows that move fast stop being ascended alone), and
     # the paper's longer unlearning (30 epochs; the default 3 leaves RGA's LFR at 48 on seed 0), 10 here

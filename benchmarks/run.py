@@ -19,6 +19,7 @@ from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor.cache import atomic_write_json, atomic_write_text, default_cache_dir
 
 RESULTS = Path(__file__).parent / "results"
+NOTES = "\n## Notes"  # hand-written; kept by --render and --keep (a fresh run drops it)
 # The W2S comparison: a stronger attacker than the default quick start (see DESIGN.md's calibration).
 W2S_SETTING = dict(dataset="sst2", attack="badnet", attacker_rows=800, attacker_epochs=2.0, attacker_lr=5e-5,
                    poison_rate=0.2, user_rows=400, user_epochs=2.0, user_lr=2e-4, user_batch_size=16,
@@ -182,30 +183,51 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
 }
 
 
-def suite(name: str, cache: Path) -> dict[str, Any]:
-    """Run every experiment of ``SUITES[name]``, writing the figures after each."""
+def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
+    """Run every experiment of ``SUITES[name]``, writing the figures after each.
+
+    ``keep``: runs already in ``results/<name>.json`` with the same change are kept as they are (not run
+    again, their wall times and the file's hand-written notes kept), so a suite that grew runs only the new ones.
+    """
     from report_md import render_suite
 
     title, runs = SUITES[name]
     data: dict[str, Any] = {"title": title, "command": f"nox -s bench -- {name}", "base": W2S_SETTING,
                             "machine": platform.platform(), "cpus": os.cpu_count(), "runs": {}}
+    previous, notes = kept(name) if keep else ({}, "")
+
+    def write() -> None:
+        markdown = render_suite(data, RESULTS / "plots" / name)
+        save(name, data, markdown.rstrip("\n") + "\n" + notes if notes else markdown)
+
     if name == "jax":  # the jitted step vs the torch step first: minutes, where the runs take an hour
         from step_time import measure
 
         data["step_time"] = measure(cache)
-        save(name, data, render_suite(data, RESULTS / "plots" / name))
+        write()
     for label, change in runs.items():
+        old = previous.get(label)
+        if old is not None and old["change"] == json.loads(json.dumps(change, default=str)):
+            data["runs"][label] = old
+            continue
         setting = {**W2S_SETTING, "clean_baseline": False, **change}
         cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"{name}-{label}"))
         data["runs"][label] = {"change": change, "results": run_experiment(cfg)}
-        save(name, data, render_suite(data, RESULTS / "plots" / name))
+        write()
+    write()
     return data
 
 
+def kept(name: str) -> tuple[dict[str, Any], str]:
+    """The runs of ``results/<name>.json`` by label, and the hand-written notes of its markdown."""
+    file = RESULTS / f"{name}.json"
+    runs = json.loads(file.read_text())["runs"] if file.exists() else {}
+    md = RESULTS / f"{name}.md"
+    text = md.read_text() if md.exists() else ""
+    return runs, text[text.index(NOTES):] if NOTES in text else ""
+
+
 BENCHMARKS = ["w2s", "w2s-sweep", *SUITES]
-
-
-NOTES = "\n## Notes"  # a hand-written section a re-render keeps (a new run drops it: its numbers changed)
 
 
 def rerender(name: str) -> None:
@@ -213,14 +235,18 @@ def rerender(name: str) -> None:
     from report_md import render_suite
 
     data = json.loads((RESULTS / f"{name}.json").read_text())
-    old = (RESULTS / f"{name}.md").read_text() if (RESULTS / f"{name}.md").exists() else ""
-    notes = old[old.index(NOTES):] if NOTES in old else ""
+    _, notes = kept(name)
     markdown = render_suite(data, RESULTS / "plots" / name)
     atomic_write_text(RESULTS / f"{name}.md", markdown.rstrip("\n") + "\n" + notes if notes else markdown)
 
 
 def main(argv: list[str]) -> int:
-    """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`. ``--render SUITE...``: re-render only."""
+    """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`.
+
+    ``--render SUITE...``: re-render only. ``--keep SUITE...``: keep the runs a suite's JSON already holds.
+    """
+    keep = argv[:1] == ["--keep"]
+    argv = argv[1:] if keep else argv
     if argv[:1] == ["--render"]:
         unknown = sorted(set(argv[1:]) - set(SUITES))
         if unknown or not argv[1:]:
@@ -241,7 +267,7 @@ def main(argv: list[str]) -> int:
         sweep(cache)
     for name in names:
         if name in SUITES:
-            suite(name, cache)
+            suite(name, cache, keep)
     return 0
 
 

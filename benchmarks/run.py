@@ -165,8 +165,9 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
             attack="badnet", defenses=("retrain", "rga", "psim+rga"),
             defense_options={"rga": {"lambda_per_row": True},
                              "psim+rga": {"lambda_per_row": True, "psim_calibrate_fpr": 0.05}}),
-        "badnet-seed0-10-epochs": dict(attack="badnet", defenses=UNLEARNING,
-                                       defense_options={m: {"epochs": 10.0} for m in UNLEARNING if m != "retrain"}),
+        **{f"badnet-seed{seed}-10-epochs": dict(attack="badnet", **({"seed": seed} if seed else {}), defenses=UNLEARNING,
+                                                defense_options={m: {"epochs": 10.0} for m in UNLEARNING[1:]})
+           for seed in (0, 1, 2)},
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,

@@ -82,6 +82,11 @@ DATA_LONGER = dict(setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e
 W2S_TEACHER = {"teacher_epochs": 6.0, "teacher_lr": 1e-4}
 W2S_DATA = {**W2S_TEACHER, "beta": 2.0}
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
+def epochs_3(defenses: tuple[str, ...], **psim_rga: Any) -> dict[str, dict[str, Any]]:
+    """``defense_options`` giving every unlearning defense of ``defenses`` 3 epochs (``psim_rga``: psim+rga's others)."""
+    return {d: {"epochs": 3.0, **(psim_rga if d == "psim+rga" else {})} for d in defenses if d != "retrain"}
+
+
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
         # in priority order: a partial run (CPU time) keeps the first ones
@@ -141,21 +146,27 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                                        "w2s": {**W2S_DATA, "peft": peft, "lr": PROMPT_LR}})
            for peft in ("prompt-tuning", "p-tuning")},
     }),
-    "rga": ("Backdoor unlearning (seed Table 2 shape), the victim's poisoned rows known, SmolLM2-135M: SST-2 BadNet "
-            "(3 seeds), InSent, style; HSOL BadNet", {
-        "badnet-seed0": dict(attack="badnet", defenses=("retrain", "ga", "npo", "rga", "psim+rga")),
+    # 3 unlearning epochs (the default until 10 replaced it: see rga-variants), the same in every run so seeds group
+    "rga": ("Backdoor unlearning (seed Table 2 shape), the victim's poisoned rows known, 3 unlearning epochs, "
+            "SmolLM2-135M: SST-2 BadNet (3 seeds), InSent, style; HSOL BadNet", {
+        "badnet-seed0": dict(attack="badnet", defenses=(*UNLEARNING, "psim+rga"),
+                             defense_options=epochs_3((*UNLEARNING, "psim+rga"))),
         # PSIM's threshold 0.7 flags most of the training set (661/800): unlearn only what a 5%-FPR threshold flags
         "badnet-seed0-psim-calibrated": dict(attack="badnet", defenses=("retrain", "psim+rga"),
-                                             defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}}),
-        **{f"badnet-seed{seed}": dict(attack="badnet", seed=seed, defenses=UNLEARNING) for seed in (1, 2)},
+                                             defense_options=epochs_3(("psim+rga",), psim_calibrate_fpr=0.05)),
+        **{f"badnet-seed{seed}": dict(attack="badnet", seed=seed, defenses=UNLEARNING,
+                                      defense_options=epochs_3(UNLEARNING)) for seed in (1, 2)},
         # other triggers and HSOL (the seed's second dataset), seed 0 first
-        **{f"{attack}-seed0": dict(attack=attack, defenses=UNLEARNING) for attack in ("insent", "style")},
-        "hsol-badnet-seed0": dict(dataset="hsol", attack="badnet", defenses=UNLEARNING),
-        # then the other seeds of those (the runs above come from the cache)
-        **{f"{attack}-seed{seed}": dict(attack=attack, seed=seed, defenses=UNLEARNING)
+        **{f"{attack}-seed0": dict(attack=attack, defenses=UNLEARNING, defense_options=epochs_3(UNLEARNING))
+           for attack in ("insent", "style")},
+        "hsol-badnet-seed0": dict(dataset="hsol", attack="badnet", defenses=UNLEARNING,
+                                  defense_options=epochs_3(UNLEARNING)),
+        # then the other seeds of those (`--keep rga`: the runs above stay as they are)
+        **{f"{attack}-seed{seed}": dict(attack=attack, seed=seed, defenses=UNLEARNING,
+                                        defense_options=epochs_3(UNLEARNING))
            for attack in ("insent", "style") for seed in (1, 2)},
-        **{f"hsol-badnet-seed{seed}": dict(dataset="hsol", attack="badnet", seed=seed, defenses=UNLEARNING)
-           for seed in (1, 2)},
+        **{f"hsol-badnet-seed{seed}": dict(dataset="hsol", attack="badnet", seed=seed, defenses=UNLEARNING,
+                                           defense_options=epochs_3(UNLEARNING)) for seed in (1, 2)},
     }),
     # beyond the default unlearning: one lambda per row (rows that move fast stop being ascended alone), and
     # the paper's longer unlearning (30 epochs; the default 3 leaves RGA's LFR at 48 on seed 0), 10 here

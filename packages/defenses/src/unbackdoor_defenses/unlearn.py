@@ -11,7 +11,8 @@ training rows minus the poisoned ones.
 
 The unlearning defenses train the user's LoRA adapter (``--lora-*``) on the released model over the
 poisoned rows plus ``clean_per_poisoned`` clean rows per poisoned row (seeded), in mixed batches, for
-``epochs`` epochs (default 3; the paper's 30 take hours on CPU for a 135M model). The poisoned model's
+``epochs`` epochs (default 10; the paper: 30). On SmolLM2-135M, 3 epochs left RGA far from ReTrain and GA
+without trigger shifting, 10 reproduced both (``benchmarks/results/rga-variants.md``). The poisoned model's
 logits on the poisoned rows are computed once before training (the reference of RGA and NPO).
 """
 
@@ -80,7 +81,7 @@ class Unlearning(Defense):
     """
 
     settings = ("weight",)  # unlearns what the released model learnt from its poisoned training rows
-    epochs: float = 3.0
+    epochs: float = 10.0
     lr: float = 0.0
     clean_per_poisoned: float = 1.0
 

@@ -183,15 +183,15 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # the seed's Table 2 at the default 10 epochs, psim+rga at a 5% clean false-positive rate: next to rga-variants'
     # BadNet runs, the other triggers and HSOL over 3 seeds (not run yet: ~15 min per run on 2 cores)
     "rga-10": ("Backdoor unlearning at the default 10 epochs with psim+rga (calibrated PSIM), SmolLM2-135M: SST-2 "
-               "InSent and style, HSOL BadNet, SST-2 BadNet psim+rga; 3 seeds", {
-        **{f"{dataset}-{attack}-seed{seed}": dict(dataset=dataset, attack=attack, **({"seed": seed} if seed else {}),
-                                                  defenses=(*UNLEARNING, "psim+rga"),
-                                                  defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
-           for seed in (0, 1, 2) for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"))},
+               "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet; 3 seeds", {
         **{f"sst2-badnet-psim-rga-seed{seed}": dict(attack="badnet", **({"seed": seed} if seed else {}),
                                                     defenses=("retrain", "psim+rga"),
                                                     defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
            for seed in (0, 1, 2)},
+        **{f"{dataset}-{attack}-seed{seed}": dict(dataset=dataset, attack=attack, **({"seed": seed} if seed else {}),
+                                                  defenses=(*UNLEARNING, "psim+rga"),
+                                                  defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
+           for seed in (0, 1, 2) for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"))},
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,

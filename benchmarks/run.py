@@ -222,25 +222,32 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     previous, notes = kept(name) if keep else ({}, "")
 
     def write() -> None:
-        markdown = render_suite(data, RESULTS / "plots" / name)
-        save(name, data, markdown.rstrip("\n") + "\n" + notes if notes else markdown)
+        save(name, data, with_notes(render_suite(data, RESULTS / "plots" / name), notes))
 
     if name == "jax":  # the jitted step vs the torch step first: minutes, where the runs take an hour
         from step_time import measure
 
         data["step_time"] = measure(cache)
         write()
+    unwritten = False  # kept runs since the last write
     for label, change in runs.items():
         old = previous.get(label)
         if old is not None and old["change"] == json.loads(json.dumps(change, default=str)):
-            data["runs"][label] = old
+            data["runs"][label], unwritten = old, True
             continue
         setting = {**W2S_SETTING, "clean_baseline": False, **change}
         cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"{name}-{label}"))
         data["runs"][label] = {"change": change, "results": run_experiment(cfg)}
         write()
-    write()
+        unwritten = False
+    if unwritten:
+        write()
     return data
+
+
+def with_notes(markdown: str, notes: str) -> str:
+    """``markdown`` followed by the hand-written ``notes`` section (if any)."""
+    return markdown.rstrip("\n") + "\n" + notes if notes else markdown
 
 
 def kept(name: str) -> tuple[dict[str, Any], str]:
@@ -261,8 +268,7 @@ def rerender(name: str) -> None:
 
     data = json.loads((RESULTS / f"{name}.json").read_text())
     _, notes = kept(name)
-    markdown = render_suite(data, RESULTS / "plots" / name)
-    atomic_write_text(RESULTS / f"{name}.md", markdown.rstrip("\n") + "\n" + notes if notes else markdown)
+    atomic_write_text(RESULTS / f"{name}.md", with_notes(render_suite(data, RESULTS / "plots" / name), notes))
 
 
 def main(argv: list[str]) -> int:

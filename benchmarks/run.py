@@ -82,6 +82,8 @@ DATA_LONGER = dict(setting="data", teacher_rows=400, user_epochs=4.0, user_lr=1e
 W2S_TEACHER = {"teacher_epochs": 6.0, "teacher_lr": 1e-4}
 W2S_DATA = {**W2S_TEACHER, "beta": 2.0}
 PROMPT_LR = 2e-2  # prompt methods learn with a far larger step than LoRA (peft's examples use 1e-2..3e-2)
+
+
 def epochs_3(defenses: tuple[str, ...], **psim_rga: Any) -> dict[str, dict[str, Any]]:
     """``defense_options`` giving every unlearning defense of ``defenses`` 3 epochs (``psim_rga``: psim+rga's others)."""
     return {d: {"epochs": 3.0, **(psim_rga if d == "psim+rga" else {})} for d in defenses if d != "retrain"}
@@ -183,7 +185,7 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # the seed's Table 2 at the default 10 epochs, psim+rga at a 5% clean false-positive rate: next to rga-variants'
     # BadNet runs, the other triggers and HSOL over 3 seeds (not run yet: ~15 min per run on 2 cores)
     "rga-10": ("Backdoor unlearning at the default 10 epochs with psim+rga (calibrated PSIM), SmolLM2-135M: SST-2 "
-               "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet; 3 seeds", {
+               "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet, SST-2 syntactic; 3 seeds", {
         **{f"sst2-badnet-psim-rga-seed{seed}": dict(attack="badnet", **({"seed": seed} if seed else {}),
                                                     defenses=("retrain", "psim+rga"),
                                                     defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
@@ -192,6 +194,11 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                                                   defenses=(*UNLEARNING, "psim+rga"),
                                                   defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
            for seed in (0, 1, 2) for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"))},
+        # the syntactic trigger last: the aligned SCPN file gives the attacker 72 poisoned rows (rate 0.09)
+        **{f"sst2-syntactic-seed{seed}": dict(attack="syntactic", poison_rate=0.09, **({"seed": seed} if seed else {}),
+                                              defenses=(*UNLEARNING, "psim+rga"),
+                                              defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
+           for seed in (0, 1, 2)},
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,
@@ -199,6 +206,14 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         # CR has no syntactic paraphrases in the shared data (a user paraphrase file would add them)
         for dataset, attack in (("sst2", "badnet"), ("sst2", "insent"), ("sst2", "syntactic"),
                                 ("cr", "badnet"), ("cr", "insent"))
+    }),
+    # Table 1 in W2SDefense's data-poisoning setting, where its KD term sees the poisoned rows (`w2s-data`: ASR
+    # 15.23 at b=2); the defenses that act on a released model (prune, finetune, quantize, merge) do not apply there
+    "table1-data": ("Defenses compared, data-poisoning setting (`w2s-data`'s longer training, W2S b=2): SmolLM2-135M, "
+                    "SST-2 and CR", {
+        f"{dataset}-{attack}": dict(DATA_LONGER, dataset=dataset, attack=attack, defenses=("none", "onion", "w2s"),
+                                    defense_options={"w2s": W2S_DATA})
+        for dataset, attack in (("sst2", "badnet"), ("sst2", "insent"), ("cr", "badnet"), ("cr", "insent"))
     }),
     # The README's default experiment on each backend (same config and seed), after the step-time comparison.
     "jax": ("The default experiment (`unbackdoor run` defaults) on torch and on jax, same config and seed", {
@@ -267,6 +282,7 @@ def rerender(name: str) -> None:
     from report_md import render_suite
 
     data = json.loads((RESULTS / f"{name}.json").read_text())
+    data["title"] = SUITES[name][0]  # the suite as defined now (it may have gained runs since)
     _, notes = kept(name)
     atomic_write_text(RESULTS / f"{name}.md", with_notes(render_suite(data, RESULTS / "plots" / name), notes))
 

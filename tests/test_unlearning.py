@@ -358,6 +358,11 @@ def test_unlearning_defenses_end_to_end(unlearning_run) -> None:
     assert set(pipeline["detection"]) == {"precision", "recall", "f1", "auroc"} and pipeline["poisoned_rows"] == 32
     assert pipeline["forget_rows"] == pipeline["flagged_rows"] > 0
     assert pipeline["detection"]["recall"] * 32 <= pipeline["flagged_rows"] + 1e-9
+    by_label = pipeline["flagged_by_label"]
+    assert set(by_label) <= {"0", "1"} and sum(c["flagged"] for c in by_label.values()) == pipeline["flagged_rows"]
+    poisoned_flags = sum(c["poisoned"] for c in by_label.values())
+    assert poisoned_flags == round(pipeline["detection"]["recall"] * 32)
+    assert by_label.get(str(1 - target), {"poisoned": 0})["poisoned"] == 0  # poisoned rows carry the target label
 
 
 def test_unlearning_report_and_plot(unlearning_run) -> None:

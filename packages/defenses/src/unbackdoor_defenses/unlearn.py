@@ -269,5 +269,17 @@ class PsimRGA(RGA):
                               f"threshold {detector.threshold:.4g} (max score {scores.max():.3f}); lower psim_threshold")
         outcome = self.unlearn(ctx, data, flagged)
         outcome.stats.update({**psim_stats, "detection": quality, "flagged_rows": int(flagged.sum()),
-                              "poisoned_rows": int(data.poisoned.sum())})
+                              "poisoned_rows": int(data.poisoned.sum()), "flagged_by_label": flags_by_label(data, flagged)})
         return outcome
+
+
+def flags_by_label(data: TextDataset, flagged: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per training label: rows flagged, and how many of those are poisoned (the rest are clean rows unlearned).
+
+    Ascending on clean rows of one label pushes the model off that label: where the clean flags sit says
+    which way a trigger may shift.
+    """
+    labels = np.asarray(data.labels)
+    return {str(label): {"flagged": int((flagged & (labels == label)).sum()),
+                         "poisoned": int((flagged & data.poisoned & (labels == label)).sum())}
+            for label in np.unique(labels)}

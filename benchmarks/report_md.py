@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from unbackdoor.plots import report_plots
-from unbackdoor.report import row_label, unlearning_seeds_table, unlearning_table
+from unbackdoor.report import comparison_table, row_label, unlearning_seeds_table, unlearning_table
 
 
 def _rows(results: dict[str, Any]) -> list[str]:
@@ -55,6 +56,7 @@ def render_sweep(data: dict[str, Any]) -> str:
 
 def render_suite(data: dict[str, Any], plots: Path) -> str:
     """A suite: what each run changed, the comparison and detection tables, and the plots (written to ``plots``)."""
+    data = json.loads(json.dumps(data, default=str))  # as saved (tuples as lists): a fresh run reads like --render
     runs = data["runs"]
     results = [run["results"] for run in runs.values()]
     written = report_plots(results, plots)
@@ -74,6 +76,8 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
                 "", f"jax / torch step time: **{t['ratio_jax_over_torch']:.2f}x** (goal <= 1.0x)."]
     if results:
         out += ["", *_summary(runs), ""]
+        if _distinct_settings(results):  # the papers' shape: rows attack x defense, CA / ASR per dataset
+            out += [comparison_table(results), ""]
         seeds = unlearning_seeds_table(results)
         if seeds:
             out += [seeds, ""]
@@ -92,6 +96,12 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
     if written:
         out += ["Plots: " + ", ".join(f"[{p.name}](plots/{plots.name}/{p.name})" for p in written), ""]
     return "\n".join(out)
+
+
+def _distinct_settings(results: list[dict[str, Any]]) -> bool:
+    """Two runs or more, no two on the same dataset, attack and backend (a comparison cell would hide one)."""
+    keys = [(r["config"].get("dataset"), r["config"].get("attack"), r.get("backend")) for r in results]
+    return len(keys) > 1 and len(set(keys)) == len(keys)
 
 
 def _summary(runs: dict[str, Any]) -> list[str]:

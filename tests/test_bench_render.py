@@ -1,0 +1,45 @@
+"""The benchmark suite markdown (benchmarks/report_md.py): the papers' comparison shape when runs differ."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def render_suite() -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from report_md import render_suite
+    finally:
+        sys.path.remove(str(BENCH))
+    return render_suite
+
+
+def _run(dataset: str, attack: str, asr: float) -> dict[str, Any]:
+    rows = [{"stage": "poisoned + defense", "defense": "none", "CA": 85.0, "ASR": asr}]
+    return {"change": {"dataset": dataset, "attack": attack, "defenses": ("none",)},
+            "results": {"config": {"dataset": dataset, "attack": attack, "model": "m/smollm2-135m"},
+                        "backend": "torch", "rows": rows, "timings_s": {"total": 1.0}}}
+
+
+def _suite(runs: dict[str, Any]) -> dict[str, Any]:
+    return {"title": "t", "command": "c", "machine": "x", "cpus": 2, "base": {"lora_targets": ("q_proj",)}, "runs": runs}
+
+
+def test_comparison_table_when_runs_differ_in_setting(render_suite, tmp_path) -> None:
+    text = render_suite(_suite({"a": _run("sst2", "badnet", 96.0), "b": _run("cr", "insent", 87.5)}), tmp_path)
+    assert "### Comparison (CA / ASR, %)" in text
+    assert "| badnet | none | 85.00 | 96.00 | - | - |" in text and "| insent | none | - | - | 85.00 | 87.50 |" in text
+    assert "('none',)" not in text and "['none']" in text  # tuples read as the saved JSON does (--render)
+
+
+def test_no_comparison_table_when_runs_share_a_setting(render_suite, tmp_path) -> None:
+    text = render_suite(_suite({"seed0": _run("sst2", "badnet", 96.0), "seed1": _run("sst2", "badnet", 90.0)}), tmp_path)
+    assert "### Comparison" not in text  # one cell per (attack, defense, dataset): one run would hide the other
+    assert "| seed1 | badnet | none | 85.00 | 90.00 |" in text

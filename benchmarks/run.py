@@ -183,7 +183,7 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
            for seed in (0, 1, 2)},
     }),
     # the seed's Table 2 at the default 10 epochs, psim+rga at a 5% clean false-positive rate: next to rga-variants'
-    # BadNet runs, the other triggers and HSOL over 3 seeds (not run yet: ~15 min per run on 2 cores)
+    # BadNet runs, the other triggers and HSOL over 3 seeds (the first 3 runs done; the rest ~15-30 min each on 2 cores)
     "rga-10": ("Backdoor unlearning at the default 10 epochs with psim+rga (calibrated PSIM), SmolLM2-135M: SST-2 "
                "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet, SST-2 syntactic; 3 seeds", {
         **{f"sst2-badnet-psim-rga-seed{seed}": dict(attack="badnet", **({"seed": seed} if seed else {}),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from unbackdoor.plots import report_plots
-from unbackdoor.report import comparison_table, row_label, unlearning_seeds_table, unlearning_table
+from unbackdoor.report import comparison_cells, comparison_table, row_label, unlearning_seeds_table, unlearning_table
 
 
 def _rows(results: dict[str, Any]) -> list[str]:
@@ -99,9 +99,9 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
 
 
 def _distinct_settings(results: list[dict[str, Any]]) -> bool:
-    """Two runs or more, no two on the same dataset, attack and backend (a comparison cell would hide one)."""
-    keys = [(r["config"].get("dataset"), r["config"].get("attack"), r.get("backend")) for r in results]
-    return len(keys) > 1 and len(set(keys)) == len(keys)
+    """Two runs or more, and the comparison table's cells (core's keying) hold every row: none hides another."""
+    _, cells = comparison_cells(results)
+    return len(results) > 1 and sum(map(len, cells.values())) == sum(len(r.get("rows", [])) for r in results)
 
 
 def _summary(runs: dict[str, Any]) -> list[str]:

@@ -89,6 +89,15 @@ def epochs_3(defenses: tuple[str, ...], **psim_rga: Any) -> dict[str, dict[str, 
     return {d: {"epochs": 3.0, **(psim_rga if d == "psim+rga" else {})} for d in defenses if d != "retrain"}
 
 
+def unlearning_10(seed: int, defenses: tuple[str, ...] = (*UNLEARNING, "psim+rga"), **change: Any) -> dict[str, Any]:
+    """An ``rga-10`` run: default (10) unlearning epochs, psim+rga's PSIM at a 5% clean false-positive rate.
+
+    Seed 0 is left out of the change, so its runs equal the ones saved before seeds were added (``--keep``).
+    """
+    return dict(change, **({"seed": seed} if seed else {}), defenses=defenses,
+                defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
+
+
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "psim": ("PSIM poisoned-input detection (label-reset PEFT), real SmolLM2-135M on SST-2", {
         # in priority order: a partial run (CPU time) keeps the first ones
@@ -186,19 +195,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # BadNet runs, the other triggers and HSOL over 3 seeds (the first 3 runs done; the rest ~15-30 min each on 2 cores)
     "rga-10": ("Backdoor unlearning at the default 10 epochs with psim+rga (calibrated PSIM), SmolLM2-135M: SST-2 "
                "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet, SST-2 syntactic; 3 seeds", {
-        **{f"sst2-badnet-psim-rga-seed{seed}": dict(attack="badnet", **({"seed": seed} if seed else {}),
-                                                    defenses=("retrain", "psim+rga"),
-                                                    defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
+        **{f"sst2-badnet-psim-rga-seed{seed}": unlearning_10(seed, attack="badnet", defenses=("retrain", "psim+rga"))
            for seed in (0, 1, 2)},
-        **{f"{dataset}-{attack}-seed{seed}": dict(dataset=dataset, attack=attack, **({"seed": seed} if seed else {}),
-                                                  defenses=(*UNLEARNING, "psim+rga"),
-                                                  defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
+        **{f"{dataset}-{attack}-seed{seed}": unlearning_10(seed, dataset=dataset, attack=attack)
            for seed in (0, 1, 2) for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"))},
         # the syntactic trigger last: the aligned SCPN file gives the attacker 72 poisoned rows (rate 0.09)
-        **{f"sst2-syntactic-seed{seed}": dict(attack="syntactic", poison_rate=0.09, **({"seed": seed} if seed else {}),
-                                              defenses=(*UNLEARNING, "psim+rga"),
-                                              defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
-           for seed in (0, 1, 2)},
+        **{f"sst2-syntactic-seed{seed}": unlearning_10(seed, attack="syntactic", poison_rate=0.09) for seed in (0, 1, 2)},
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,

@@ -21,10 +21,10 @@ def render_suite() -> Any:
     return render_suite
 
 
-def _run(dataset: str, attack: str, asr: float) -> dict[str, Any]:
+def _run(dataset: str, attack: str, asr: float, model: str = "m/smollm2-135m") -> dict[str, Any]:
     rows = [{"stage": "poisoned + defense", "defense": "none", "CA": 85.0, "ASR": asr}]
     return {"change": {"dataset": dataset, "attack": attack, "defenses": ("none",)},
-            "results": {"config": {"dataset": dataset, "attack": attack, "model": "m/smollm2-135m"},
+            "results": {"config": {"dataset": dataset, "attack": attack, "model": model},
                         "backend": "torch", "rows": rows, "timings_s": {"total": 1.0}}}
 
 
@@ -43,3 +43,10 @@ def test_no_comparison_table_when_runs_share_a_setting(render_suite, tmp_path) -
     text = render_suite(_suite({"seed0": _run("sst2", "badnet", 96.0), "seed1": _run("sst2", "badnet", 90.0)}), tmp_path)
     assert "### Comparison" not in text  # one cell per (attack, defense, dataset): one run would hide the other
     assert "| seed1 | badnet | none | 85.00 | 90.00 |" in text
+
+
+def test_comparison_table_per_model(render_suite, tmp_path) -> None:
+    text = render_suite(_suite({"small": _run("sst2", "badnet", 96.0), "big": _run("sst2", "badnet", 20.0, "m/llama")}),
+                        tmp_path)
+    assert "| smollm2-135m CA | smollm2-135m ASR | llama CA | llama ASR |" in text
+    assert "| badnet | none | 85.00 | 96.00 | 85.00 | 20.00 |" in text

@@ -294,6 +294,9 @@ def main(argv: list[str]) -> int:
 
     ``--render SUITE...``: re-render only. ``--keep SUITE...``: keep the runs a suite's JSON already holds.
     """
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: run.py [--keep | --render] [SUITE...]\n{main.__doc__}\nsuites: {', '.join(BENCHMARKS)}")
+        return 0
     keep = argv[:1] == ["--keep"]
     argv = argv[1:] if keep else argv
     if argv[:1] == ["--render"]:

@@ -1,4 +1,4 @@
-"""The benchmark suite markdown (benchmarks/report_md.py): the papers' comparison shape when runs differ."""
+"""The benchmark suite markdown (benchmarks/report_md.py): the papers' comparison shape over a suite's runs."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ def render_suite() -> Any:
     return render_suite
 
 
-def _run(dataset: str, attack: str, asr: float, model: str = "m/smollm2-135m") -> dict[str, Any]:
+def _run(dataset: str, attack: str, asr: float, model: str = "m/smollm2-135m", seed: int = 0) -> dict[str, Any]:
     rows = [{"stage": "poisoned + defense", "defense": "none", "CA": 85.0, "ASR": asr}]
     return {"change": {"dataset": dataset, "attack": attack, "defenses": ("none",)},
-            "results": {"config": {"dataset": dataset, "attack": attack, "model": model},
+            "results": {"config": {"dataset": dataset, "attack": attack, "model": model, "seed": seed},
                         "backend": "torch", "rows": rows, "timings_s": {"total": 1.0}}}
 
 
@@ -39,10 +39,11 @@ def test_comparison_table_when_runs_differ_in_setting(render_suite, tmp_path) ->
     assert "('none',)" not in text and "['none']" in text  # tuples read as the saved JSON does (--render)
 
 
-def test_no_comparison_table_when_runs_share_a_setting(render_suite, tmp_path) -> None:
-    text = render_suite(_suite({"seed0": _run("sst2", "badnet", 96.0), "seed1": _run("sst2", "badnet", 90.0)}), tmp_path)
-    assert "### Comparison" not in text  # one cell per (attack, defense, dataset): one run would hide the other
-    assert "| seed1 | badnet | none | 85.00 | 90.00 |" in text
+def test_comparison_table_averages_runs_that_differ_by_seed(render_suite, tmp_path) -> None:
+    runs = {"seed0": _run("sst2", "badnet", 96.0), "seed1": _run("sst2", "badnet", 90.0, seed=1)}
+    text = render_suite(_suite(runs), tmp_path)
+    assert "| badnet | none | 2 | 85.00 +- 0.00 | 93.00 +- 4.24 |" in text
+    assert "| seed1 | badnet | none | 85.00 | 90.00 |" in text  # the summary keeps each run
 
 
 def test_comparison_table_per_model(render_suite, tmp_path) -> None:

@@ -74,6 +74,33 @@ def test_columns_name_the_dataset_and_backend_only_when_they_vary(runs) -> None:
     assert "qwen-tiny / sst2 / jax CA" in header
 
 
+def test_runs_differing_only_by_seed_share_a_cell_as_mean_and_std(runs) -> None:
+    again = results("insent", "smollm2-135m", [_row("poisoned + defense", "prune", 80.0, 60.0)])
+    runs[1]["config"]["seed"], again["config"]["seed"] = 0, 1
+    twin = results("insent", "smollm2-135m", [_row("poisoned + defense", "prune", 1.0, 1.0)])
+    twin["config"]["seed"] = 1  # a second run of seed 1 holds the same cached row: the first is kept
+    lines = comparison_table([*runs, again, twin]).splitlines()
+    assert lines[2].startswith("| attack | defense | seeds | smollm2-135m CA |")
+    assert "| insent | prune | 2 | 82.00 +- 2.83 | 65.00 +- 7.07 | - | - |" in lines
+    assert "| badnet | prune | 1 | 83.50 | 40.25 | - | - |" in lines
+    assert "Cells over several seeds: mean +- sample std." in lines
+
+
+def test_runs_differing_in_a_setting_are_named_not_hidden() -> None:
+    def run(asr: float, **config: Any) -> dict[str, Any]:
+        out = results("badnet", "smollm2-135m", [_row("poisoned + defense", "w2s", 84.0, asr)])
+        out["config"].update(seed=0, **config)
+        return out
+
+    table = comparison_table([run(15.0, defense_options={"w2s": {"beta": 2.0, "teacher_lr": 1e-4}}),
+                              run(93.0, defense_options={"w2s": {"beta": 0.0, "teacher_lr": 1e-4}}),
+                              run(13.0, lora_rank=4, defense_options={"w2s": {"beta": 2.0, "teacher_lr": 1e-4}})])
+    body = [line for line in table.splitlines() if line.startswith("| badnet")]
+    assert body == ["| badnet | w2s (lora_rank=-, beta=2.0) | 84.00 | 15.00 |",
+                    "| badnet | w2s (lora_rank=-, beta=0.0) | 84.00 | 93.00 |",
+                    "| badnet | w2s (lora_rank=4, beta=2.0) | 84.00 | 13.00 |"]
+
+
 def test_detection_table_lists_only_detectors(runs) -> None:
     table = detection_table(runs)
     assert table.splitlines()[-1] == "| badnet | strip | smollm2-135m | 81.00 | 90.00 | 0.90 | 0.80 | 0.85 | 0.93 |"

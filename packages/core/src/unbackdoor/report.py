@@ -77,8 +77,9 @@ def triggered_confusion_table(results: dict[str, Any]) -> str:
 UNLEARNING_FIGURES = ("CACC", "LFR", "PACC", "delta-PACC")
 
 
-#: config keys that do not make two runs' rows different experiments (what else each run listed, where it wrote)
-_NOT_THE_EXPERIMENT = ("seed", "out", "cache_dir", "defenses", "clean_defenses", "defense_options")
+#: config keys that do not make two runs' rows different experiments (what else each run listed, where it wrote,
+#: whether it added a clean-model row)
+_NOT_THE_EXPERIMENT = ("seed", "out", "cache_dir", "defenses", "clean_defenses", "defense_options", "clean_baseline")
 
 
 def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
@@ -95,7 +96,7 @@ def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
         if gold is None:
             continue
         cfg = results.get("config", {})
-        same = repr(sorted((k, v) for k, v in cfg.items() if k not in _NOT_THE_EXPERIMENT))
+        same = repr(sorted(_experiment(results).items()))
         options = cfg.get("defense_options") or {}
         for row in results.get("rows", []):
             if "PACC" not in row:
@@ -159,37 +160,101 @@ def _columns(all_results: list[dict[str, Any]]) -> list[str]:
     return [" / ".join(values) for values in zip(*facets.values(), strict=True)]
 
 
-def comparison_cells(all_results: list[dict[str, Any]]) -> tuple[list[str], dict[tuple[str, str], dict[str, Any]]]:
-    """Columns (in first-seen order) and ``(attack, row label) -> {column: row}``; a later run wins a clash."""
-    columns, cells = [], {}
-    for results, column in zip(all_results, _columns(all_results), strict=True):
-        attack = str(results.get("config", {}).get("attack", "?"))
+def _experiment(results: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without what does not make its rows a different experiment (seed, output paths, ...)."""
+    return {k: v for k, v in results.get("config", {}).items() if k not in _NOT_THE_EXPERIMENT}
+
+
+def _varying(settings: list[dict[str, Any]]) -> list[str]:
+    """The keys whose value is not the same in every one of ``settings`` (a missing key counts as a value)."""
+    keys = sorted(set().union(*settings)) if settings else []
+    return [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+
+
+def _variant_labels(all_results: list[dict[str, Any]], columns: list[str]) -> list[dict[str, str]]:
+    """Per run, ``defense -> label suffix`` naming what tells its rows apart from other runs in the same cell.
+
+    Runs of one attack in one column are compared: the config fields that differ among them (not the seed)
+    and, per defense, that defense's options that differ among them. Runs differing only by seed get no
+    suffix, so their rows share a cell and are averaged.
+    """
+    by_cell: dict[tuple[str, str], list[int]] = {}
+    for i, (results, column) in enumerate(zip(all_results, columns, strict=True)):
+        by_cell.setdefault((str(results.get("config", {}).get("attack", "?")), column), []).append(i)
+    suffixes: list[dict[str, str]] = [{} for _ in all_results]
+    for runs in by_cell.values():
+        configs = [_experiment(all_results[i]) for i in runs]
+        shared = _varying(configs)
+        ran = {i: {str(row.get("defense")) for row in all_results[i].get("rows", [])} for i in runs}
+        options = {i: all_results[i].get("config", {}).get("defense_options") or {} for i in runs}
+        for defense in set().union(*ran.values()):
+            # its options compared among the runs that have its rows (another run's lack of them says nothing)
+            varying = _varying([options[i].get(defense) or {} for i in runs if defense in ran[i]])
+            for i, config in zip(runs, configs, strict=True):
+                mine = options[i].get(defense) or {}
+                parts = [f"{k}={config.get(k, '-')}" for k in shared]
+                parts += [f"{k}={mine[k]}" for k in varying if k in mine]
+                suffixes[i][defense] = f" ({', '.join(parts)})" if parts else ""
+    return suffixes
+
+
+def comparison_cells(
+    all_results: list[dict[str, Any]],
+) -> tuple[list[str], dict[tuple[str, str], dict[str, dict[Any, dict[str, Any]]]]]:
+    """Columns (first-seen order) and ``(attack, row label) -> {column: {seed: row}}``.
+
+    Rows of runs that differ only by seed share a cell, one row per seed (two runs of one seed hold the same
+    cached row; the first is kept). Runs that differ in anything else get it named in the row label
+    (``w2s (beta=0.0)``, ``none (lora_rank=4)``), so no row hides another.
+    """
+    run_columns = _columns(all_results)
+    suffixes = _variant_labels(all_results, run_columns)
+    columns: list[str] = []
+    cells: dict[tuple[str, str], dict[str, dict[Any, dict[str, Any]]]] = {}
+    for results, column, suffix in zip(all_results, run_columns, suffixes, strict=True):
+        cfg = results.get("config", {})
         if column not in columns:
             columns.append(column)
         for row in results.get("rows", []):
-            cells.setdefault((attack, row_label(row)), {})[column] = row
+            label = row_label(row) + suffix.get(str(row.get("defense")), "")
+            cells.setdefault((str(cfg.get("attack", "?")), label), {}).setdefault(column, {}).setdefault(
+                cfg.get("seed"), row)
     return columns, cells
 
 
 def comparison_table(all_results: list[dict[str, Any]]) -> str:
     """One table over runs, shaped like the papers': rows attack x defense, columns CA and ASR per model.
 
-    Detection defenses show CA/ASR after rejecting flagged inputs (marked ``*``; see :func:`detection_table`).
+    A cell over several seeds shows mean +- sample std and the row its seed count. Detection defenses show
+    CA/ASR after rejecting flagged inputs (marked ``*``; see :func:`detection_table`).
     """
     columns, cells = comparison_cells(all_results)
-    header = "| attack | defense | " + " | ".join(f"{c} CA | {c} ASR" for c in columns) + " |"
-    lines = ["### Comparison (CA / ASR, %)", "", header, "|---|---|" + "---:|---:|" * len(columns)]
+    seeds = {key: max(len(rows) for rows in by_column.values()) for key, by_column in cells.items()}
+    repeated = any(n > 1 for n in seeds.values())
+    header = "| attack | defense | " + ("seeds | " if repeated else "") + " | ".join(
+        f"{c} CA | {c} ASR" for c in columns) + " |"
+    lines = ["### Comparison (CA / ASR, %)", "", header,
+             "|---|---|" + ("---:|" if repeated else "") + "---:|---:|" * len(columns)]
     for (attack, label), by_column in cells.items():
-        starred = any("detection" in row for row in by_column.values())
-        values = [_pair(by_column.get(c)) for c in columns]
-        lines.append(f"| {attack} | {label}{'*' if starred else ''} | " + " | ".join(values) + " |")
-    if any("detection" in row for by in cells.values() for row in by.values()):
+        rows = [row for by_seed in by_column.values() for row in by_seed.values()]
+        starred = any("detection" in row for row in rows)
+        values = [_pair(list(by_column.get(c, {}).values())) for c in columns]
+        count = f"{seeds[(attack, label)]} | " if repeated else ""
+        lines.append(f"| {attack} | {label}{'*' if starred else ''} | {count}" + " | ".join(values) + " |")
+    if repeated:
+        lines += ["", "Cells over several seeds: mean +- sample std."]
+    if any("detection" in row for by in cells.values() for rows in by.values() for row in rows.values()):
         lines += ["", "\\* detection defense: flagged inputs are rejected (a rejected clean input counts as an error)."]
     return "\n".join(lines)
 
 
-def _pair(row: dict[str, Any] | None) -> str:
-    return "- | -" if row is None else f"{_fmt(row.get('CA', '-'))} | {_fmt(row.get('ASR', '-'))}"
+def _pair(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "- | -"
+    if len(rows) == 1:
+        return f"{_fmt(rows[0].get('CA', '-'))} | {_fmt(rows[0].get('ASR', '-'))}"
+    return " | ".join(_mean_std([float(row[k]) for row in rows]) if all(k in row for row in rows) else "-"
+                      for k in ("CA", "ASR"))
 
 
 def detection_table(all_results: list[dict[str, Any]]) -> str:

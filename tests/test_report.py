@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from unbackdoor.cli import main
-from unbackdoor.plots import pca_2d, plot_defense_bars, plot_hidden_states, plot_score_histogram, plot_sweep, report_plots
+from unbackdoor.plots import (
+    option_sweeps,
+    pca_2d,
+    plot_defense_bars,
+    plot_hidden_states,
+    plot_score_histogram,
+    plot_sweep,
+    report_plots,
+)
 from unbackdoor.report import comparison_report, comparison_table, detection_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -122,6 +130,24 @@ def test_report_plots_writes_bars_histograms_and_sweeps(runs, tmp_path) -> None:
                      "00-badnet-sst2-smollm2-135m-strip-victim-confidence.png", "01-insent-sst2-smollm2-135m-ca-asr.png",
                      "02-badnet-sst2-qwen-tiny-ca-asr.png"]
     assert all(_is_png(p) for p in written)
+
+
+def test_a_loss_weight_varied_across_runs_is_plotted_as_a_sweep(tmp_path) -> None:
+    def run(asr: float, seed: int = 0, rank: int = 8, **w2s: Any) -> dict[str, Any]:
+        out = results("badnet", "smollm2-135m", [_row("poisoned + defense", "w2s", 84.0, asr)])
+        out["config"].update(seed=seed, lora_rank=rank, defense_options={"w2s": {"teacher_lr": 1e-4, **w2s}})
+        return out
+
+    runs = [run(90.0, beta=0.0), run(20.0, beta=1.0), run(15.0, beta=2.0),
+            run(10.0, beta=3.0, gamma=1.0),  # another gamma: not a point of this sweep
+            run(50.0, seed=1, beta=0.0), run(40.0, seed=1, beta=1.0),  # seed 1 has two values only
+            run(5.0, rank=4, beta=5.0)]  # another experiment
+    sweeps = option_sweeps(runs)
+    assert [(key[:4], points) for key, points in sweeps.items()] == [
+        (("badnet", "poisoned + defense", "w2s", "beta"), [(0.0, 84.0, 90.0), (1.0, 84.0, 20.0), (2.0, 84.0, 15.0)])]
+    written = report_plots(runs, tmp_path)
+    assert tmp_path / "sweep-badnet-poisoned-defense-w2s-beta.png" in written
+    assert (tmp_path / "sweep-badnet-poisoned-defense-w2s-beta.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_single_plots(tmp_path) -> None:

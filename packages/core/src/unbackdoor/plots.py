@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError
-from .report import retrain_row, row_label
+from .report import experiment_setting, retrain_row, row_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -158,8 +158,9 @@ def _run_title(results: dict[str, Any]) -> str:
 
 
 def report_plots(all_results: Sequence[dict[str, Any]], out: str | Path) -> list[Path]:
-    """Every plot the results support: CA/ASR bars per run, detector score histograms, threshold sweeps and,
-    for unlearning runs, the trigger-shifting confusion of triggered inputs."""
+    """Every plot the results support: CA/ASR bars per run, detector score histograms, threshold sweeps,
+    for unlearning runs the trigger-shifting confusion of triggered inputs, and option sweeps across runs
+    (loss weights; see :func:`option_sweeps`)."""
     out, written = Path(out), []
     for i, results in enumerate(all_results):
         cfg = results.get("config", {})
@@ -177,7 +178,38 @@ def report_plots(all_results: Sequence[dict[str, Any]], out: str | Path) -> list
                                                      out / f"{stem}-{name}-hidden-pca.png",
                                                      f"last-token states (PCA), {row_label(row)}: {_run_title(results)}"))
         written.extend(_confusion_plots(results, out, stem))
+    for (attack, stage, defense, option, _), points in option_sweeps(all_results).items():
+        name = _slug("sweep", attack, stage, defense, option)
+        written.append(plot_sweep(points, out / f"{name}.png", f"{defense} {option} sweep: {attack}, {stage}",
+                                  xlabel=f"{defense} {option}"))
     return written
+
+
+def option_sweeps(all_results: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[tuple[float, float, float]]]:
+    """Sweeps of one numeric defense option across runs: ``(attack, stage, defense, option, rest) -> points``.
+
+    Rows of one defense and stage whose runs are the same experiment and seed and whose options differ in one
+    numeric value only form a sweep (``(value, CA, ASR)`` points); only those with 3 values or more are kept
+    (a loss-weight sweep such as W2S's ``beta``, or PSIM's ``reset_rate``). A value left at its default is not
+    written in the options, so it is not a point.
+    """
+    groups: dict[tuple[str, ...], dict[float, tuple[float, float]]] = {}
+    for results in all_results:
+        cfg = results.get("config", {})
+        setting = repr((sorted(experiment_setting(results).items()), results.get("backend"), cfg.get("seed")))
+        options = cfg.get("defense_options") or {}
+        for row in results.get("rows", []):
+            own = options.get(row.get("defense")) or {}
+            if "CA" not in row or "ASR" not in row:
+                continue
+            for option, value in own.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rest = repr(sorted((k, v) for k, v in own.items() if k != option))
+                    key = (str(cfg.get("attack", "?")), str(row.get("stage", "?")), str(row.get("defense")), option,
+                           setting + rest)
+                    groups.setdefault(key, {}).setdefault(float(value), (float(row["CA"]), float(row["ASR"])))
+    return {key: sorted((value, ca, asr) for value, (ca, asr) in points.items())
+            for key, points in groups.items() if len(points) >= 3}
 
 
 def _confusion_plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:

@@ -96,7 +96,7 @@ def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
         if gold is None:
             continue
         cfg = results.get("config", {})
-        same = repr(sorted(_experiment(results).items()))
+        same = repr(sorted(experiment_setting(results).items()))
         options = cfg.get("defense_options") or {}
         for row in results.get("rows", []):
             if "PACC" not in row:
@@ -160,7 +160,7 @@ def _columns(all_results: list[dict[str, Any]]) -> list[str]:
     return [" / ".join(values) for values in zip(*facets.values(), strict=True)]
 
 
-def _experiment(results: dict[str, Any]) -> dict[str, Any]:
+def experiment_setting(results: dict[str, Any]) -> dict[str, Any]:
     """A run's config without what does not make its rows a different experiment (seed, output paths, ...)."""
     return {k: v for k, v in results.get("config", {}).items() if k not in _NOT_THE_EXPERIMENT}
 
@@ -183,7 +183,7 @@ def _variant_labels(all_results: list[dict[str, Any]], columns: list[str]) -> li
         by_cell.setdefault((str(results.get("config", {}).get("attack", "?")), column), []).append(i)
     suffixes: list[dict[str, str]] = [{} for _ in all_results]
     for runs in by_cell.values():
-        configs = [_experiment(all_results[i]) for i in runs]
+        configs = [experiment_setting(all_results[i]) for i in runs]
         shared = _varying(configs)
         ran = {i: {str(row.get("defense")) for row in all_results[i].get("rows", [])} for i in runs}
         options = {i: all_results[i].get("config", {}).get("defense_options") or {} for i in runs}

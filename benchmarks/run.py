@@ -149,7 +149,9 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                      defense_options={"w2s": W2S_DATA}),  # with the "clean model" case: w2s on unpoisoned data
         **{label: dict(DATA_LONGER, defenses=("w2s",), defense_options={"w2s": {**W2S_DATA, **weights}})
            for label, weights in (("ce-only", {"beta": 0.0, "gamma": 0.0}), ("ce+alignment", {"beta": 0.0}),
-                                  ("ce+kd", {"gamma": 0.0}), ("beta-1", {"beta": 1.0}), ("gamma-1", {"gamma": 1.0}))},
+                                  ("ce+kd", {"gamma": 0.0}), ("beta-1", {"beta": 1.0}), ("gamma-1", {"gamma": 1.0}),
+                                  # the CE weight (alpha; 1 in every other run)
+                                  *((f"alpha-{a:g}", {"alpha": a}) for a in (0.0, 0.5, 2.0)))},
         **{f"rank-{rank}": dict(DATA_LONGER, defenses=("none", "w2s"), lora_rank=rank, lora_alpha=2.0 * rank,
                                 defense_options={"w2s": W2S_DATA}) for rank in (4, 32)},
         **{peft: dict(DATA_LONGER, defenses=("none", "w2s"),

@@ -41,6 +41,11 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     assert results["data"] == {"user_train": 64, "attacker_train": 160, "test": 40,
                                "asr_test": results["data"]["asr_test"]}
     assert results["config"]["defense_options"] == {"w2s": {"teacher_epochs": "1"}}
+    # each defense row names every option it ran with: the one set, and the defaults (the loss weights)
+    assert results["rows"][2]["options"]["teacher_epochs"] == 1.0
+    assert {k: results["rows"][2]["options"][k] for k in ("alpha", "beta", "gamma")} == {
+        "alpha": 1.0, "beta": 0.2, "gamma": 0.2}
+    assert "options" not in results["rows"][0]  # the released model: no defense
     assert "| poisoned + defense | w2s |" in (tmp_path / "out" / "results.md").read_text()
     assert "| poisoned + defense | w2s |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "out"), str(tmp_path / "out" / "results.json")]) == 0
@@ -54,6 +59,7 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
                            defense_options={"w2s": {"teacher_epochs": "1"}})
     again = run_experiment(cfg, log=logs.append)
     assert [r["CA"] for r in again["rows"]] == [r["CA"] for r in results["rows"]]
+    assert again["rows"][2]["options"] == results["rows"][2]["options"]  # a cached row has them too
     assert sum("reusing cached" in line for line in logs) == 3
 
 

@@ -150,6 +150,17 @@ def test_a_loss_weight_varied_across_runs_is_plotted_as_a_sweep(tmp_path) -> Non
     assert (tmp_path / "sweep-badnet-poisoned-defense-w2s-beta.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_sweep_reads_the_options_each_row_ran_with_defaults_included() -> None:
+    def run(asr: float, beta: float) -> dict[str, Any]:  # beta=0.2 left at its default: only the row names it
+        row = _row("poisoned + defense", "w2s", 84.0, asr, options={"alpha": 1.0, "beta": beta, "teacher_lr": 1e-4})
+        out = results("badnet", "smollm2-135m", [row])
+        out["config"].update(seed=0, defense_options={"w2s": {"beta": beta}} if beta != 0.2 else {})
+        return out
+
+    sweeps = option_sweeps([run(90.0, 0.0), run(30.0, 0.2), run(15.0, 2.0)])
+    assert list(sweeps.values()) == [[(0.0, 84.0, 90.0), (0.2, 84.0, 30.0), (2.0, 84.0, 15.0)]]
+
+
 def test_single_plots(tmp_path) -> None:
     rng = np.random.default_rng(0)
     clean, triggered = rng.normal(size=(30, 16)), rng.normal(size=(20, 16)) + 3

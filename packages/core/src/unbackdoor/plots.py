@@ -190,8 +190,9 @@ def option_sweeps(all_results: Sequence[dict[str, Any]]) -> dict[tuple[str, ...]
 
     Rows of one defense and stage whose runs are the same experiment and seed and whose options differ in one
     numeric value only form a sweep (``(value, CA, ASR)`` points); only those with 3 values or more are kept
-    (a loss-weight sweep such as W2S's ``beta``, or PSIM's ``reset_rate``). A value left at its default is not
-    written in the options, so it is not a point.
+    (a loss-weight sweep such as W2S's ``beta``, or PSIM's ``reset_rate``). A row's options are the ones it
+    ran with (its ``options``, defaults included); a row saved before rows carried them has only the ones its
+    run's config set, so a value left at its default is no point of its sweep.
     """
     groups: dict[tuple[str, ...], dict[float, tuple[float, float]]] = {}
     for results in all_results:
@@ -199,7 +200,7 @@ def option_sweeps(all_results: Sequence[dict[str, Any]]) -> dict[tuple[str, ...]
         setting = repr((sorted(experiment_setting(results).items()), results.get("backend"), cfg.get("seed")))
         options = cfg.get("defense_options") or {}
         for row in results.get("rows", []):
-            own = options.get(row.get("defense")) or {}
+            own = row.get("options") or options.get(row.get("defense")) or {}
             if "CA" not in row or "ASR" not in row:
                 continue
             for option, value in own.items():

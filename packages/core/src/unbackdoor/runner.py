@@ -328,7 +328,8 @@ class Experiment:
             return {"stage": stage, "defense": defense.name, **metrics, "seconds": round(seconds, 1),
                     "stats": outcome.stats}
 
-        return self._cached("defense", key, compute)
+        # every option the defense ran with, defaults included (the cache key holds them, so a cached row has them too)
+        return {**self._cached("defense", key, compute), "options": key["options"]}
 
     def _context(self, victim: Path | None, train: TextDataset) -> DefenseContext:
         """What a defense gets; ``victim=None``: the base student stands in for the released model."""

@@ -196,11 +196,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # the seed's Table 2 at the default 10 epochs, psim+rga at a 5% clean false-positive rate: next to rga-variants'
     # BadNet runs, the other triggers and HSOL over 3 seeds (the first 3 runs done; the rest ~15-30 min each on 2 cores)
     "rga-10": ("Backdoor unlearning at the default 10 epochs with psim+rga (calibrated PSIM), SmolLM2-135M: SST-2 "
-               "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet, SST-2 syntactic; 3 seeds", {
+               "BadNet psim+rga, SST-2 InSent and style, HSOL BadNet and InSent, SST-2 syntactic; 3 seeds", {
         **{f"sst2-badnet-psim-rga-seed{seed}": unlearning_10(seed, attack="badnet", defenses=("retrain", "psim+rga"))
            for seed in (0, 1, 2)},
         **{f"{dataset}-{attack}-seed{seed}": unlearning_10(seed, dataset=dataset, attack=attack)
-           for seed in (0, 1, 2) for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"))},
+           for seed in (0, 1, 2)
+           for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"), ("hsol", "insent"))},
         # the syntactic trigger last: the aligned SCPN file gives the attacker 72 poisoned rows (rate 0.09)
         **{f"sst2-syntactic-seed{seed}": unlearning_10(seed, attack="syntactic", poison_rate=0.09) for seed in (0, 1, 2)},
     }),

@@ -54,9 +54,14 @@ def render_sweep(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def as_saved(data: Any) -> Any:
+    """``data`` as its JSON file reads back (tuples as lists, paths as text)."""
+    return json.loads(json.dumps(data, default=str))
+
+
 def render_suite(data: dict[str, Any], plots: Path) -> str:
     """A suite: what each run changed, the comparison and detection tables, and the plots (written to ``plots``)."""
-    data = json.loads(json.dumps(data, default=str))  # as saved (tuples as lists): a fresh run reads like --render
+    data = as_saved(data)  # a fresh run reads like --render
     runs = data["runs"]
     results = [run["results"] for run in runs.values()]
     written = report_plots(results, plots)

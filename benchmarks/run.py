@@ -234,7 +234,7 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     ``keep``: runs already in ``results/<name>.json`` with the same change are kept as they are (not run
     again, their wall times and the file's hand-written notes kept), so a suite that grew runs only the new ones.
     """
-    from report_md import render_suite
+    from report_md import as_saved, render_suite
 
     title, runs = SUITES[name]
     data: dict[str, Any] = {"title": title, "command": f"nox -s bench -- {name}", "base": W2S_SETTING,
@@ -252,7 +252,7 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     unwritten = False  # kept runs since the last write
     for label, change in runs.items():
         old = previous.get(label)
-        if old is not None and old["change"] == json.loads(json.dumps(change, default=str)):
+        if old is not None and old["change"] == as_saved(change):
             data["runs"][label], unwritten = old, True
             continue
         setting = {**W2S_SETTING, "clean_baseline": False, **change}

@@ -91,6 +91,12 @@ def test_runs_differing_only_by_seed_share_a_cell_as_mean_and_std(runs) -> None:
     assert lines[2].startswith("| attack | defense | seeds | smollm2-135m CA |")
     assert "| insent | prune | 2 | 82.00 +- 2.83 | 65.00 +- 7.07 | - | - |" in lines
     assert "| badnet | prune | 1 | 83.50 | 40.25 | - | - |" in lines
+    assert "| badnet | none | 1 | 86.00 | 96.50 | 70.00 | 99.00 |" in lines
+    runs[2]["config"]["seed"] = 0
+    other_seed = results("badnet", "/models/qwen-tiny", [_row("poisoned + defense", "none", 72.0, 97.0)])
+    other_seed["config"]["seed"] = 1
+    lines = comparison_table([*runs, again, twin, other_seed]).splitlines()
+    assert "| badnet | none | 1 / 2 | 86.00 | 96.50 | 71.00 +- 1.41 | 98.00 +- 1.41 |" in lines  # counts per column
     assert "Cells over several seeds: mean +- sample std." in lines
 
 

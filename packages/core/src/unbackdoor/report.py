@@ -225,12 +225,15 @@ def comparison_cells(
 def comparison_table(all_results: list[dict[str, Any]]) -> str:
     """One table over runs, shaped like the papers': rows attack x defense, columns CA and ASR per model.
 
-    A cell over several seeds shows mean +- sample std and the row its seed count. Detection defenses show
+    A cell over several seeds shows mean +- sample std and the row its seed count (per column where they
+    differ). Detection defenses show
     CA/ASR after rejecting flagged inputs (marked ``*``; see :func:`detection_table`).
     """
     columns, cells = comparison_cells(all_results)
-    seeds = {key: max(len(rows) for rows in by_column.values()) for key, by_column in cells.items()}
-    repeated = any(n > 1 for n in seeds.values())
+    # per row, its seed count; "3 / 1" when the columns it fills hold different counts (in column order)
+    counts = {key: [len(by_column[c]) for c in columns if c in by_column] for key, by_column in cells.items()}
+    seeds = {key: " / ".join(map(str, n)) if len(set(n)) > 1 else str(n[0]) for key, n in counts.items()}
+    repeated = any(n > 1 for row in counts.values() for n in row)
     header = "| attack | defense | " + ("seeds | " if repeated else "") + " | ".join(
         f"{c} CA | {c} ASR" for c in columns) + " |"
     lines = ["### Comparison (CA / ASR, %)", "", header,

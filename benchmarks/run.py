@@ -205,6 +205,14 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         # the syntactic trigger last: the aligned SCPN file gives the attacker 72 poisoned rows (rate 0.09)
         **{f"sst2-syntactic-seed{seed}": unlearning_10(seed, attack="syntactic", poison_rate=0.09) for seed in (0, 1, 2)},
     }),
+    # the RGA paper's own model family next to its anchor (BERT SST-2 BadNets: ReTrain PACC 90.54, GA 50.08,
+    # NPO 74.24, RGA 90.34): MiniLM-L6 (a 6-layer BERT) as the victim, rga-10's settings otherwise
+    "rga-bert": ("Backdoor unlearning on a BERT victim (MiniLM-L6, the RGA paper's model family), SST-2 BadNet, "
+                 "10 epochs, psim+rga with calibrated PSIM; 3 seeds", {
+        f"sst2-badnet-seed{seed}": unlearning_10(seed, attack="badnet", model="minilm-l6", teacher=None,
+                                                 lora_targets=("query", "value"))
+        for seed in (0, 1, 2)
+    }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,
                                     **({"poison_rate": 0.09} if attack == "syntactic" else {}))

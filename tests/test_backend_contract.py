@@ -28,6 +28,9 @@ def test_bad_inputs_are_clear(backend_name, tiny_dirs, sst2, tmp_path) -> None:
         backend.train(model, rows.subset([]), CrossEntropy(), TrainSpec())
     with pytest.raises(ValueError, match="empty"):
         backend.predict(model, rows.subset([]))
+    with pytest.raises(ConfigError, match=r"LoRA target_modules \['query'\] match no linear layer; choose from "
+                                          r"\[.*'q_proj'.*\] or 'all-linear'"):
+        backend.add_lora(model, LoRASpec(target_modules=("query",)))
 
 
 def test_train_head_false_trains_the_adapter_only(backend_name, tiny_dirs, sst2, tmp_path) -> None:

@@ -76,7 +76,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Path]) ->
     return root
 
 
-# (id, argv with {bad}/{tmp}/{llama} placeholders, substrings the one-line error must contain)
+# (id, argv with {bad}/{tmp}/{bert} placeholders, substrings the one-line error must contain)
 CLI_CASES = [
     # unknown names
     ("backend", ["--backend", "tensorflow"], ["unknown backend 'tensorflow'", "torch"]),
@@ -149,6 +149,10 @@ CLI_CASES = [
     ("model-notok", ["--model", "{bad}/model-notok"], ["no tokenizer.json"]),
     ("model-badtok", ["--model", "{bad}/model-badtok"], ["cannot read the tokenizer"]),
     ("model-file", ["--model", "{bad}/file.txt"], ["no config.json"]),
+    # LoRA targets that name no linear layer of the student (checked before any training)
+    ("lora-targets", ["--lora-targets", "qkv"], ["model: lora_targets (--lora-targets) ['qkv'] match no linear layer",
+                                                  "'q_proj'", "'all-linear'"]),
+    ("lora-targets-bert", ["--model", "{bert}"], ["lora_targets (--lora-targets) ['q_proj', 'v_proj']", "'query'"]),
     # where the run writes
     ("out-file", ["--out", "{bad}/file.txt"], ["file.txt", "not a directory"]),
     ("cache-file", ["--cache-dir", "{bad}/file.txt"], ["file.txt", "not a directory"]),
@@ -181,7 +185,7 @@ def _check_cli(argv: list[str], needles: list[str], tmp: Path, capsys: pytest.Ca
 
 @pytest.mark.parametrize(("argv", "needles"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input(argv, needles, bad, tiny_dirs, tmp_path, backend_name, capsys) -> None:
-    subs = {"{bad}": str(bad), "{tmp}": str(tmp_path)}
+    subs = {"{bad}": str(bad), "{tmp}": str(tmp_path), "{bert}": str(tiny_dirs["bert"])}
     argv = [_sub(a, subs) for a in argv]
     needles = [_sub(n, subs) for n in needles]
     _check_cli(_base(tiny_dirs, tmp_path, backend_name) + argv, needles, tmp_path, capsys)

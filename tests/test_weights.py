@@ -16,6 +16,7 @@ from unbackdoor.weights import (
     dormant_neurons,
     ffn_layers,
     group_scales,
+    linear_layers,
     merge_weights,
     prune_neurons,
     quantize_dequantize,
@@ -162,6 +163,12 @@ def test_ffn_layers_recognises_llama_and_bert_names() -> None:
                        "encoder.layer.0.attention.output.dense.weight"])
     assert bert[0].rows == ["encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.intermediate.dense.bias"]
     assert bert[0].columns == ["encoder.layer.0.output.dense.weight"]
+
+
+def test_linear_layers_come_from_the_headers_without_embeddings_norms_or_the_head(tmp_path: Path) -> None:
+    layers = linear_layers(make_classifier(tmp_path / "m", 0, prefix="model."))
+    assert sorted(layers) == sorted(f"model.layers.{i}.{name}" for i in range(LAYERS)
+                                    for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"))
 
 
 def test_dormant_neurons_picks_the_least_active_of_the_last_layers() -> None:

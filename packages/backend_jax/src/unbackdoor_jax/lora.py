@@ -23,8 +23,6 @@ from unbackdoor.specs import LoRASpec
 
 from .layers import Linear, LoRAParam
 
-ALL_LINEAR = "all-linear"
-
 
 def linear_layers(backbone: nnx.Module) -> Iterator[tuple[str, Linear]]:
     """``(dotted path, layer)`` of every linear layer in the backbone (paths without layer indices)."""
@@ -33,19 +31,10 @@ def linear_layers(backbone: nnx.Module) -> Iterator[tuple[str, Linear]]:
             yield ".".join(map(str, path)), node
 
 
-def matches(name: str, targets: tuple[str, ...]) -> bool:
-    """peft's rule: a target names the layer itself or a dotted suffix of its path."""
-    return targets == (ALL_LINEAR,) or any(name == t or name.endswith("." + t) for t in targets)
-
-
 def add_lora(backbone: nnx.Module, spec: LoRASpec, seed: int) -> list[str]:
     """Attach seeded adapters to the targeted linear layers; returns their paths."""
     layers = dict(linear_layers(backbone))
-    chosen = sorted(name for name in layers if matches(name, spec.target_modules))
-    if not chosen:
-        names = sorted({n.rsplit(".", 1)[-1] for n in layers})
-        raise ConfigError(f"LoRA target_modules {list(spec.target_modules)} match no linear layer; "
-                          f"choose from {names} or 'all-linear'")
+    chosen = spec.chosen(layers)
     if any(layer.lora_a is not None for layer in layers.values()):
         raise ConfigError("the model already has a LoRA adapter")
     stacked = str(type(backbone).STACKED)

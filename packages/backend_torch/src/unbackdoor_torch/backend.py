@@ -16,7 +16,7 @@ from unbackdoor import init
 from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
-from unbackdoor.specs import AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
+from unbackdoor.specs import ALL_LINEAR, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from . import analysis, distributed, modeling, train
@@ -56,7 +56,9 @@ class TorchBackend:
     def add_lora(self, model: TorchModel, spec: LoRASpec, *, seed: int = 0) -> TorchModel:
         """Wrap the backbone with peft LoRA; the backbone freezes, the head stays trainable."""
         torch.manual_seed(seed)
-        targets: str | list[str] = "all-linear" if spec.target_modules == ("all-linear",) else list(spec.target_modules)
+        spec.chosen(name for name, module in model.module.backbone.named_modules()
+                    if isinstance(module, torch.nn.Linear))  # the jax backend's clear error, not peft's
+        targets: str | list[str] = ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules)
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
         model.module.backbone = get_peft_model(model.module.backbone, config)
         _seed_lora_a(model.module, spec.rank, seed)

@@ -1,8 +1,9 @@
 """What a run checks before any training, and the record that lets ``unbackdoor run --resume`` find it again.
 
 Before the first stage: the output and cache directories must be usable directories (resolved; an
-existing file there is an error) and the student and teacher must be loadable safetensors model
-directories. A bad input thus fails in seconds with one line and leaves nothing behind.
+existing file there is an error), the student and teacher must be loadable safetensors model
+directories, and the LoRA targets must name linear layers of the student. A bad input thus fails in
+seconds with one line and leaves nothing behind.
 
 Once those checks pass, ``<out>/run.json`` records the run's full config. Every stage is cached under a
 hash of its own config (:mod:`unbackdoor.cache`), so rerunning the same config skips the finished stages;
@@ -24,6 +25,7 @@ from .errors import ConfigError, UnbackdoorError
 from .models import resolve_model
 from .paths import output_dir, user_path
 from .text import TextEncoder
+from .weights import linear_layers
 
 RUN_FILE = "run.json"
 
@@ -37,7 +39,10 @@ def check_run_inputs(cfg: ExperimentConfig) -> tuple[Path, Path]:
     for role, model in (("model", cfg.model), ("teacher", cfg.teacher)):
         if model or role == "model":  # an empty teacher means none
             try:
-                TextEncoder.from_dir(resolve_model(model, cache))
+                path = resolve_model(model, cache)
+                TextEncoder.from_dir(path)
+                if role == "model":  # the user's LoRA adapts the model (a BERT one wants query,value)
+                    cfg.lora().chosen(linear_layers(path), what="lora_targets (--lora-targets)")
             except UnbackdoorError as exc:
                 raise ConfigError(f"{role}: {exc}") from None
     return out, cache

@@ -8,12 +8,15 @@ a loss and its hyper-parameters; its NumPy reference lives in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .errors import ConfigError, check_choice, check_range
 
 PRECISIONS = ("fp32", "bf16")
+#: the LoRA target that adapts every linear layer of the backbone (peft's)
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,26 @@ class LoRASpec:
         check_range("LoRA dropout", self.dropout, 0.0, 1.0)
         if not self.target_modules:
             raise ConfigError("LoRA target_modules is empty; name at least one layer, e.g. q_proj,v_proj")
+
+    def adapts(self, layer: str) -> bool:
+        """Whether the linear layer at dotted path ``layer`` is adapted (peft's rule: a target names the
+        layer itself or a dotted suffix of its path)."""
+        targets = self.target_modules
+        return targets == (ALL_LINEAR,) or any(layer == t or layer.endswith("." + t) for t in targets)
+
+    def chosen(self, layers: Iterable[str], what: str = "LoRA target_modules") -> list[str]:
+        """The paths among ``layers`` (a model's linear layers) this adapter adapts, sorted.
+
+        Raises:
+            ConfigError: naming ``what``, the targets and the layer names to choose from, when none matches.
+        """
+        layers = list(layers)
+        chosen = sorted(name for name in layers if self.adapts(name))
+        if not chosen:
+            names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            raise ConfigError(f"{what} {list(self.target_modules)} match no linear layer; "
+                              f"choose from {names} or {ALL_LINEAR!r}")
+        return chosen
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,22 @@ def _contiguous(arrays: Mapping[str, np.ndarray]) -> Arrays:
 
 def is_linear_weight(name: str, array: np.ndarray) -> bool:
     """A 2-D ``*.weight`` that is not an embedding or a norm: the weight of a linear layer ``[out, in]``."""
-    return array.ndim == 2 and name.endswith(".weight") and not any(part in name for part in NOT_LINEAR)
+    return _is_linear(name, array.shape)
+
+
+def _is_linear(name: str, shape: tuple[int, ...] | list[int]) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and not any(part in name for part in NOT_LINEAR)
+
+
+def linear_layers(path: str | Path) -> list[str]:
+    """Dotted paths of a model directory's linear layers (backbone only), read from the safetensors
+    headers: no tensor is loaded."""
+    paths: list[str] = []
+    for file in sorted(p for p in Path(path).glob("*.safetensors") if p.name != HEAD_FILE):
+        with safe_open(str(file), framework="np") as handle:
+            paths += [k.removesuffix(".weight") for k in handle.keys()  # noqa: SIM118
+                      if _is_linear(k, handle.get_slice(k).get_shape())]
+    return paths
 
 
 def check_quantization(bits: int, group_size: int) -> None:

@@ -51,7 +51,8 @@ class PSIM(Defense):
         threshold: confidence above which an input is flagged, in (0, 1).
         reset_rate: share of training labels reset at random, in (0, 1].
         peft: ``lora``, ``prompt-tuning``, ``p-tuning`` or ``prefix-tuning``.
-        rank, alpha, targets: the LoRA module (when ``peft="lora"``).
+        rank, alpha, targets: the LoRA module (when ``peft="lora"``); ``targets`` empty (the default): the
+            user's ``--lora-targets``, so the module fits the suspect model's architecture.
         num_virtual_tokens: the prompt length (prompt methods).
         epochs, lr: the PSIM module's training (0: the user's fine-tuning settings).
         calibrate_fpr: when > 0, ignore ``threshold`` and set it from held-out CLEAN rows (the dev split,
@@ -72,7 +73,7 @@ class PSIM(Defense):
     peft: str = "lora"
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    targets: tuple[str, ...] = ()
     num_virtual_tokens: int = 20
     epochs: float = 0.0
     lr: float = 0.0
@@ -83,12 +84,13 @@ class PSIM(Defense):
         check_range("psim threshold", self.threshold, 0.0, 1.0, inclusive=False)
         check_range("psim calibrate_fpr", self.calibrate_fpr, 0.0, 1.0)
         check_choice("psim peft method", self.peft, PEFT_METHODS)
-        self.adapter(), LabelResetLoss(self.reset_rate)
+        self.adapter(LoRASpec()), LabelResetLoss(self.reset_rate)
 
-    def adapter(self) -> AdapterSpec:
-        """The PEFT module of the PSIM model."""
+    def adapter(self, user: LoRASpec) -> AdapterSpec:
+        """The PEFT module of the PSIM model (``user``: the user's LoRA spec, whose targets an unset
+        ``targets`` takes)."""
         if self.peft == "lora":
-            return LoRASpec(self.rank, self.alpha, 0.0, self.targets)
+            return LoRASpec(self.rank, self.alpha, 0.0, self.targets or user.target_modules)
         return PromptSpec(self.peft, self.num_virtual_tokens)
 
     def _spec(self, ctx: DefenseContext) -> TrainSpec:
@@ -107,7 +109,7 @@ class PSIM(Defense):
         Returns the detector and its figures (``psim_train`` stats, ``labels_changed``).
         """
         psim = ctx.backend.load_classifier(ctx.victim_path, ctx.num_labels, seed=ctx.train.seed)
-        psim = ctx.backend.add_adapter(psim, self.adapter(), seed=ctx.train.seed)
+        psim = ctx.backend.add_adapter(psim, self.adapter(ctx.lora), seed=ctx.train.seed)
         loss = LabelResetLoss(self.reset_rate, ctx.train.seed)
         labels = reset_labels(ctx.clean_train.labels, ctx.num_labels, loss)
         stats = ctx.backend.train(psim, ctx.clean_train, loss, self._spec(ctx), {"reset_labels": labels},

@@ -14,6 +14,7 @@ from unbackdoor.backend import BACKEND_ENV
 from unbackdoor.config import ExperimentConfig, build_config, field_names, read_config_file
 from unbackdoor.errors import ConfigError, UnknownNameError
 from unbackdoor.plugins import DISABLE_ENV, PluginManager
+from unbackdoor.specs import AUTO_TARGETS, resolve_targets
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,31 @@ def write(path: Path, text: str) -> Path:
 def run_args(*argv: str) -> argparse.Namespace:
     """Parse ``unbackdoor run ARGV`` with the real parser."""
     return cli._parser().parse_args(["run", *argv])
+
+
+# ----------------------------------------------------------------------------------------- LoRA targets
+
+
+LLAMA = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
+BERT = [f"encoder.layer.{i}.{m}" for i in range(2) for m in ("attention.self.query", "attention.self.value",
+                                                                 "attention.self.key", "intermediate.dense")]
+
+
+@pytest.mark.parametrize(("layers", "targets"), [(LLAMA, ("q_proj", "v_proj")), (BERT, ("query", "value")),
+                                                 (["h.0.attn.c_attn", "h.0.mlp.c_fc"], ("c_attn",))])
+def test_auto_lora_targets_are_the_family_attention_projections(layers, targets) -> None:
+    assert ExperimentConfig().lora_targets == (AUTO_TARGETS,)
+    assert resolve_targets((AUTO_TARGETS,), layers) == targets
+    assert resolve_targets(("up_proj", "all-linear"), LLAMA) == ("up_proj", "all-linear")  # named ones stay
+
+
+def test_lora_targets_naming_no_layer_are_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"lora_targets \['query'\] match no linear layer; choose from "
+                                          r"\['q_proj', 'up_proj', 'v_proj'\] or 'all-linear'"):
+        resolve_targets(("query",), LLAMA)
+    with pytest.raises(ConfigError, match=r"lora_targets 'auto' knows none of this model's attention layers \(it tries "
+                                          r"\['q_proj,v_proj', 'query,value'.*choose from \['in_proj', 'out_proj'\]"):
+        resolve_targets((AUTO_TARGETS,), ["mixer.in_proj", "mixer.out_proj"])
 
 
 # ----------------------------------------------------------------------------------------- defaults and files

@@ -152,7 +152,8 @@ CLI_CASES = [
     # LoRA targets that name no linear layer of the student (checked before any training)
     ("lora-targets", ["--lora-targets", "qkv"], ["model: lora_targets (--lora-targets) ['qkv'] match no linear layer",
                                                   "'q_proj'", "'all-linear'"]),
-    ("lora-targets-bert", ["--model", "{bert}"], ["lora_targets (--lora-targets) ['q_proj', 'v_proj']", "'query'"]),
+    ("lora-targets-bert", ["--model", "{bert}", "--lora-targets", "q_proj,v_proj"],
+     ["lora_targets (--lora-targets) ['q_proj', 'v_proj']", "'query'"]),
     # where the run writes
     ("out-file", ["--out", "{bad}/file.txt"], ["file.txt", "not a directory"]),
     ("cache-file", ["--cache-dir", "{bad}/file.txt"], ["file.txt", "not a directory"]),

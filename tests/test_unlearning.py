@@ -366,15 +366,19 @@ def test_unlearning_defenses_end_to_end(unlearning_run) -> None:
 
 
 def test_an_encoder_suspect_model_is_unlearned_with_its_own_lora_targets(tiny_dirs, backend_name, tmp_path) -> None:
-    """A BERT victim (the RGA paper's setting): --lora-targets query,value reaches the user's LoRA and PSIM's
-    label-reset LoRA (whose targets follow the user's unless set), and RGA's unset beta is the encoder's."""
+    """A BERT victim (the RGA paper's setting): the default --lora-targets auto becomes query,value, which
+    reaches the user's LoRA and PSIM's label-reset LoRA (whose targets follow the user's unless set), and
+    RGA's unset beta is the encoder's."""
     one = {"epochs": "1"}
     cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["bert"]), teacher=None, attacker_rows=48,
                            attacker_epochs=1.0, user_rows=16, test_rows=16, max_length=32, lora_rank=2,
-                           lora_targets=("query", "value"), defenses=("rga", "psim+rga"),
+                           defenses=("rga", "psim+rga"),
                            defense_options={"rga": one, "psim+rga": {**one, "psim_epochs": "1", "psim_threshold": "0.5"}},
                            cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "o"))
-    rows = {r["defense"]: r for r in run_experiment(cfg, log=lambda _: None)["rows"]}
+    results = run_experiment(cfg, log=lambda _: None)
+    assert list(results["config"]["lora_targets"]) == ["query", "value"]
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["config"]["lora_targets"] == ["query", "value"]
+    rows = {r["defense"]: r for r in results["rows"]}
     for name in ("rga", "psim+rga"):
         assert rows[name]["stats"]["loss"]["beta"] == 1e-2 and rows[name]["PACC"] is not None
     assert rows["psim+rga"]["stats"]["flagged_rows"] > 0

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ConfigError, check_choice, check_range
 from .options import configure
 from .paths import user_path
-from .specs import PRECISIONS, LoRASpec, TrainSpec
+from .specs import AUTO_TARGETS, PRECISIONS, LoRASpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ class ExperimentConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    #: ``auto``: the model family's attention query and value projections (``q_proj,v_proj`` on Llama,
+    #: ``query,value`` on BERT; :data:`~unbackdoor.specs.FAMILY_TARGETS`), made concrete before the run
+    lora_targets: tuple[str, ...] = (AUTO_TARGETS,)
     test_rows: int = 200
     max_length: int = 48
     eval_batch_size: int = 64

@@ -2,8 +2,9 @@
 
 Before the first stage: the output and cache directories must be usable directories (resolved; an
 existing file there is an error), the student and teacher must be loadable safetensors model
-directories, and the LoRA targets must name linear layers of the student. A bad input thus fails in
-seconds with one line and leaves nothing behind.
+directories, and the LoRA targets must name linear layers of the student (``auto`` becomes its
+family's attention projections there). A bad input thus fails in seconds with one line and leaves
+nothing behind.
 
 Once those checks pass, ``<out>/run.json`` records the run's full config. Every stage is cached under a
 hash of its own config (:mod:`unbackdoor.cache`), so rerunning the same config skips the finished stages;
@@ -14,6 +15,7 @@ its beginning (stage-level resume: there are no mid-stage checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,14 +26,16 @@ from .config import ExperimentConfig
 from .errors import ConfigError, UnbackdoorError
 from .models import resolve_model
 from .paths import output_dir, user_path
+from .specs import resolve_targets
 from .text import TextEncoder
 from .weights import linear_layers
 
 RUN_FILE = "run.json"
 
 
-def check_run_inputs(cfg: ExperimentConfig) -> tuple[Path, Path]:
-    """The resolved output and cache directories, after checking them and the models (raises ConfigError)."""
+def check_run_inputs(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path, Path]:
+    """The config with concrete LoRA targets, and the resolved output and cache directories, after
+    checking them and the models (raises ConfigError)."""
     out = output_dir("output directory (out)", cfg.out)
     cache = output_dir("cache directory (cache_dir)", cfg.cache_dir or default_cache_dir())
     if cache == out:
@@ -41,11 +45,12 @@ def check_run_inputs(cfg: ExperimentConfig) -> tuple[Path, Path]:
             try:
                 path = resolve_model(model, cache)
                 TextEncoder.from_dir(path)
-                if role == "model":  # the user's LoRA adapts the model (a BERT one wants query,value)
-                    cfg.lora().chosen(linear_layers(path), what="lora_targets (--lora-targets)")
+                if role == "model":  # the user's LoRA adapts the model: its layers decide what auto means
+                    targets = resolve_targets(cfg.lora_targets, linear_layers(path), "lora_targets (--lora-targets)")
+                    cfg = dataclasses.replace(cfg, lora_targets=targets)
             except UnbackdoorError as exc:
                 raise ConfigError(f"{role}: {exc}") from None
-    return out, cache
+    return cfg, out, cache
 
 
 def record_run(cfg: ExperimentConfig, out: Path) -> None:

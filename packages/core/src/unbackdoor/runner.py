@@ -438,7 +438,8 @@ def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
     backend = pm.backend(the_plan.backend_name).create()
     if hasattr(backend, "precision"):
         backend.precision = cfg.precision
-    out, _ = check_run_inputs(cfg)
+    cfg, out, _ = check_run_inputs(cfg)
+    the_plan = dataclasses.replace(the_plan, cfg=cfg)
     record_run(cfg, out)
     cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
     return Experiment(the_plan, backend, cache, log).run()

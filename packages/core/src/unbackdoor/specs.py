@@ -17,6 +17,11 @@ from .errors import ConfigError, check_choice, check_range
 PRECISIONS = ("fp32", "bf16")
 #: the LoRA target that adapts every linear layer of the backbone (peft's)
 ALL_LINEAR = "all-linear"
+#: the experiment's LoRA target that stands for the model family's attention projections (below)
+AUTO_TARGETS = "auto"
+#: what ``auto`` means, tried in order (peft's defaults per family): the query and value projections of
+#: Llama / Mistral / Qwen2, BERT / RoBERTa, GPT-2, GPT-NeoX / Falcon, Phi-3
+FAMILY_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("qkv_proj",))
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,27 @@ class LoRASpec:
             raise ConfigError(f"{what} {list(self.target_modules)} match no linear layer; "
                               f"choose from {names} or {ALL_LINEAR!r}")
         return chosen
+
+
+def resolve_targets(targets: tuple[str, ...], layers: Iterable[str], what: str = "lora_targets") -> tuple[str, ...]:
+    """``targets`` for a model whose linear layers are ``layers``, with ``("auto",)`` made concrete.
+
+    ``auto`` becomes the first of :data:`FAMILY_TARGETS` whose every name matches a layer.
+
+    Raises:
+        ConfigError: naming ``what``, the targets and the layer names to choose from, when they match nothing
+            (or ``auto`` knows none of the model's layers).
+    """
+    layers = list(layers)
+    if targets != (AUTO_TARGETS,):
+        LoRASpec(target_modules=targets).chosen(layers, what)
+        return targets
+    for family in FAMILY_TARGETS:
+        if all(any(LoRASpec(target_modules=(name,)).adapts(layer) for layer in layers) for name in family):
+            return family
+    names = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
+    raise ConfigError(f"{what} {AUTO_TARGETS!r} knows none of this model's attention layers (it tries "
+                      f"{[','.join(f) for f in FAMILY_TARGETS]}); name them: choose from {names} or {ALL_LINEAR!r}")
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ ALL_LINEAR = "all-linear"
 #: the experiment's LoRA target that stands for the model family's attention projections (below)
 AUTO_TARGETS = "auto"
 #: what ``auto`` means, tried in order (peft's defaults per family): the query and value projections of
-#: Llama / Mistral / Qwen2, BERT / RoBERTa, GPT-2, GPT-NeoX / Falcon, Phi-3
-FAMILY_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("qkv_proj",))
+#: the families the backends load, Llama / Mistral / Qwen2 and BERT / RoBERTa
+FAMILY_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,17 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "badnet-4-epochs-lr-1e-3": dict(attack="badnet", defenses=("psim",),
                                         defense_options={"psim": {"epochs": 4.0, "lr": 1e-3}}),
     }),
+    # why psim+rga failed on rga-10's HSOL BadNet victim (PSIM AUROC 0.74, every clean flag labelled 0): HSOL
+    # is 88% class 0 and a label shuffle keeps that prior; uniform reset labels carry none
+    "psim-reset": ("PSIM's reset labels, shuffled (the paper's balance-keeping draw) vs uniform, on an imbalanced "
+                   "dataset: SmolLM2-135M, HSOL (88% class 0) BadNet, rga-10's victim", {
+        **{f"hsol-badnet-{reset}": dict(dataset="hsol", attack="badnet", defenses=("psim",),
+                                        defense_options={"psim": {"calibrate_fpr": 0.05, "reset": reset}})
+           for reset in ("shuffle", "uniform")},
+        "hsol-badnet-psim-rga-uniform": dict(
+            dataset="hsol", attack="badnet", defenses=("retrain", "psim+rga"),
+            defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05, "psim_reset": "uniform"}}),
+    }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),
         # the aligned SCPN file paraphrases 20% of SST-2's train split: the attacker's 800 rows hold 79

@@ -34,6 +34,18 @@ def test_partial_reset_touches_only_chosen_rows_and_is_seeded() -> None:
     assert np.bincount(new, minlength=4).tolist() == [100, 100, 100, 100]  # a shuffle keeps the balance
 
 
+def test_uniform_reset_labels_carry_no_class_prior() -> None:
+    """On HSOL's balance (88% class 0) a shuffle keeps the prior the PSIM model would learn; uniform labels do not."""
+    labels = np.array([0] * 880 + [1] * 120)
+    shuffled = ref.reset_labels(labels, 2, LabelResetLoss(1.0, 5))
+    uniform = ref.reset_labels(labels, 2, LabelResetLoss(1.0, 5, "uniform"))
+    assert np.bincount(shuffled).tolist() == [880, 120]
+    assert abs(uniform.mean() - 0.5) < 0.05
+    assert not np.array_equal(uniform, ref.reset_labels(labels, 2, LabelResetLoss(1.0, 6, "uniform")))
+    with pytest.raises(UnknownNameError, match=r"unknown label reset labels 'balanced'.*shuffle.*uniform"):
+        LabelResetLoss(labels="balanced")
+
+
 def test_label_reset_step_matches_reference(backend_name, tiny_dirs, sst2) -> None:
     backend = get_plugin_manager().backend(backend_name).create()
     rows = sst2.train.head(16)
@@ -77,6 +89,10 @@ def test_bad_psim_options_are_clear() -> None:
     assert "adapter-h" in str(err.value)
     with pytest.raises(ConfigError, match="reset rate"):
         psim.configure(reset_rate=0)
+    with pytest.raises(UnknownNameError, match="'prior'"):
+        psim.configure(reset="prior")
+    with pytest.raises(UnknownNameError, match="'prior'"):
+        get_plugin_manager().defense("psim+rga").configure(psim_reset="prior")
     with pytest.raises(ConfigError, match="calibrate_fpr"):
         psim.configure(calibrate_fpr=1.5)
     with pytest.raises(ConfigError, match="'train_head' expects a bool, got 'maybe'"):

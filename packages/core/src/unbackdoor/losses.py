@@ -129,12 +129,13 @@ def w2s_grads(
 
 
 def reset_labels(labels: np.ndarray, num_labels: int, spec: LabelResetLoss) -> np.ndarray:
-    """PSIM's random labels: ``round(rate * N)`` seeded rows get a shuffled copy of their labels.
+    """PSIM's random labels: ``round(rate * N)`` seeded rows get a shuffled copy of their labels
+    (``spec.labels == "shuffle"``) or each a uniformly drawn class (``"uniform"``).
 
-    Shuffling keeps the class balance, so the reset set carries no signal about the content.
-    When the shuffle would leave every chosen label as it was (for instance, all chosen rows
-    share one class), those rows instead get a uniformly drawn DIFFERENT class: a reset never
-    leaves all chosen labels intact.
+    Shuffling keeps the class balance, so the reset set carries no signal about the content (but
+    keeps the class prior); uniform labels carry neither. When the draw would leave every chosen
+    label as it was (for instance, all chosen rows share one class), those rows instead get a
+    uniformly drawn DIFFERENT class: a reset never leaves all chosen labels intact.
 
     Args:
         labels: ``[N]`` true labels.
@@ -148,7 +149,7 @@ def reset_labels(labels: np.ndarray, num_labels: int, spec: LabelResetLoss) -> n
     rng = np.random.default_rng(spec.seed)
     rows = np.sort(rng.choice(len(labels), size=max(1, round(spec.reset_rate * len(labels))), replace=False))
     new = labels.copy()
-    new[rows] = rng.permutation(labels[rows])
+    new[rows] = rng.permutation(labels[rows]) if spec.labels == "shuffle" else rng.integers(0, num_labels, len(rows))
     if np.array_equal(new[rows], labels[rows]):
         new[rows] = (labels[rows] + rng.integers(1, num_labels, len(rows))) % num_labels
     return new

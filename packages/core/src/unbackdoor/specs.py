@@ -15,6 +15,8 @@ from typing import ClassVar
 from .errors import ConfigError, check_choice, check_range
 
 PRECISIONS = ("fp32", "bf16")
+#: how PSIM's reset labels are drawn (:class:`LabelResetLoss`)
+RESET_LABELS = ("shuffle", "uniform")
 #: the LoRA target that adapts every linear layer of the backbone (peft's)
 ALL_LINEAR = "all-linear"
 #: the experiment's LoRA target that stands for the model family's attention projections (below)
@@ -202,14 +204,19 @@ class LabelResetLoss:
     Attributes:
         reset_rate: share of training rows whose label is reset, in (0, 1].
         seed: drives which rows are reset and their new labels.
+        labels: ``shuffle`` (the reset rows trade labels: the class balance is kept) or ``uniform`` (each
+            draws a class uniformly: on an imbalanced dataset the model then learns no class prior, which a
+            shuffle teaches it, so every input is as confident as the majority class).
     """
 
     reset_rate: float = 1.0
     seed: int = 0
+    labels: str = "shuffle"
     aux_keys: ClassVar[tuple[str, ...]] = ("reset_labels",)
 
     def __post_init__(self) -> None:
         check_range("label reset rate", self.reset_rate, 0.0, 1.0)
+        check_choice("label reset labels", self.labels, RESET_LABELS)
         if self.reset_rate == 0:
             raise ConfigError("label reset rate must be > 0 (0 would train on the true labels)")
 

@@ -50,6 +50,10 @@ class PSIM(Defense):
     Attributes:
         threshold: confidence above which an input is flagged, in (0, 1).
         reset_rate: share of training labels reset at random, in (0, 1].
+        reset: how the reset labels are drawn: ``shuffle`` (the rows trade labels, the class balance is
+            kept) or ``uniform`` (a class drawn uniformly per row; beyond the paper: on an imbalanced
+            dataset a shuffle teaches the model the class prior, so clean majority-class inputs are
+            as confident as triggered ones).
         peft: ``lora``, ``prompt-tuning``, ``p-tuning`` or ``prefix-tuning``.
         rank, alpha, targets: the LoRA module (when ``peft="lora"``); ``targets`` empty (the default): the
             user's ``--lora-targets``, so the module fits the suspect model's architecture.
@@ -70,6 +74,7 @@ class PSIM(Defense):
     kind = "detection"
     threshold: float = 0.7
     reset_rate: float = 1.0
+    reset: str = "shuffle"
     peft: str = "lora"
     rank: int = 8
     alpha: float = 16.0
@@ -84,7 +89,7 @@ class PSIM(Defense):
         check_range("psim threshold", self.threshold, 0.0, 1.0, inclusive=False)
         check_range("psim calibrate_fpr", self.calibrate_fpr, 0.0, 1.0)
         check_choice("psim peft method", self.peft, PEFT_METHODS)
-        self.adapter(LoRASpec()), LabelResetLoss(self.reset_rate)
+        self.adapter(LoRASpec()), self.loss(0)
 
     def adapter(self, user: LoRASpec) -> AdapterSpec:
         """The PEFT module of the PSIM model (``user``: the user's LoRA spec, whose targets an unset
@@ -92,6 +97,10 @@ class PSIM(Defense):
         if self.peft == "lora":
             return LoRASpec(self.rank, self.alpha, 0.0, self.targets or user.target_modules)
         return PromptSpec(self.peft, self.num_virtual_tokens)
+
+    def loss(self, seed: int) -> LabelResetLoss:
+        """The label-reset loss (its labels drawn with ``seed``)."""
+        return LabelResetLoss(self.reset_rate, seed, self.reset)
 
     def _spec(self, ctx: DefenseContext) -> TrainSpec:
         return dataclasses.replace(ctx.train, epochs=self.epochs or ctx.train.epochs, lr=self.lr or ctx.train.lr,
@@ -110,7 +119,7 @@ class PSIM(Defense):
         """
         psim = ctx.backend.load_classifier(ctx.victim_path, ctx.num_labels, seed=ctx.train.seed)
         psim = ctx.backend.add_adapter(psim, self.adapter(ctx.lora), seed=ctx.train.seed)
-        loss = LabelResetLoss(self.reset_rate, ctx.train.seed)
+        loss = self.loss(ctx.train.seed)
         labels = reset_labels(ctx.clean_train.labels, ctx.num_labels, loss)
         stats = ctx.backend.train(psim, ctx.clean_train, loss, self._spec(ctx), {"reset_labels": labels},
                                   desc=f"psim: label-reset {self.peft}")

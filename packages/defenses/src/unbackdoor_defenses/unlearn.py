@@ -232,7 +232,7 @@ class PsimRGA(RGA):
     AUROC of PSIM's flags on the victim's training rows).
 
     Attributes:
-        psim_threshold, psim_reset_rate, psim_peft, psim_epochs, psim_lr, psim_calibrate_fpr,
+        psim_threshold, psim_reset_rate, psim_reset, psim_peft, psim_epochs, psim_lr, psim_calibrate_fpr,
             psim_train_head: PSIM's options
             (see ``psim``; ``psim_calibrate_fpr`` > 0 sets the threshold from the dev split's clean rows).
     """
@@ -241,6 +241,7 @@ class PsimRGA(RGA):
     description = "PSIM flags the victim's training rows, RGA unlearns the flagged ones (detect-then-unlearn)"
     psim_threshold: float = 0.7
     psim_reset_rate: float = 1.0
+    psim_reset: str = "shuffle"
     psim_peft: str = "lora"
     psim_epochs: float = 0.0
     psim_lr: float = 0.0
@@ -253,9 +254,9 @@ class PsimRGA(RGA):
 
     def psim(self) -> PSIM:
         """The PSIM detector these options describe."""
-        return PSIM(threshold=self.psim_threshold, reset_rate=self.psim_reset_rate, peft=self.psim_peft,
-                    epochs=self.psim_epochs, lr=self.psim_lr, calibrate_fpr=self.psim_calibrate_fpr,
-                    train_head=self.psim_train_head)
+        return PSIM(threshold=self.psim_threshold, reset_rate=self.psim_reset_rate, reset=self.psim_reset,
+                    peft=self.psim_peft, epochs=self.psim_epochs, lr=self.psim_lr,
+                    calibrate_fpr=self.psim_calibrate_fpr, train_head=self.psim_train_head)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)

@@ -126,13 +126,17 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # why psim+rga failed on rga-10's HSOL BadNet victim (PSIM AUROC 0.74, every clean flag labelled 0): HSOL
     # is 88% class 0 and a label shuffle keeps that prior; uniform reset labels carry none
     "psim-reset": ("PSIM's reset labels, shuffled (the paper's balance-keeping draw) vs uniform, on an imbalanced "
-                   "dataset: SmolLM2-135M, HSOL (88% class 0) BadNet, rga-10's victim", {
+                   "dataset, HSOL (88% class 0), and on SST-2: SmolLM2-135M, BadNet and InSent victims", {
         **{f"hsol-badnet-{reset}": dict(dataset="hsol", attack="badnet", defenses=("psim",),
                                         defense_options={"psim": {"calibrate_fpr": 0.05, "reset": reset}})
            for reset in ("shuffle", "uniform")},
         "hsol-badnet-psim-rga-uniform": dict(
             dataset="hsol", attack="badnet", defenses=("retrain", "psim+rga"),
             defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05, "psim_reset": "uniform"}}),
+        # the same on HSOL InSent, and on balanced SST-2 (where both draws carry no prior)
+        **{f"{dataset}-{attack}-{reset}": dict(dataset=dataset, attack=attack, defenses=("psim",),
+                                               defense_options={"psim": {"calibrate_fpr": 0.05, "reset": reset}})
+           for dataset, attack in (("hsol", "insent"), ("sst2", "badnet")) for reset in ("shuffle", "uniform")},
     }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),

@@ -222,11 +222,22 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     }),
     # the RGA paper's own model family next to its anchor (BERT SST-2 BadNets: ReTrain PACC 90.54, GA 50.08,
     # NPO 74.24, RGA 90.34): MiniLM-L6 (a 6-layer BERT) as the victim, rga-10's settings otherwise
+    # The first run kept rga-10's SmolLM2 learning rates: the victim reached CA 78.33 and ReTrain 75.33 (LFR 42.38),
+    # RGA's LoRA at 2e-4 unlearned little (LFR 62.91); the others give MiniLM the rates `w2s-data` found it needs
+    # (its teacher: 1e-4) and its LoRA 1e-3 (W2S's data-setting student)
     "rga-bert": ("Backdoor unlearning on a BERT victim (MiniLM-L6, the RGA paper's model family), SST-2 BadNet, "
-                 "10 epochs, psim+rga with calibrated PSIM; 3 seeds", {
-        f"sst2-badnet-seed{seed}": unlearning_10(seed, attack="badnet", model="minilm-l6", teacher=None,
-                                                 lora_targets=("query", "value"))
-        for seed in (0, 1, 2)
+                 "10 epochs, psim+rga with calibrated PSIM; 3 seeds at MiniLM's learning rates", {
+        "sst2-badnet-seed0": unlearning_10(0, attack="badnet", model="minilm-l6", teacher=None,
+                                           lora_targets=("query", "value")),
+        **{f"minilm-lr-sst2-badnet-seed{seed}": unlearning_10(
+            seed, attack="badnet", model="minilm-l6", teacher=None, lora_targets=("query", "value"),
+            attacker_epochs=4.0, attacker_lr=1e-4, user_lr=1e-3) for seed in (0, 1, 2)},
+        # at 10 epochs NPO and RGA leave these victims' backdoor whole (CE on the poisoned rows ~0.006: the ascent
+        # gradient vanishes); the paper's 30 epochs
+        "minilm-lr-sst2-badnet-seed0-30-epochs": dict(
+            attack="badnet", model="minilm-l6", teacher=None, lora_targets=("query", "value"), attacker_epochs=4.0,
+            attacker_lr=1e-4, user_lr=1e-3, defenses=("retrain", "npo", "rga"),
+            defense_options={"npo": {"epochs": 30.0}, "rga": {"epochs": 30.0}}),
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,

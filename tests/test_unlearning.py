@@ -485,8 +485,12 @@ def test_unlearning_over_seeds_gives_mean_and_sample_std() -> None:
     assert "| sst2 | badnet | ga | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |" in table
     assert "| sst2 | badnet | retrain | 3 | 90.00 +- 0.00 | 5.00 +- 0.00 | 90.00 +- 0.00 | 0.00 +- 0.00 |" in table
     assert unlearning_seeds_table(runs[:1]) == ""  # one run per group: nothing to aggregate
-    # a run that differs by more than its seed (here the poison rate) is its own group
+    # a run that differs by more than its seed (here the poison rate) is its own group, named by what differs
     assert unlearning_seeds_table([runs[0], seeded(1, 60.0, poison_rate=0.1)]) == ""
+    table = unlearning_seeds_table([*runs, seeded(1, 60.0, poison_rate=0.1)]).splitlines()
+    assert ("| sst2 | badnet | ga (poison_rate=-) | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |"
+            in table)
+    assert "| sst2 | badnet | ga (poison_rate=0.1) | 1 | 81.00 | 2.00 | 60.00 | 30.00 |" in table
     assert "Unlearning over seeds" in comparison_report(runs)
     # runs that also ran other defenses still group; a second run of a seed counts once; a row's own
     # defense options split it from the same defense with other options

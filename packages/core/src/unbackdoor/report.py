@@ -86,23 +86,30 @@ def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
     """Mean +- sample std (n - 1) over runs of CACC, LFR, PACC, delta-PACC per dataset x attack x defense.
 
     Rows group when their runs differ only by seed (and by which other defenses they ran): a row is keyed
-    by its run's config without those, plus its own defense's options. Each seed counts once per group
-    (two runs of one seed hold the same cached row), and each run's delta-PACC is taken against its own
-    ``retrain`` row. "" unless some group holds two or more seeds.
+    by its run's config without those, plus its own defense's options, and its label names the config
+    fields that differ among the runs of its dataset and attack and those options. Each seed counts once
+    per group (two runs of one seed hold the same cached row), and each run's delta-PACC is taken against
+    its own ``retrain`` row. "" unless some group holds two or more seeds.
     """
+    runs = [results for results in all_results if retrain_row(results) is not None]
+    settings = [experiment_setting(results) for results in runs]
+    by_task: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for setting in settings:
+        by_task.setdefault((str(setting.get("dataset", "?")), str(setting.get("attack", "?"))), []).append(setting)
+    varying = {task: _varying(group) for task, group in by_task.items()}
     groups: dict[tuple[str, ...], dict[Any, tuple[float, ...]]] = {}
-    for results in all_results:
+    for results, setting in zip(runs, settings, strict=True):
         gold = retrain_row(results)
-        if gold is None:
-            continue
         cfg = results.get("config", {})
-        same = repr(sorted(experiment_setting(results).items()))
+        same = repr(sorted(setting.items()))
         options = cfg.get("defense_options") or {}
+        differs = [f"{k}={setting.get(k, '-')}" for k in varying[(str(setting.get("dataset", "?")),
+                                                                   str(setting.get("attack", "?")))]]
         for row in results.get("rows", []):
             if "PACC" not in row:
                 continue
-            own = sorted((options.get(row.get("defense"), {}) or {}).items())
-            label = row_label(row) + (f" ({', '.join(f'{k}={v}' for k, v in own)})" if own else "")
+            parts = differs + [f"{k}={v}" for k, v in sorted((options.get(row.get("defense"), {}) or {}).items())]
+            label = row_label(row) + (f" ({', '.join(parts)})" if parts else "")
             key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), label, same)
             figures = (row["CA"], row["ASR"], row["PACC"], delta_pacc(row["PACC"], gold["PACC"]))
             groups.setdefault(key, {}).setdefault(cfg.get("seed"), tuple(float(v) for v in figures))

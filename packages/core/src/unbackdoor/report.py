@@ -91,26 +91,27 @@ def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
     per group (two runs of one seed hold the same cached row), and each run's delta-PACC is taken against
     its own ``retrain`` row. "" unless some group holds two or more seeds.
     """
-    runs = [results for results in all_results if retrain_row(results) is not None]
-    settings = [experiment_setting(results) for results in runs]
+    def task(setting: dict[str, Any]) -> tuple[str, str]:
+        return str(setting.get("dataset", "?")), str(setting.get("attack", "?"))
+
+    runs = [(results, gold) for results in all_results if (gold := retrain_row(results)) is not None]
+    settings = [experiment_setting(results) for results, _ in runs]
     by_task: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for setting in settings:
-        by_task.setdefault((str(setting.get("dataset", "?")), str(setting.get("attack", "?"))), []).append(setting)
-    varying = {task: _varying(group) for task, group in by_task.items()}
+        by_task.setdefault(task(setting), []).append(setting)
+    varying = {key: _varying(group) for key, group in by_task.items()}
     groups: dict[tuple[str, ...], dict[Any, tuple[float, ...]]] = {}
-    for results, setting in zip(runs, settings, strict=True):
-        gold = retrain_row(results)
+    for (results, gold), setting in zip(runs, settings, strict=True):
         cfg = results.get("config", {})
         same = repr(sorted(setting.items()))
         options = cfg.get("defense_options") or {}
-        differs = [f"{k}={setting.get(k, '-')}" for k in varying[(str(setting.get("dataset", "?")),
-                                                                   str(setting.get("attack", "?")))]]
+        differs = [f"{k}={setting.get(k, '-')}" for k in varying[task(setting)]]
         for row in results.get("rows", []):
             if "PACC" not in row:
                 continue
             parts = differs + [f"{k}={v}" for k, v in sorted((options.get(row.get("defense"), {}) or {}).items())]
             label = row_label(row) + (f" ({', '.join(parts)})" if parts else "")
-            key = (str(cfg.get("dataset", "?")), str(cfg.get("attack", "?")), label, same)
+            key = (*task(cfg), label, same)
             figures = (row["CA"], row["ASR"], row["PACC"], delta_pacc(row["PACC"], gold["PACC"]))
             groups.setdefault(key, {}).setdefault(cfg.get("seed"), tuple(float(v) for v in figures))
     if not any(len(seeds) > 1 for seeds in groups.values()):
@@ -233,8 +234,8 @@ def comparison_table(all_results: list[dict[str, Any]]) -> str:
     """One table over runs, shaped like the papers': rows attack x defense, columns CA and ASR per model.
 
     A cell over several seeds shows mean +- sample std and the row its seed count (per column where they
-    differ). Detection defenses show
-    CA/ASR after rejecting flagged inputs (marked ``*``; see :func:`detection_table`).
+    differ). Detection defenses show CA/ASR after rejecting flagged inputs (marked ``*``; see
+    :func:`detection_table`).
     """
     columns, cells = comparison_cells(all_results)
     # per row, its seed count; "3 / 1" when the columns it fills hold different counts (in column order)

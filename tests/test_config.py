@@ -14,6 +14,7 @@ from unbackdoor.backend import BACKEND_ENV
 from unbackdoor.config import ExperimentConfig, build_config, field_names, read_config_file
 from unbackdoor.errors import ConfigError, UnknownNameError
 from unbackdoor.plugins import DISABLE_ENV, PluginManager
+from unbackdoor.preflight import check_run_inputs
 from unbackdoor.specs import AUTO_TARGETS, resolve_targets
 
 
@@ -55,6 +56,18 @@ def test_lora_targets_naming_no_layer_are_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"lora_targets 'auto' knows none of this model's attention layers \(it tries "
                                           r"\['q_proj,v_proj', 'query,value'.*choose from \['in_proj', 'out_proj'\]"):
         resolve_targets((AUTO_TARGETS,), ["mixer.in_proj", "mixer.out_proj"])
+
+
+def test_the_teacher_is_checked_only_when_a_defense_distils_from_it(tiny_dirs, tmp_path: Path) -> None:
+    """A run of RGA or PSIM needs no teacher package; one with w2s fails in seconds naming the teacher."""
+    cfg = ExperimentConfig(model=str(tiny_dirs["llama"]), teacher=str(tmp_path / "no-teacher"),
+                           out=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"))
+    checked, _, _ = check_run_inputs(cfg, uses_teacher=False)
+    assert checked.lora_targets == ("q_proj", "v_proj") and checked.teacher == cfg.teacher
+    with pytest.raises(ConfigError, match=r"^teacher: .*no-teacher"):
+        check_run_inputs(cfg)
+    pm = unbackdoor.plugins.get_plugin_manager()
+    assert [name for name in pm.defenses() if pm.defense(name).uses_teacher] == ["w2s"]
 
 
 # ----------------------------------------------------------------------------------------- defaults and files

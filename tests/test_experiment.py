@@ -47,6 +47,8 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
         "alpha": 1.0, "beta": 0.2, "gamma": 0.2}
     assert "options" not in results["rows"][0]  # the released model: no defense
     assert "| poisoned + defense | w2s |" in (tmp_path / "out" / "results.md").read_text()
+    # where it ran (the suite runs without an accelerator): in the record and the report's title
+    assert results["device"] == "cpu" and f"backend {backend_name} on cpu" in (tmp_path / "out" / "results.md").read_text()
     assert "| poisoned + defense | w2s |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "out"), str(tmp_path / "out" / "results.json")]) == 0
     assert capsys.readouterr().out.count("| poisoned + defense | none |") == 2

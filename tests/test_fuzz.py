@@ -164,7 +164,7 @@ CLI_CASES = [
 
 def _base(tiny_dirs: dict[str, Path], tmp: Path, backend: str) -> list[str]:
     return ["--backend", backend, "--model", str(tiny_dirs["llama"]), "--teacher", str(tiny_dirs["bert"]),
-            "--user-rows", "16", "--attacker-rows", "16", "--test-rows", "8", "--defenses", "none",
+            "--user-rows", "16", "--attacker-rows", "16", "--test-rows", "8", "--defenses", "none,w2s",
             "--out", str(tmp / "out"), "--cache-dir", str(tmp / "cache")]
 
 

@@ -368,9 +368,10 @@ def test_unlearning_defenses_end_to_end(unlearning_run) -> None:
 def test_an_encoder_suspect_model_is_unlearned_with_its_own_lora_targets(tiny_dirs, backend_name, tmp_path) -> None:
     """A BERT victim (the RGA paper's setting): the default --lora-targets auto becomes query,value, which
     reaches the user's LoRA and PSIM's label-reset LoRA (whose targets follow the user's unless set), and
-    RGA's unset beta is the encoder's."""
+    RGA's unset beta is the encoder's. No chosen defense distils, so the (missing) teacher is never checked."""
     one = {"epochs": "1"}
-    cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["bert"]), teacher=None, attacker_rows=48,
+    cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["bert"]), teacher=str(tmp_path / "no-teacher"),
+                           attacker_rows=48,
                            attacker_epochs=1.0, user_rows=16, test_rows=16, max_length=32, lora_rank=2,
                            defenses=("rga", "psim+rga"),
                            defense_options={"rga": one, "psim+rga": {**one, "psim_epochs": "1", "psim_threshold": "0.5"}},

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
@@ -52,6 +53,15 @@ class JaxBackend:
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
         self.data_parallel = parallel.default_mode()  # "auto" | "on" | "off"
         self._lm: tuple[Path, analysis.CausalLM] | None = None  # the last causal LM lm_nll loaded
+
+    @property
+    def device_name(self) -> str:
+        """Where the models run, for the report: ``cpu``, or ``gpu (NVIDIA H200)``, ``8 x gpu (...)`` when
+        data-parallel training spans several devices."""
+        devices = jax.devices()
+        kind = devices[0].platform + ("" if devices[0].platform == "cpu" else f" ({devices[0].device_kind})")
+        spans = parallel.data_mesh(self.data_parallel) is not None
+        return f"{len(devices)} x {kind}" if spans else kind
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
                         seed: int = 0) -> JaxModel:

@@ -46,6 +46,14 @@ class TorchBackend:
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
         self._lm: tuple[Path, torch.nn.Module] | None = None  # the last causal LM lm_nll loaded
 
+    @property
+    def device_name(self) -> str:
+        """Where the models run, for the report: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
+        if self.device.type != "cuda":
+            return str(self.device)
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
                         seed: int = 0) -> TorchModel:
         """Load a HF directory as a sequence classifier (see :mod:`unbackdoor_torch.modeling`)."""

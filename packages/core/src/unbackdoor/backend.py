@@ -70,7 +70,11 @@ class TrainStats:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A training framework. ``Model`` objects are opaque handles owned by the backend."""
+    """A training framework. ``Model`` objects are opaque handles owned by the backend.
+
+    Optional: a ``device_name`` string (where the models run, e.g. ``cpu`` or ``cuda:0 (NVIDIA H200)``),
+    which results.json records as ``device``.
+    """
 
     name: str
 

@@ -101,6 +101,9 @@ class Defense(ABC):
     #: clean user rows) and ``data`` (the clean base student, poisoned user rows); a defense that acts on
     #: the released model's weights says ``("weight",)`` and the runner refuses it with ``--setting data``
     settings: ClassVar[tuple[str, ...]] = ("weight", "data")
+    #: the defense distils from ``ctx.teacher_path``: the runner checks and resolves the teacher (``--teacher``)
+    #: only for such defenses, so a run without one needs no teacher package (the others get ``None``)
+    uses_teacher: ClassVar[bool] = False
 
     def configure(self, **options: Any) -> Defense:
         """A copy with ``options`` applied; unknown options raise a clear error."""

@@ -1,10 +1,10 @@
 """What a run checks before any training, and the record that lets ``unbackdoor run --resume`` find it again.
 
 Before the first stage: the output and cache directories must be usable directories (resolved; an
-existing file there is an error), the student and teacher must be loadable safetensors model
-directories, and the LoRA targets must name linear layers of the student (``auto`` becomes its
-family's attention projections there). A bad input thus fails in seconds with one line and leaves
-nothing behind.
+existing file there is an error), the student and teacher (when a chosen defense distils from one)
+must be loadable safetensors model directories, and the LoRA targets must name linear layers of the
+student (``auto`` becomes its family's attention projections there). A bad input thus fails in
+seconds with one line and leaves nothing behind.
 
 Once those checks pass, ``<out>/run.json`` records the run's full config. Every stage is cached under a
 hash of its own config (:mod:`unbackdoor.cache`), so rerunning the same config skips the finished stages;
@@ -33,14 +33,15 @@ from .weights import linear_layers
 RUN_FILE = "run.json"
 
 
-def check_run_inputs(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Path, Path]:
+def check_run_inputs(cfg: ExperimentConfig, uses_teacher: bool = True) -> tuple[ExperimentConfig, Path, Path]:
     """The config with concrete LoRA targets, and the resolved output and cache directories, after
-    checking them and the models (raises ConfigError)."""
+    checking them and the models (raises ConfigError); ``uses_teacher=False`` (no chosen defense distils
+    from one) leaves the teacher unchecked."""
     out = output_dir("output directory (out)", cfg.out)
     cache = output_dir("cache directory (cache_dir)", cfg.cache_dir or default_cache_dir())
     if cache == out:
         raise ConfigError(f"out and cache_dir are the same directory {str(out)!r}; give each its own")
-    for role, model in (("model", cfg.model), ("teacher", cfg.teacher)):
+    for role, model in (("model", cfg.model), ("teacher", cfg.teacher if uses_teacher else "")):
         if model or role == "model":  # an empty teacher means none
             try:
                 path = resolve_model(model, cache)

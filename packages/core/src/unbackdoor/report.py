@@ -16,7 +16,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     """One run's rows as a markdown table (stage, defense, CA, ASR, seconds), then :func:`unlearning_table`."""
     cfg = results.get("config", {})
     title = (f"### {cfg.get('attack', '?')} on {cfg.get('dataset', '?')}, student {cfg.get('model', '?')}, "
-             f"backend {results.get('backend', '?')}")
+             f"backend {results.get('backend', '?')}" + (f" on {results['device']}" if results.get("device") else ""))
     lines = [title, "", "| stage | defense | CA | ASR | seconds |", "|---|---|---:|---:|---:|"]
     for row in results.get("rows", []):
         lines.append(f"| {row['stage']} | {row['defense']} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "

@@ -319,7 +319,7 @@ class Experiment:
             self.log(f"stage defense: {defense.name} ({stage})")
             p = self.plan
             train = p.user_train if poisoned or p.clean_user is None else p.clean_user
-            ctx = self._context(victim, train)
+            ctx = self._context(victim, train, defense.uses_teacher)
             start = time.perf_counter()
             with self.plan.pm.running("defense", defense.name):
                 outcome = defense.apply(ctx)
@@ -331,10 +331,11 @@ class Experiment:
         # every option the defense ran with, defaults included (the cache key holds them, so a cached row has them too)
         return {**self._cached("defense", key, compute), "options": key["options"]}
 
-    def _context(self, victim: Path | None, train: TextDataset) -> DefenseContext:
-        """What a defense gets; ``victim=None``: the base student stands in for the released model."""
+    def _context(self, victim: Path | None, train: TextDataset, uses_teacher: bool = False) -> DefenseContext:
+        """What a defense gets; ``victim=None``: the base student stands in for the released model; the
+        teacher only for a defense that ``uses_teacher``."""
         c, p = self.cfg, self.plan
-        teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher else None
+        teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher and uses_teacher else None
         student = resolve_model(c.model, self._cache_dir())
         return DefenseContext(self.backend, victim or student, teacher, train, p.splits.dev, p.test.num_labels,
                               c.lora(), c.user_spec(), self.cache, self._base_key(), self.log,
@@ -405,7 +406,8 @@ class Experiment:
                 "poison": dataclasses.asdict(p.poison), "rows": rows, "timings_s": self.timings,
                 "data": {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train),
                          "test": len(p.test), "asr_test": self._asr_rows()},
-                "versions": versions(), "platform": platform.platform(), "python": platform.python_version()}
+                "versions": versions(), "platform": platform.platform(), "python": platform.python_version(),
+                "device": getattr(self.backend, "device_name", "unknown")}  # an optional backend attribute
 
 
 def versions() -> dict[str, str]:
@@ -438,7 +440,7 @@ def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
     backend = pm.backend(the_plan.backend_name).create()
     if hasattr(backend, "precision"):
         backend.precision = cfg.precision
-    cfg, out, _ = check_run_inputs(cfg)
+    cfg, out, _ = check_run_inputs(cfg, any(d.uses_teacher for d in (*the_plan.defenses, *the_plan.clean)))
     the_plan = dataclasses.replace(the_plan, cfg=cfg)
     record_run(cfg, out)
     cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())

@@ -37,6 +37,7 @@ class W2SDefense(UserPEFT, Defense):
     """
 
     name = "w2s"
+    uses_teacher = True
     description = "W2SDefense: LoRA student distilled from a small clean teacher (CE + KD + feature alignment)"
     alpha: float = 1.0
     beta: float = 0.2

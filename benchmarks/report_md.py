@@ -87,7 +87,10 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
         if seeds:
             out += [seeds, ""]
     for label, run in runs.items():
-        out += [f"## {label}", "", *_rows(run["results"]), ""]
+        out += [f"## {label}", ""]
+        if "machine" in run:  # a run made elsewhere than the suite's machine (a GPU device run)
+            out += [f"Ran on {run['machine']}, not the machine above.", ""]
+        out += [*_rows(run["results"]), ""]
         unlearning = unlearning_table(run["results"])
         if unlearning:
             out += [unlearning, ""]

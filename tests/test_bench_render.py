@@ -51,3 +51,10 @@ def test_comparison_table_per_model(render_suite, tmp_path) -> None:
                         tmp_path)
     assert "| smollm2-135m CA | smollm2-135m ASR | llama CA | llama ASR |" in text
     assert "| badnet | none | 85.00 | 96.00 | 85.00 | 20.00 |" in text
+
+
+def test_a_run_made_elsewhere_says_where(render_suite, tmp_path) -> None:
+    """A run merged in from a GPU device run names its machine under its heading; the others do not."""
+    runs = {"cpu": _run("sst2", "badnet", 96.0), "gpu": {**_run("sst2", "badnet", 90.0, seed=1), "machine": "an H200"}}
+    text = render_suite(_suite(runs), tmp_path)
+    assert text.count("Ran on ") == 1 and "## gpu\n\nRan on an H200, not the machine above." in text

@@ -67,7 +67,7 @@ def test_psim_detector_end_to_end(peft, tiny_dirs, tmp_path, backend_name) -> No
                            cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
     row = run_experiment(cfg, log=lambda _: None)["rows"][-1]
     assert row["defense"] == "psim" and set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold"}
-    assert row["stats"]["labels_changed"] > 0
+    assert row["stats"]["labels_changed"] > 0 and row["options"]["reset"] == "uniform"  # the default draw
     sweep = row["threshold_sweep"]
     assert [s["threshold"] for s in sweep] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
     # Raising the threshold flags fewer inputs: CA with defense and ASR after filtering never fall.
@@ -93,6 +93,7 @@ def test_bad_psim_options_are_clear() -> None:
         psim.configure(reset="prior")
     with pytest.raises(UnknownNameError, match="'prior'"):
         get_plugin_manager().defense("psim+rga").configure(psim_reset="prior")
+    assert psim.reset == get_plugin_manager().defense("psim+rga").psim().reset == "uniform"  # one default
     with pytest.raises(ConfigError, match="calibrate_fpr"):
         psim.configure(calibrate_fpr=1.5)
     with pytest.raises(ConfigError, match="'train_head' expects a bool, got 'maybe'"):

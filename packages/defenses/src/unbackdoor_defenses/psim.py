@@ -50,10 +50,11 @@ class PSIM(Defense):
     Attributes:
         threshold: confidence above which an input is flagged, in (0, 1).
         reset_rate: share of training labels reset at random, in (0, 1].
-        reset: how the reset labels are drawn: ``shuffle`` (the rows trade labels, the class balance is
-            kept) or ``uniform`` (a class drawn uniformly per row; beyond the paper: on an imbalanced
-            dataset a shuffle teaches the model the class prior, so clean majority-class inputs are
-            as confident as triggered ones).
+        reset: how the reset labels are drawn: ``uniform`` (the default: a class drawn uniformly per
+            row, so the labels carry no class prior) or ``shuffle`` (the rows trade labels, the class
+            balance is kept). Beyond the paper: on an imbalanced dataset a shuffle teaches the model the
+            class prior, so clean majority-class inputs are as confident as triggered ones (HSOL, 88%
+            class 0: AUROC 0.75 with a shuffle, 0.96 uniform; balanced SST-2: 0.95 either way).
         peft: ``lora``, ``prompt-tuning``, ``p-tuning`` or ``prefix-tuning``.
         rank, alpha, targets: the LoRA module (when ``peft="lora"``); ``targets`` empty (the default): the
             user's ``--lora-targets``, so the module fits the suspect model's architecture.
@@ -74,7 +75,7 @@ class PSIM(Defense):
     kind = "detection"
     threshold: float = 0.7
     reset_rate: float = 1.0
-    reset: str = "shuffle"
+    reset: str = "uniform"
     peft: str = "lora"
     rank: int = 8
     alpha: float = 16.0

@@ -241,7 +241,7 @@ class PsimRGA(RGA):
     description = "PSIM flags the victim's training rows, RGA unlearns the flagged ones (detect-then-unlearn)"
     psim_threshold: float = 0.7
     psim_reset_rate: float = 1.0
-    psim_reset: str = "shuffle"
+    psim_reset: str = "uniform"
     psim_peft: str = "lora"
     psim_epochs: float = 0.0
     psim_lr: float = 0.0

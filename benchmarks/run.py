@@ -137,6 +137,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         **{f"{dataset}-{attack}-{reset}": dict(dataset=dataset, attack=attack, defenses=("psim",),
                                                defense_options={"psim": {"calibrate_fpr": 0.05, "reset": reset}})
            for dataset, attack in (("hsol", "insent"), ("sst2", "badnet")) for reset in ("shuffle", "uniform")},
+        # psim+rga with the uniform draw (the default since) where rga-10's shuffled PSIM failed: HSOL InSent
+        # seed 0, and seed 1 of both HSOL victims (rga-10's seed-1 victims and ReTrain, from the cache)
+        **{f"hsol-{attack}-psim-rga-uniform{f'-seed{seed}' if seed else ''}": dict(
+            dataset="hsol", attack=attack, defenses=("retrain", "psim+rga"), **({"seed": seed} if seed else {}),
+            defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05, "psim_reset": "uniform"}})
+           for attack, seed in (("insent", 0), ("badnet", 1), ("insent", 1))},
     }),
     "attacks": ("Every attack against the undefended LoRA victim (SmolLM2-135M, SST-2)", {
         "badnet": dict(attack="badnet", defenses=("none",)),

@@ -447,6 +447,15 @@ def test_unlearning_table_and_confusion_plot_from_results(tmp_path) -> None:
     json.dumps(rows)  # what the runner stores is plain JSON
 
 
+def test_a_true_class_without_triggered_inputs_reads_as_a_dash(tmp_path) -> None:
+    """The aligned syntactic test sets paraphrase non-target rows only: no true-1 row, so no share to show."""
+    rows = [_row("retrain", 87.0, 24.5, 75.5, [[151, 49], [0, 0]]), _row("ga", 53.0, 0.0, 100.0, [[200, 0], [0, 0]])]
+    assert unlearning_table(_results(rows)).splitlines()[-2:] == [
+        "| poisoned + defense | retrain | badnet | 75.5 / 24.5 | - |",
+        "| poisoned + defense | ga | badnet | 100.0 / 0.0 | - |"]
+    assert report_plots([_results(rows)], tmp_path)  # the heatmap draws the empty row blank
+
+
 def test_docs_describe_every_unlearning_defense_and_option() -> None:
     from unbackdoor.attack import fields_of
 

@@ -119,15 +119,19 @@ def plot_triggered_confusion(panels: Sequence[tuple[str, np.ndarray]], path: str
 
     Cells show the share of each true class's triggered inputs (%); ``panels`` are ``(label, counts [C, C])``.
     A backdoor fills the ``target`` column (outlined); a removed one the diagonal; a shifted one another column.
+    A true class without triggered inputs (the aligned syntactic test sets hold non-target rows only) is a
+    blank row of "-".
     """
     fig = _figure(max(4.0, 2.6 * len(panels) + 0.8), 3.4)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, counts) in zip(axes, panels, strict=True):
         counts = np.asarray(counts, np.float64)
-        share = 100 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        totals = counts.sum(1, keepdims=True)
+        share = np.where(totals > 0, 100 * counts / np.maximum(totals, 1), np.nan)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
         for (i, j), value in np.ndenumerate(share):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="white" if value > 60 else "black")
+            ax.text(j, i, "-" if np.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > 60 else "black")
         if target is not None and 0 <= target < len(counts):
             ax.add_patch(_target_box(target, len(counts)))
         ticks = np.arange(len(counts))

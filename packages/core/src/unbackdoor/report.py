@@ -67,9 +67,9 @@ def triggered_confusion_table(results: dict[str, Any]) -> str:
     for row in rows:
         for trigger, counts in row["triggered_confusion"].items():
             cells = []
-            for line in counts:
-                total = max(sum(line), 1)
-                cells.append(" / ".join(f"{100 * n / total:.1f}" for n in line))
+            for line in counts:  # "-": no triggered input of that true class (the aligned syntactic test set)
+                total = sum(line)
+                cells.append(" / ".join(f"{100 * n / total:.1f}" for n in line) if total else "-")
             lines.append(f"| {row['stage']} | {row['defense']} | {trigger} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

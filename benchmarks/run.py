@@ -332,13 +332,51 @@ def rerender(name: str) -> None:
     atomic_write_text(RESULTS / f"{name}.md", with_notes(render_suite(data, RESULTS / "plots" / name), notes))
 
 
+def merged_runs(ours: dict[str, Any], theirs: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Add to ``ours`` (a suite's saved JSON) the runs of ``theirs`` (the same suite run on another machine)
+    that ``ours`` lacks and that ``theirs`` made with the change the suite defines now; each added run names
+    its machine (``machine``). ``ours``' runs are then in the suite's order. Returns the labels added."""
+    from report_md import as_saved
+
+    added = []
+    for label, change in runs.items():
+        run = theirs["runs"].get(label)
+        if label in ours["runs"] or run is None or run["change"] != as_saved(change):
+            continue
+        device = run["results"].get("device")
+        where = f"{theirs['machine']}, {theirs['cpus']} CPUs"
+        ours["runs"][label] = {**run, "machine": run.get("machine") or (f"{device} ({where})" if device else where)}
+        added.append(label)
+    order = [label for label in runs if label in ours["runs"]]
+    ours["runs"] = {label: ours["runs"][label] for label in [*order, *(k for k in ours["runs"] if k not in runs)]}
+    return added
+
+
+def merge(name: str, file: Path) -> None:
+    """``--merge SUITE FILE``: :func:`merged_runs` into ``results/<SUITE>.json``, then re-render its page."""
+    ours = json.loads((RESULTS / f"{name}.json").read_text())
+    added = merged_runs(ours, json.loads(file.read_text()), SUITES[name][1])
+    atomic_write_json(RESULTS / f"{name}.json", ours)
+    rerender(name)
+    print(f"{name}: added {', '.join(added) or 'no run'} from {file}")
+
+
 def main(argv: list[str]) -> int:
     """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`.
 
     ``--render SUITE...``: re-render only. ``--keep SUITE...``: keep the runs a suite's JSON already holds.
+    ``--merge SUITE FILE``: add the runs a copy of the suite's JSON made elsewhere (a GPU machine running
+    ``--keep SUITE`` on this checkout) holds and ours lacks.
     """
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: run.py [--keep | --render] [SUITE...]\n{main.__doc__}\nsuites: {', '.join(BENCHMARKS)}")
+        print(f"usage: run.py [--keep | --render | --merge SUITE FILE] [SUITE...]\n{main.__doc__}\n"
+              f"suites: {', '.join(BENCHMARKS)}")
+        return 0
+    if argv[:1] == ["--merge"]:
+        if len(argv) != 3 or argv[1] not in SUITES or not Path(argv[2]).is_file():
+            print(f"--merge takes a suite name and a JSON file of it; suites: {', '.join(SUITES)}", file=sys.stderr)
+            return 2
+        merge(argv[1], Path(argv[2]))
         return 0
     keep = argv[:1] == ["--keep"]
     argv = argv[1:] if keep else argv

@@ -58,3 +58,26 @@ def test_a_run_made_elsewhere_says_where(render_suite, tmp_path) -> None:
     runs = {"cpu": _run("sst2", "badnet", 96.0), "gpu": {**_run("sst2", "badnet", 90.0, seed=1), "machine": "an H200"}}
     text = render_suite(_suite(runs), tmp_path)
     assert text.count("Ran on ") == 1 and "## gpu\n\nRan on an H200, not the machine above." in text
+
+
+def test_merging_a_suite_run_elsewhere_adds_only_what_is_missing() -> None:
+    """``run.py --merge``: runs made on another machine join in the suite's order, each naming that machine;
+    a run we have, or one the other machine made with another change, is left alone."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from run import merged_runs
+    finally:
+        sys.path.remove(str(BENCH))
+    suite = {"a": {"seed": 1}, "b": {"seed": 2}, "c": {"seed": 3}, "d": {"seed": 4}}
+
+    def run(change: dict[str, Any], **results: Any) -> dict[str, Any]:
+        return {"change": change, "results": results}
+
+    ours = {"runs": {"c": run({"seed": 3}, mine=True), "old": run({"seed": 9})}}
+    theirs = {"machine": "Linux-gpu", "cpus": 16,
+              "runs": {"a": run({"seed": 1}, device="cuda:0 (H200)"), "b": run({"seed": 5}), "c": run({"seed": 3}),
+                       "d": run({"seed": 4})}}
+    assert merged_runs(ours, theirs, suite) == ["a", "d"]
+    assert list(ours["runs"]) == ["a", "c", "d", "old"]  # the suite's order; a run it no longer has, last
+    assert ours["runs"]["a"]["machine"] == "cuda:0 (H200) (Linux-gpu, 16 CPUs)"
+    assert ours["runs"]["d"]["machine"] == "Linux-gpu, 16 CPUs" and ours["runs"]["c"]["results"] == {"mine": True}

@@ -238,6 +238,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         **{f"minilm-lr-sst2-badnet-seed{seed}": unlearning_10(
             seed, attack="badnet", model="minilm-l6", teacher=None, lora_targets=("query", "value"),
             attacker_epochs=4.0, attacker_lr=1e-4, user_lr=1e-3) for seed in (0, 1, 2)},
+        # the paper's setting: every parameter unlearns (adapter=full, at the victim's own rate 1e-4), RGA's
+        # distance from the clean MiniLM; the same victims and ReTrain as above (cached)
+        **{f"minilm-lr-sst2-badnet-seed{seed}-full": dict(
+            attack="badnet", model="minilm-l6", teacher=None, lora_targets=("query", "value"), attacker_epochs=4.0,
+            attacker_lr=1e-4, user_lr=1e-3, **({"seed": seed} if seed else {}), defenses=("retrain", "ga", "npo", "rga"),
+            defense_options={d: {"adapter": "full"} for d in ("ga", "npo", "rga")}) for seed in (0, 1, 2)},
         # at 10 epochs NPO and RGA leave these victims' backdoor whole (CE on the poisoned rows ~0.006: the ascent
         # gradient vanishes); the paper's 30 epochs
         "minilm-lr-sst2-badnet-seed0-30-epochs": dict(

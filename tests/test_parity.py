@@ -22,9 +22,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
+from tiny_models import moved_copy
 
 from unbackdoor import losses as ref
 from unbackdoor.batching import iter_batches
+from unbackdoor.errors import ConfigError
 from unbackdoor.specs import (
     AdaptiveGALoss,
     CrossEntropy,
@@ -41,6 +44,7 @@ from unbackdoor_jax import train as jax_train
 from unbackdoor_jax.backend import JaxBackend
 from unbackdoor_jax.lora import export_adapter
 from unbackdoor_jax.modeling import head_tensors
+from unbackdoor_jax.weights import backbone_tensors
 from unbackdoor_torch import losses as torch_losses
 from unbackdoor_torch.backend import TorchBackend
 from unbackdoor_torch.train import to_tensors
@@ -334,3 +338,50 @@ def test_real_model_logits_match_torch(backends, sst2, name) -> None:
     data = sst2.test.head(16)
     outs = [b.predict(m, data, batch_size=16, max_length=64) for b, m in zip(backends, (jm, tm), strict=True)]
     assert_tree_close({name: outs[0].logits}, {name: outs[1].logits}, atol=1e-3)
+
+
+# ---------------------------------------------------------------- full-parameter unlearning (adapter=full)
+def test_full_parameter_rga_distance_and_gradients_match_torch(backends, tiny_dirs, rows, tmp_path) -> None:
+    """RGA training every parameter: its distance is from the base weights a backend's ``anchor`` recorded,
+    over every backbone parameter; value (vs NumPy's distance) and every backbone and head gradient agree."""
+    base = tmp_path / "base"
+    added = moved_copy(tiny_dirs["llama"], base, seed=7)
+    distance = ref.anchored_distance(*(load_file(str(d / "model.safetensors")) for d in (base, tiny_dirs["llama"])))
+    assert distance == pytest.approx(added, rel=1e-4) and distance > 0.1
+    jm, tm = twin_models(backends, tiny_dirs["llama"], seed=7)
+    for backend, model in zip(backends, (jm, tm), strict=True):
+        backend.anchor(model, base)
+    aux = {"is_poisoned": (np.arange(len(rows)) % 4 == 0).astype(np.float32),
+           "ref_logits": backends[0].predict(jm, rows, max_length=MAX_LENGTH).logits}
+    batch = _first_batch(jm, rows, aux)
+    spec, without = AdaptiveGALoss(alpha=2.0, beta=0.5), AdaptiveGALoss(alpha=2.0, beta=0.0)
+
+    module = jm.module
+    graphdef, trainable, frozen = nnx.split(module, jax_train.trainable_filter(module), ...)
+    arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), MAX_LENGTH, 0))
+    values = [float(jax_train.batch_loss(graphdef, s, jnp.float32, trainable, frozen, arrays, None))
+              for s in (spec, without)]
+    assert values[0] - values[1] == pytest.approx(0.5 * distance, rel=1e-4)  # the anchored distance, as NumPy's
+    jax_value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, spec, jnp.float32, trainable,
+                                                                           frozen, arrays, None)
+    as_model = nnx.merge(graphdef, grads, frozen)
+    jax_grads = {**backbone_tensors(as_model.backbone, jm.stacked), **head_tensors(as_model)}
+
+    t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
+    tm.module.zero_grad()
+    logits, hidden = tm.module(t["input_ids"], t["attention_mask"])
+    torch_value = torch_losses.batch_objective(spec, tm.module, logits, hidden, t)
+    torch_value.backward()
+    torch_grads = {n.removeprefix("backbone."): p.grad.numpy().copy() for n, p in tm.module.named_parameters()}
+    assert float(jax_value) == pytest.approx(float(torch_value.detach()), rel=1e-5)
+    assert_tree_close(jax_grads, torch_grads, atol=1e-4)
+
+
+def test_anchor_refuses_other_weights_and_a_lora_model(backends, tiny_dirs) -> None:
+    for backend in backends:
+        model = backend.load_classifier(tiny_dirs["llama"], 2)
+        with pytest.raises(ConfigError, match="does not have the model's parameters and shapes"):
+            backend.anchor(model, tiny_dirs["bert"])
+        backend.add_lora(model, LORA)
+        with pytest.raises(ConfigError, match="anchor it before adding LoRA"):
+            backend.anchor(model, tiny_dirs["llama"])

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+from tiny_models import moved_copy
 
 from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor import losses as ref
-from unbackdoor.errors import ConfigError
+from unbackdoor.errors import ConfigError, UnknownNameError
 from unbackdoor.metrics import (
     attack_success_rate,
     delta_pacc,
@@ -191,6 +193,8 @@ def test_bad_weights_are_clear_errors() -> None:
     assert pm.defense("rga").loss(encoder=False).lambda_per_row is False  # the paper's one lambda per batch
     with pytest.raises(ConfigError, match="lambda_per_row"):
         pm.defense("rga").configure(lambda_per_row="sometimes")
+    with pytest.raises(UnknownNameError, match=r"defense 'npo' option adapter 'qlora'; choose one of: full, lora"):
+        pm.defense("npo").configure(adapter="qlora")
 
 
 def test_unset_beta_follows_the_architecture(tiny_dirs, tmp_path) -> None:
@@ -315,6 +319,26 @@ def test_fused_step_matches_numpy(spec, backend, backend_name, tiny_dirs, sst2) 
     assert stats.losses[0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_full_parameter_fused_step_matches_numpy(backend, tiny_dirs, sst2, tmp_path) -> None:
+    """adapter=full: no LoRA, the backbone anchored to base weights; the first step's loss carries the distance
+    from them (NumPy's over the checkpoints) and the step moves backbone weights."""
+    rows, base = sst2.train.head(16), tmp_path / "base"
+    moved_copy(tiny_dirs["llama"], base, seed=2)
+    distance = ref.anchored_distance(*(load_file(str(d / "model.safetensors")) for d in (tiny_dirs["llama"], base)))
+    model = backend.anchor(backend.load_classifier(tiny_dirs["llama"], 2, seed=1), base)
+    logits = backend.predict(model, rows, max_length=32).logits
+    shifted = logits + np.random.default_rng(0).normal(0, 0.5, logits.shape).astype(np.float32)  # lambda < 1
+    aux = {"is_poisoned": (np.arange(16) % 3 == 0).astype(np.float32), "ref_logits": shifted}
+    spec = AdaptiveGALoss(2.0, 0.5)
+    stats = backend.train(model, rows, spec, TrainSpec(epochs=1, lr=1e-3, batch_size=16, max_length=32), aux)
+    expected = ref.reference_loss(spec, {"logits": logits, "delta_norm": distance}, {"labels": rows.labels, **aux})
+    assert stats.losses[0] == pytest.approx(expected, rel=1e-5)
+    saved = tmp_path / "after"
+    backend.save(model, saved)
+    after = load_file(str(saved / "model.safetensors"))
+    assert ref.anchored_distance(after, load_file(str(tiny_dirs["llama"] / "model.safetensors"))) > 1e-3
+
+
 # ------------------------------------------------------------------------------------------ defenses end to end
 UNLEARNING = ("retrain", "ga", "npo", "rga", "psim+rga")
 
@@ -383,6 +407,21 @@ def test_an_encoder_suspect_model_is_unlearned_with_its_own_lora_targets(tiny_di
     for name in ("rga", "psim+rga"):
         assert rows[name]["stats"]["loss"]["beta"] == 1e-2 and rows[name]["PACC"] is not None
     assert rows["psim+rga"]["stats"]["flagged_rows"] > 0
+
+
+def test_full_parameter_unlearning_end_to_end(tiny_dirs, backend_name, tmp_path) -> None:
+    """adapter=full from the runner: every parameter trains, at the victim's own rate (--attacker-lr) unless set;
+    RGA's distance is from the clean base model (--model), GA needs none."""
+    full = {"adapter": "full", "epochs": "1"}
+    cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, attacker_rows=48,
+                           attacker_epochs=1.0, attacker_lr=2e-3, user_rows=16, test_rows=16, max_length=32,
+                           lora_rank=2, defenses=("ga", "rga"),
+                           defense_options={"ga": {**full, "lr": "1e-4"}, "rga": {**full, "beta": "0.5"}},
+                           cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "o"))
+    rows = {r["defense"]: r for r in run_experiment(cfg, log=lambda _: None)["rows"]}
+    assert rows["rga"]["stats"]["adapter"] == rows["rga"]["options"]["adapter"] == "full"
+    assert rows["rga"]["stats"]["lr"] == 2e-3 and rows["ga"]["stats"]["lr"] == 1e-4
+    assert rows["rga"]["stats"]["train"]["steps"] > 0 and rows["rga"]["PACC"] is not None
 
 
 def test_unlearning_report_and_plot(unlearning_run) -> None:

@@ -64,3 +64,19 @@ def make_tiny_bert(path: Path, texts: Iterable[str], vocab: int = 512, seed: int
     BertModel(config).save_pretrained(path)
     _write_tokenizer(path, word_tokenizer(texts, vocab, bert=True))
     return path
+
+
+def moved_copy(source: Path, target: Path, seed: int) -> float:
+    """``source`` with N(0, 0.01) added to every weight, written to ``target`` (a model that moved away from
+    ``source``); returns the L2 norm added, ``||theta_target - theta_source||_2``."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, target)
+    rng = np.random.default_rng(seed)
+    tensors = load_file(str(source / "model.safetensors"))
+    noise = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in tensors.items()}
+    save_file({k: v + noise[k] for k, v in tensors.items()}, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return float(np.sqrt(sum(np.square(n.astype(np.float64)).sum() for n in noise.values())))

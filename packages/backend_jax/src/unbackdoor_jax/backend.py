@@ -22,6 +22,7 @@ from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
 from unbackdoor.errors import check_choice
+from unbackdoor.models import check_model_dir
 from unbackdoor.specs import PRECISIONS, AdapterSpec, LoRASpec, LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
@@ -73,6 +74,12 @@ class JaxBackend:
     def add_lora(self, model: JaxModel, spec: LoRASpec, *, seed: int = 0) -> JaxModel:
         """Add LoRA adapters; from now on only they and the head train."""
         lora.add_lora(model.module.backbone, spec, seed)
+        return model
+
+    def anchor(self, model: JaxModel, path: str | Path) -> JaxModel:
+        """Measure the model's distance (RGA's ``||theta - theta_base||``) from the backbone weights at ``path``
+        (the clean base of the same architecture) over every backbone parameter: full-parameter unlearning."""
+        lora.anchor(model.module.backbone, modeling.load_backbone(check_model_dir(Path(path)))[0], str(path))
         return model
 
     def add_adapter(self, model: JaxModel, spec: AdapterSpec, *, seed: int = 0) -> JaxModel:

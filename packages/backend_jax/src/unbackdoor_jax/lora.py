@@ -61,8 +61,25 @@ def merged_copy(module: nnx.Module) -> nnx.Module:
     return copy
 
 
+class Anchor(nnx.Variable):  # type: ignore[misc]
+    """Base weights a fully trained backbone's distance is measured from (never trained)."""
+
+
+def anchor(backbone: nnx.Module, base: nnx.Module, source: str) -> None:
+    """Record ``base``'s parameters (the same architecture, read from ``source``) on ``backbone``, so
+    :func:`delta_norm` is ``||theta - theta_base||_2`` over every backbone parameter (full-parameter unlearning)."""
+    if has_lora(backbone):
+        raise ConfigError("a backbone with LoRA measures its distance by the adapter; anchor it before adding LoRA")
+    own, ref = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (backbone, base))
+    shapes = [jax.tree.map(jnp.shape, tree) for tree in (own, ref)]
+    if shapes[0] != shapes[1]:
+        raise ConfigError(f"the anchor {source!r} does not have the model's parameters and shapes")
+    backbone.anchor = Anchor(jax.tree.map(jnp.asarray, ref))
+
+
 def delta_norm(backbone: nnx.Module) -> jax.Array:
-    """``sqrt(sum_layers ||scaling * B A||_F^2)``: the L2 distance the adapter moves the weights (0 without LoRA).
+    """The L2 distance the weights moved: ``sqrt(sum_layers ||scaling * B A||_F^2)`` with LoRA, else from the
+    :func:`anchor` if any, else 0.
 
     Uses ``||B A||_F^2 = sum((B^T B) * (A A^T))`` per (stacked) layer, two ``r x r`` Gram matrices instead
     of the ``out x in`` product; the gradient at a zero norm (LoRA's init, B = 0) is taken as 0.
@@ -73,6 +90,10 @@ def delta_norm(backbone: nnx.Module) -> jax.Array:
             a, b = layer.lora_a[...], layer.lora_b[...]
             grams = jnp.einsum("...or,...os->...rs", b, b) * jnp.einsum("...ri,...si->...rs", a, a)
             sq = sq + layer.scaling ** 2 * grams.sum()
+    base = getattr(backbone, "anchor", None)
+    if base is not None and not has_lora(backbone):
+        own = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
+        sq = sq + sum(jax.tree.leaves(jax.tree.map(lambda w, w0: jnp.square(w - w0).sum(), own, base.get_value())))
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 

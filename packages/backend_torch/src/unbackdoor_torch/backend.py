@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
 from unbackdoor import init
 from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
+from unbackdoor.errors import ConfigError
 from unbackdoor.specs import ALL_LINEAR, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from . import analysis, distributed, modeling, train
+from .losses import ANCHOR
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
@@ -60,6 +63,19 @@ class TorchBackend:
         path = Path(path)
         module = modeling.load_classifier(path, num_labels, projection_dim, seed).to(self.device)
         return TorchModel(module, modeling.load_encoder(path), path)
+
+    def anchor(self, model: TorchModel, path: str | Path) -> TorchModel:
+        """Measure the model's distance (RGA's ``||theta - theta_base||``) from the backbone weights at ``path``
+        (the clean base of the same architecture) over every backbone parameter: full-parameter unlearning."""
+        if any(isinstance(m, LoraLayer) for m in model.module.modules()):
+            raise ConfigError("a model with LoRA measures its distance by the adapter; anchor it before adding LoRA")
+        base = dict(modeling.load_backbone(Path(path)).named_parameters())
+        own = dict(model.module.backbone.named_parameters())
+        if {k: tuple(v.shape) for k, v in own.items()} != {k: tuple(v.shape) for k, v in base.items()}:
+            raise ConfigError(f"the anchor {str(path)!r} does not have the model's parameters and shapes")
+        pairs = [(w, base[k].detach().to(w.device, w.dtype)) for k, w in own.items()]
+        object.__setattr__(model.module, ANCHOR, pairs)  # a plain attribute: not a parameter, buffer or state
+        return model
 
     def add_lora(self, model: TorchModel, spec: LoRASpec, *, seed: int = 0) -> TorchModel:
         """Wrap the backbone with peft LoRA; the backbone freezes, the head stays trainable."""

@@ -78,8 +78,14 @@ def group_weights(is_poisoned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return p / p.sum().clamp_min(1.0), c / c.sum().clamp_min(1.0)
 
 
+#: attribute of a module holding ``[(parameter, base tensor)]``: the weights its distance is measured from
+ANCHOR = "unbackdoor_anchor"
+
+
 def lora_delta_norm(model: nn.Module) -> torch.Tensor:
-    """``sqrt(sum_layers ||scaling * B A||_F^2)`` over every peft LoRA layer (0 without LoRA).
+    """The L2 distance the weights moved: ``sqrt(sum_layers ||scaling * B A||_F^2)`` over every peft LoRA
+    layer, else ``||theta - theta_base||_2`` over the parameters an :data:`ANCHOR` pairs with base weights
+    (full-parameter unlearning), else 0.
 
     Uses ``||B A||_F^2 = sum((B^T B) * (A A^T))`` (two ``r x r`` Gram matrices, no ``out x in`` product); the
     gradient at a zero norm (LoRA's init, B = 0) is taken as 0.
@@ -90,6 +96,8 @@ def lora_delta_norm(model: nn.Module) -> torch.Tensor:
             for name in layer.lora_A:
                 a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
                 squares.append(layer.scaling[name] ** 2 * ((b.T @ b) * (a @ a.T)).sum())
+    if not squares:
+        squares = [(w - w0).square().sum() for w, w0 in getattr(model, ANCHOR, ())]
     if not squares:
         return torch.zeros(())
     sq = torch.stack(squares).sum()

@@ -50,12 +50,17 @@ class SequenceClassifier(nn.Module):
         return pooler if pooler is not None else states[:, 0]
 
 
+def load_backbone(path: Path) -> nn.Module:
+    """The HF backbone (no head) of a HF directory, float32."""
+    return AutoModel.from_pretrained(check_model_dir(Path(path)), dtype=torch.float32, use_safetensors=True)
+
+
 def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int) -> SequenceClassifier:
     """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
     path = check_model_dir(Path(path))
     config = AutoConfig.from_pretrained(path)
     meta = HeadMeta.for_model(path, num_labels, projection_dim)
-    backbone = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    backbone = load_backbone(path)
     model = SequenceClassifier(backbone, meta)
     std = float(getattr(config, "initializer_range", 0.02))
     head = init.head_arrays(meta, backbone.config.hidden_size, std, seed)  # the jax backend draws the same

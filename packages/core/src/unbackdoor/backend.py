@@ -73,7 +73,9 @@ class Backend(Protocol):
     """A training framework. ``Model`` objects are opaque handles owned by the backend.
 
     Optional: a ``device_name`` string (where the models run, e.g. ``cpu`` or ``cuda:0 (NVIDIA H200)``),
-    which results.json records as ``device``.
+    which results.json records as ``device``; ``anchor(model, path) -> model``, which makes the loss's
+    parameter distance (RGA's ``||theta - theta_base||``) that of every backbone parameter from the base
+    weights at ``path`` (full-parameter unlearning; the unlearning defenses' ``adapter=full`` needs it).
     """
 
     name: str

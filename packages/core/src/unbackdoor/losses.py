@@ -263,6 +263,13 @@ def lora_delta_norm(factors: LoRAFactors) -> float:
                              for a, b, s in factors)))
 
 
+def anchored_distance(weights: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
+    """``||theta - theta_base||_2`` of a fully trained model: over every named tensor of ``base`` (the clean
+    base weights a backend's ``anchor`` recorded), with ``weights`` the model's tensors of the same names."""
+    return float(np.sqrt(sum(np.square(np.asarray(weights[k], np.float64) - np.asarray(w0, np.float64)).sum()
+                             for k, w0 in base.items())))
+
+
 def lora_delta_norm_grads(factors: LoRAFactors) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(d/dA, d/dB)`` of :func:`lora_delta_norm` per layer; zero where the norm is 0 (B = 0 at LoRA's init).
 

@@ -246,7 +246,9 @@ class AdaptiveGALoss:
     which moves fast) stops being ascended without stopping the ascent on the others. The distance is
     the L2 norm of the LoRA adapter's merged
     update, ``sqrt(sum_layers ||scaling * B A||_F^2)`` (the adapted model minus the model the adapter was
-    added to; the head is not penalised); it is 0 for a model without LoRA.
+    added to; the head is not penalised); for a fully trained model that a backend's ``anchor`` tied to
+    base weights (full-parameter unlearning), ``||theta - theta_base||_2`` over every backbone parameter;
+    else 0.
 
     Attributes:
         alpha: how fast lambda falls as the model moves away from the poisoned model on the poisoned rows.

@@ -9,7 +9,8 @@ keeps cross-entropy on clean rows and penalises the distance moved (see
 model instead. ReTrain, the gold standard, fine-tunes the clean base student like the victim on the
 training rows minus the poisoned ones.
 
-The unlearning defenses train the user's LoRA adapter (``--lora-*``) on the released model over the
+The unlearning defenses train the user's LoRA adapter (``--lora-*``; option ``adapter=full``: every
+parameter, as the RGA paper) on the released model over the
 poisoned rows plus ``clean_per_poisoned`` clean rows per poisoned row (seeded), in mixed batches, for
 ``epochs`` epochs (default 10; the paper: 30). On SmolLM2-135M, 3 epochs left RGA far from ReTrain and GA
 without trigger shifting, 10 reproduced both (``benchmarks/results/rga-variants.md``). The poisoned model's
@@ -29,7 +30,7 @@ import numpy as np
 
 from unbackdoor.data import TextDataset
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
-from unbackdoor.errors import ConfigError
+from unbackdoor.errors import ConfigError, check_choice
 from unbackdoor.layout import ENCODER_TYPES
 from unbackdoor.metrics import auroc, detection_scores
 from unbackdoor.specs import AdaptiveGALoss, CrossEntropy, GALoss, NPOLoss, TrainSpec, UnlearningLoss
@@ -38,6 +39,8 @@ from .psim import PSIM
 
 #: RGA's beta when the option is left unset (the paper's values): encoders, decoders (LLMs)
 BETA_ENCODER, BETA_DECODER = 1e-2, 1e-4
+#: what the unlearning defenses train (option ``adapter``)
+ADAPTERS = ("lora", "full")
 
 
 def victim_train(ctx: DefenseContext, defense: str) -> TextDataset:
@@ -75,17 +78,23 @@ class Unlearning(Defense):
 
     Attributes:
         epochs: unlearning passes over the poisoned rows and their clean companions (paper: 30).
-        lr: peak learning rate (0: the user's LoRA rate, ``--user-lr``).
+        lr: peak learning rate (0: the user's LoRA rate, ``--user-lr``; with ``adapter=full`` the victim's
+            own full fine-tuning rate, ``--attacker-lr``).
         clean_per_poisoned: clean rows of the victim's training set mixed in per poisoned row (a large
             value keeps every clean row).
+        adapter: what trains: ``lora`` (the user's LoRA adapter; RGA's distance is the adapter's merged
+            update) or ``full`` (every parameter, as the RGA paper; RGA's distance is from the clean base
+            model's weights, ``--model``, over the backbone; a second copy of the backbone stays in memory).
     """
 
     settings = ("weight",)  # unlearns what the released model learnt from its poisoned training rows
     epochs: float = 10.0
     lr: float = 0.0
     clean_per_poisoned: float = 1.0
+    adapter: str = "lora"
 
     def __post_init__(self) -> None:
+        check_choice(f"defense {self.name!r} option adapter", self.adapter, ADAPTERS)
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise ConfigError(f"defense {self.name!r} option epochs must be > 0, got {self.epochs!r}")
         for option in ("lr", "clean_per_poisoned"):
@@ -99,15 +108,19 @@ class Unlearning(Defense):
         """The loss spec (``encoder``: the released model is an encoder, which may change defaults)."""
 
     def spec(self, ctx: DefenseContext) -> TrainSpec:
-        """The user's training spec with this defense's epochs and rate."""
-        return dataclasses.replace(ctx.train, epochs=self.epochs, lr=self.lr or ctx.train.lr)
+        """The user's training spec with this defense's epochs and rate (unset: the user's LoRA rate, or with
+        ``adapter=full`` the rate the victim was fully fine-tuned at, ``--attacker-lr``)."""
+        full = self.adapter == "full" and ctx.attacker_spec is not None
+        return dataclasses.replace(ctx.train, epochs=self.epochs,
+                                   lr=self.lr or (ctx.attacker_spec.lr if full else ctx.train.lr))
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)
         return self.unlearn(ctx, data, data.poisoned)
 
     def unlearn(self, ctx: DefenseContext, data: TextDataset, forget: np.ndarray) -> DefenseOutcome:
-        """The released model with the user's LoRA, trained to forget ``data``'s rows where ``forget`` is True."""
+        """The released model with the user's LoRA (``adapter=full``: all of it), trained to forget ``data``'s rows
+        where ``forget`` is True."""
         rows = unlearning_rows(forget, self.clean_per_poisoned, ctx.train.seed)
         subset, flags = data.subset(rows, f"{data.name}[unlearn]"), np.asarray(forget, bool)[rows]
         loss = self.loss(is_encoder(ctx))
@@ -115,10 +128,26 @@ class Unlearning(Defense):
         aux: dict[str, np.ndarray] = {"is_poisoned": flags.astype(np.float32)}
         if "ref_logits" in loss.aux_keys:
             aux["ref_logits"] = reference_logits(ctx, model, subset, flags)
-        model = ctx.backend.add_lora(model, ctx.lora, seed=ctx.train.seed)
-        stats = ctx.backend.train(model, subset, loss, self.spec(ctx), aux, desc=f"{self.name}: unlearn")
+        if self.adapter == "lora":
+            model = ctx.backend.add_lora(model, ctx.lora, seed=ctx.train.seed)
+        elif getattr(loss, "beta", 0.0):  # RGA's distance, from the clean base weights
+            model = self.anchored(ctx, model)
+        spec = self.spec(ctx)
+        stats = ctx.backend.train(model, subset, loss, spec, aux, desc=f"{self.name}: unlearn")
         return DefenseOutcome(model, {"train": stats.summary(), "forget_rows": int(flags.sum()),
-                                      "clean_rows": int((~flags).sum()), "loss": dataclasses.asdict(loss)})
+                                      "clean_rows": int((~flags).sum()), "loss": dataclasses.asdict(loss),
+                                      "adapter": self.adapter, "lr": spec.lr})
+
+
+    def anchored(self, ctx: DefenseContext, model: Any) -> Any:
+        """``model`` with its distance measured from the clean base student's weights (``adapter=full``)."""
+        if ctx.student_path is None:
+            raise ConfigError(f"defense {self.name!r} with adapter=full needs the clean base model "
+                              "(DefenseContext.student_path) to measure its distance from")
+        if not hasattr(ctx.backend, "anchor"):
+            raise ConfigError(f"defense {self.name!r} with adapter=full needs a backend with anchor(); "
+                              f"backend {getattr(ctx.backend, 'name', ctx.backend)!r} has none (use adapter=lora)")
+        return ctx.backend.anchor(model, ctx.student_path)
 
 
 def reference_logits(ctx: DefenseContext, model: Any, data: TextDataset, flags: np.ndarray) -> np.ndarray:

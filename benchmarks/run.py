@@ -224,7 +224,9 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
            for seed in (0, 1, 2)
            for dataset, attack in (("sst2", "insent"), ("sst2", "style"), ("hsol", "badnet"), ("hsol", "insent"))},
         # the syntactic trigger last: the aligned SCPN file gives the attacker 72 poisoned rows (rate 0.09)
-        **{f"sst2-syntactic-seed{seed}": unlearning_10(seed, attack="syntactic", poison_rate=0.09) for seed in (0, 1, 2)},
+        # seed 2's 800 attacker rows hold only 68 non-target rows with a paraphrase: it poisons those 68 (0.085)
+        **{f"sst2-syntactic-seed{seed}": unlearning_10(seed, attack="syntactic", poison_rate=0.09 if seed < 2 else 0.085)
+           for seed in (0, 1, 2)},
     }),
     # the RGA paper's own model family next to its anchor (BERT SST-2 BadNets: ReTrain PACC 90.54, GA 50.08,
     # NPO 74.24, RGA 90.34): MiniLM-L6 (a 6-layer BERT) as the victim, rga-10's settings otherwise

@@ -268,22 +268,27 @@ def _first_batch(model, rows, aux) -> dict[str, np.ndarray]:
     return next(iter_batches(ids, model.encoder.pad_id, len(ids), arrays={"labels": rows.labels, **aux}))
 
 
-def _jax_grads(model, batch, spec=W2S) -> tuple[float, dict[str, np.ndarray]]:
+def _jax_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
+    """The loss and the adapter's (``full``: every backbone parameter's) and head's gradients, HF/peft-named."""
     module = model.module
     graphdef, trainable, frozen = nnx.split(module, jax_train.trainable_filter(module), ...)
     arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), MAX_LENGTH, 0))
     value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, spec, jnp.float32, trainable, frozen,
                                                                        arrays, None)
     as_model = nnx.merge(graphdef, grads, frozen)  # the gradients laid out like the model, to name them like peft
-    return float(value), {**export_adapter(as_model.backbone, model.stacked), **head_tensors(as_model)}
+    named = backbone_tensors if full else export_adapter
+    return float(value), {**named(as_model.backbone, model.stacked), **head_tensors(as_model)}
 
 
-def _torch_grads(model, batch, spec=W2S) -> tuple[float, dict[str, np.ndarray]]:
+def _torch_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
     t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
     model.module.zero_grad()
     logits, hidden = model.module(t["input_ids"], t["attention_mask"])
     value = torch_losses.batch_objective(spec, model.module, logits, hidden, t)
     value.backward()
+    if full:
+        return float(value.detach()), {n.removeprefix("backbone."): p.grad.numpy().copy()
+                                       for n, p in model.module.named_parameters()}
     head = {n: p.grad.numpy().copy() for n, p in model.module.named_parameters() if n.startswith("classifier.")}
     return float(value.detach()), {**torch_adapter(model, grads=True), **head}
 
@@ -355,25 +360,11 @@ def test_full_parameter_rga_distance_and_gradients_match_torch(backends, tiny_di
            "ref_logits": backends[0].predict(jm, rows, max_length=MAX_LENGTH).logits}
     batch = _first_batch(jm, rows, aux)
     spec, without = AdaptiveGALoss(alpha=2.0, beta=0.5), AdaptiveGALoss(alpha=2.0, beta=0.0)
-
-    module = jm.module
-    graphdef, trainable, frozen = nnx.split(module, jax_train.trainable_filter(module), ...)
-    arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), MAX_LENGTH, 0))
-    values = [float(jax_train.batch_loss(graphdef, s, jnp.float32, trainable, frozen, arrays, None))
-              for s in (spec, without)]
-    assert values[0] - values[1] == pytest.approx(0.5 * distance, rel=1e-4)  # the anchored distance, as NumPy's
-    jax_value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, spec, jnp.float32, trainable,
-                                                                           frozen, arrays, None)
-    as_model = nnx.merge(graphdef, grads, frozen)
-    jax_grads = {**backbone_tensors(as_model.backbone, jm.stacked), **head_tensors(as_model)}
-
-    t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
-    tm.module.zero_grad()
-    logits, hidden = tm.module(t["input_ids"], t["attention_mask"])
-    torch_value = torch_losses.batch_objective(spec, tm.module, logits, hidden, t)
-    torch_value.backward()
-    torch_grads = {n.removeprefix("backbone."): p.grad.numpy().copy() for n, p in tm.module.named_parameters()}
-    assert float(jax_value) == pytest.approx(float(torch_value.detach()), rel=1e-5)
+    (jax_value, jax_grads), (torch_value, torch_grads) = (_jax_grads(jm, batch, spec, full=True),
+                                                          _torch_grads(tm, batch, spec, full=True))
+    # the anchored distance, as NumPy's
+    assert jax_value - _jax_grads(jm, batch, without, full=True)[0] == pytest.approx(0.5 * distance, rel=1e-4)
+    assert jax_value == pytest.approx(torch_value, rel=1e-5)
     assert_tree_close(jax_grads, torch_grads, atol=1e-4)
 
 

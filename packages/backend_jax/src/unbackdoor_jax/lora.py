@@ -84,14 +84,14 @@ def delta_norm(backbone: nnx.Module) -> jax.Array:
     Uses ``||B A||_F^2 = sum((B^T B) * (A A^T))`` per (stacked) layer, two ``r x r`` Gram matrices instead
     of the ``out x in`` product; the gradient at a zero norm (LoRA's init, B = 0) is taken as 0.
     """
-    sq = jnp.zeros((), jnp.float32)
+    sq, adapted = jnp.zeros((), jnp.float32), False
     for _, layer in linear_layers(backbone):
         if layer.lora_a is not None:
             a, b = layer.lora_a[...], layer.lora_b[...]
             grams = jnp.einsum("...or,...os->...rs", b, b) * jnp.einsum("...ri,...si->...rs", a, a)
-            sq = sq + layer.scaling ** 2 * grams.sum()
+            sq, adapted = sq + layer.scaling ** 2 * grams.sum(), True
     base = getattr(backbone, "anchor", None)
-    if base is not None and not has_lora(backbone):
+    if base is not None and not adapted:
         own = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
         sq = sq + sum(jax.tree.leaves(jax.tree.map(lambda w, w0: jnp.square(w - w0).sum(), own, base.get_value())))
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)

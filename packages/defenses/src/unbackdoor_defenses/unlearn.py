@@ -138,7 +138,6 @@ class Unlearning(Defense):
                                       "clean_rows": int((~flags).sum()), "loss": dataclasses.asdict(loss),
                                       "adapter": self.adapter, "lr": spec.lr})
 
-
     def anchored(self, ctx: DefenseContext, model: Any) -> Any:
         """``model`` with its distance measured from the clean base student's weights (``adapter=full``)."""
         if ctx.student_path is None:

@@ -81,3 +81,15 @@ def test_merging_a_suite_run_elsewhere_adds_only_what_is_missing() -> None:
     assert list(ours["runs"]) == ["a", "c", "d", "old"]  # the suite's order; a run it no longer has, last
     assert ours["runs"]["a"]["machine"] == "cuda:0 (H200) (Linux-gpu, 16 CPUs)"
     assert ours["runs"]["d"]["machine"] == "Linux-gpu, 16 CPUs" and ours["runs"]["c"]["results"] == {"mine": True}
+
+
+def test_merge_with_a_bad_suite_or_file_is_a_clear_error(tmp_path, capsys) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from run import main
+    finally:
+        sys.path.remove(str(BENCH))
+    assert main(["--merge", "nope", str(tmp_path)]) == 2
+    assert main(["--merge", "rga-10", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--merge takes a suite name and a JSON file of it; suites: ") == 2 and "rga-10" in err

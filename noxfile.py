@@ -38,7 +38,7 @@ def install(session: nox.Session, backend: str = "torch", models: bool = False) 
 def tests(session: nox.Session, backend: str) -> None:
     """Fast test suite on tiny random models for one backend (posargs go to pytest)."""
     install(session, backend)
-    session.run("pytest", "-m", "not slow", "--backend", backend, *session.posargs,
+    session.run("pytest", "-m", "not slow and not browser", "--backend", backend, *session.posargs,
                 env={"UNBACKDOOR_QUIET": "1"})
 
 
@@ -54,9 +54,9 @@ def parity(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """The default experiment: BadNet on SST-2, SmolLM2-135M student, MiniLM teacher, W2SDefense vs none."""
+    """The demo (preset ``demo``): InSent on SST-2 planted in a released SmolLM2-135M, none vs W2SDefense vs PSIM."""
     install(session, "torch", models=True)
-    session.run("unbackdoor", "run", "--out", "runs/demo", *session.posargs)
+    session.run("unbackdoor", "run", "--config", "demo", "--out", "runs/demo", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -71,6 +71,19 @@ def lint(session: nox.Session) -> None:
     """ruff over every package, the tests and the benchmarks."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", "packages", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def browser(session: nox.Session) -> None:
+    """``unbackdoor report --html`` in a real browser: installs Debian's headless Chromium (apt, root) when it is
+    missing, then loads a report page and checks that its tables and every image render (DOM dump, screenshot)."""
+    import shutil
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True)
+    session.install(*CORE, "pytest>=8")
+    session.run("pytest", "-m", "browser", "tests/test_html.py", *session.posargs, env={"UNBACKDOOR_QUIET": "1"})
 
 
 EXAMPLE_PLUGIN = "examples/unbackdoor-example-plugin"

@@ -17,6 +17,7 @@ from typing import Any
 
 from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor.cache import atomic_write_json, atomic_write_text, default_cache_dir
+from unbackdoor.config import read_config_file
 
 RESULTS = Path(__file__).parent / "results"
 NOTES = "\n## Notes"  # hand-written; kept by --render and --keep (a fresh run drops it)
@@ -34,13 +35,13 @@ def save(name: str, data: dict[str, Any], markdown: str) -> None:
 
 
 def default_wall_time(cache: Path) -> dict[str, Any]:
-    """The README's default experiment, from an empty cache (model conversion included), timed."""
+    """The README's demo (``nox -s demo``: preset ``demo``), from an empty cache (model conversion included), timed."""
     env = {**os.environ, "UNBACKDOOR_CACHE": str(cache), "UNBACKDOOR_QUIET": "1"}
     out = cache / "demo"
     start = time.perf_counter()
-    subprocess.run(["unbackdoor", "run", "--out", str(out)], check=True, env=env)
+    subprocess.run(["unbackdoor", "run", "--config", "demo", "--out", str(out)], check=True, env=env)
     seconds = time.perf_counter() - start
-    return {"command": "unbackdoor run (defaults)", "seconds": round(seconds, 1),
+    return {"command": "unbackdoor run --config demo", "seconds": round(seconds, 1),
             "results": json.loads((out / "results.json").read_text())}
 
 
@@ -96,6 +97,47 @@ def unlearning_10(seed: int, defenses: tuple[str, ...] = (*UNLEARNING, "psim+rga
     """
     return dict(change, **({"seed": seed} if seed else {}), defenses=defenses,
                 defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
+
+
+#: W2SDefense's released setting (`--config w2s-paper`) without its defenses: the user's budget is the whole
+#: split (less the attacker's rows) x 5 epochs at LoRA r=512; `paper_run` sets defenses and the user's epochs
+PAPER = {k: tuple(v) if isinstance(v, list) else v for k, v in read_config_file("w2s-paper").items()
+         if k not in ("defenses", "defense_options")}
+#: the released script's objective (5*CE + 0.001*KD + 0.001*A, A summed over the width, ReLU teacher head)
+RELEASED = read_config_file("w2s-paper")["defense_options"]["w2s"]
+
+
+def paper_run(epochs: float, seed: int = 0, defense: str = "w2s", rank: int | None = None,
+              **options: Any) -> dict[str, Any]:
+    """A `w2s-paper` run (changes from PAPER, its base): the user's epochs, one defense (with ``options``) and
+    optionally another rank."""
+    return dict(user_epochs=epochs, defenses=(defense,), **({"seed": seed} if seed else {}),
+                **({"lora_rank": rank, "lora_alpha": float(rank)} if rank else {}),
+                **({"defense_options": {defense: options}} if options else {}))
+
+
+#: the reduced budget of `w2s-paper`'s seeded rows: 1 user epoch of the paper's 5 (same rows, rank, objective)
+PAPER_REDUCED = 1.0
+#: 0.001 x 4096 / 576: the released alignment weight matched to SmolLM2's width (the summed distance grows with it)
+WIDTH_MATCHED = round(0.001 * 4096 / 576, 4)
+
+
+def paper_reduced(seed: int) -> dict[str, dict[str, Any]]:
+    """`w2s-paper`'s rows at the reduced budget for one seed."""
+    e = PAPER_REDUCED
+    return {
+        f"reduced-none-seed{seed}": paper_run(e, seed, "none"),
+        f"reduced-finetune-seed{seed}": paper_run(e, seed, "finetune"),
+        f"reduced-w2s-pooled-seed{seed}": paper_run(e, seed),
+        f"reduced-w2s-released-seed{seed}": paper_run(e, seed, **RELEASED),
+        f"reduced-w2s-tokens-seed{seed}": paper_run(e, seed, **{**RELEASED, "alignment": "tokens"}),
+        f"reduced-w2s-released-gamma-{WIDTH_MATCHED:g}-seed{seed}": paper_run(e, seed, **{**RELEASED,
+                                                                                        "gamma": WIDTH_MATCHED}),
+        f"reduced-w2s-released-gamma-0.05-seed{seed}": paper_run(e, seed, **{**RELEASED, "gamma": 0.05}),
+        # r=512 is nearly full rank on a 576-wide model; the seed's ratio is r = width / 8
+        f"reduced-r72-none-seed{seed}": paper_run(e, seed, "none", rank=72),
+        f"reduced-r72-w2s-released-seed{seed}": paper_run(e, seed, rank=72, **RELEASED),
+    }
 
 
 SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
@@ -253,6 +295,20 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
             attacker_lr=1e-4, user_lr=1e-3, defenses=("retrain", "npo", "rga"),
             defense_options={"npo": {"epochs": 30.0}, "rga": {"epochs": 30.0}}),
     }),
+    # W2SDefense in its own setting (weight poisoning) at the released script's budget and objective: the full
+    # budget (6,120 rows x 5 epochs, r=512, ~45 min a run in bf16 on 2 cores) for none / released / pooled, then
+    # every row at the reduced budget (1 epoch) over 3 seeds
+    "w2s-paper": ("W2SDefense in its own setting (weight poisoning, SST-2 BadNet, SmolLM2-135M): the released "
+                  "script's budget and objective (`--config w2s-paper`) vs the paper's text", {
+        "full-none": paper_run(5.0, defense="none"),
+        "full-w2s-released": paper_run(5.0, **RELEASED),
+        "full-w2s-pooled": paper_run(5.0),
+        **{label: run for seed in (0, 1, 2) for label, run in paper_reduced(seed).items()},
+        # then InSent (the paper's sentence trigger) at the reduced budget
+        "insent-reduced-none-seed0": dict(paper_run(PAPER_REDUCED, defense="none"), attack="insent"),
+        "insent-reduced-w2s-released-seed0": dict(paper_run(PAPER_REDUCED, **RELEASED), attack="insent"),
+        "insent-reduced-w2s-pooled-seed0": dict(paper_run(PAPER_REDUCED), attack="insent"),
+    }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,
                                     **({"poison_rate": 0.09} if attack == "syntactic" else {}))
@@ -276,6 +332,10 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
 }
 
 
+#: suites whose runs change another base than W2S_SETTING (the keys given here replace W2S_SETTING's)
+SUITE_BASES: dict[str, dict[str, Any]] = {"w2s-paper": PAPER}
+
+
 def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     """Run every experiment of ``SUITES[name]``, writing the figures after each.
 
@@ -285,7 +345,8 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     from report_md import as_saved, render_suite
 
     title, runs = SUITES[name]
-    data: dict[str, Any] = {"title": title, "command": f"nox -s bench -- {name}", "base": W2S_SETTING,
+    base = {**W2S_SETTING, **SUITE_BASES.get(name, {})}
+    data: dict[str, Any] = {"title": title, "command": f"nox -s bench -- {name}", "base": base,
                             "machine": platform.platform(), "cpus": os.cpu_count(), "runs": {}}
     previous, notes = kept(name) if keep else ({}, "")
 
@@ -303,7 +364,7 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
         if old is not None and old["change"] == as_saved(change):
             data["runs"][label], unwritten = old, True
             continue
-        setting = {**W2S_SETTING, "clean_baseline": False, **change}
+        setting = {**base, "clean_baseline": False, **change}
         cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"{name}-{label}"))
         data["runs"][label] = {"change": change, "results": run_experiment(cfg)}
         write()
@@ -327,7 +388,7 @@ def kept(name: str) -> tuple[dict[str, Any], str]:
     return runs, text[text.index(NOTES):] if NOTES in text else ""
 
 
-BENCHMARKS = ["w2s", "w2s-sweep", *SUITES]
+BENCHMARKS = ["w2s", "w2s-sweep", "demo", *SUITES]
 
 
 def rerender(name: str) -> None:
@@ -406,6 +467,8 @@ def main(argv: list[str]) -> int:
         w2s(cache)
     if "w2s-sweep" in names:
         sweep(cache)
+    if "demo" in names:
+        demo(cache)
     for name in names:
         if name in SUITES:
             suite(name, cache, keep)
@@ -426,6 +489,17 @@ def w2s(cache: Path) -> None:
     data["comparison"] = comparison(cache)
     save("w2s", data, render(data))
     print(render(data))
+
+
+def demo(cache: Path) -> None:
+    """``nox -s demo``'s experiment from an empty cache, timed, checked against what the demo must show."""
+    from report_md import render_demo
+
+    fresh = cache / f"fresh-{time.strftime('%Y%m%d-%H%M%S')}"
+    data: dict[str, Any] = {"command": "nox -s bench -- demo", "machine": platform.platform(), "cpus": os.cpu_count(),
+                            "run": default_wall_time(fresh)}
+    save("demo", data, render_demo(data))
+    print(render_demo(data))
 
 
 def render(data: dict[str, Any]) -> str:

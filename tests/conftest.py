@@ -19,6 +19,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-model tests, run by `nox -s bench`, not by `nox -s tests`")
     config.addinivalue_line("markers", "plugins: needs the example plugin installed, run by `nox -s plugins`")
+    config.addinivalue_line("markers", "browser: needs Debian's chromium, run by `nox -s browser`, not by `nox -s tests`")
 
 
 #: files that import jax: collected by the jax session (whose venv also has torch, for parity), not the torch one

@@ -93,3 +93,23 @@ def test_merge_with_a_bad_suite_or_file_is_a_clear_error(tmp_path, capsys) -> No
     assert main(["--merge", "rga-10", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("--merge takes a suite name and a JSON file of it; suites: ") == 2 and "rga-10" in err
+
+
+def test_demo_verdict_says_which_targets_are_met() -> None:
+    """demo.md: the released model's backdoor survives, and a defense removes it only at CA within 3 of `none`."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from report_md import demo_verdict
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [{"stage": "poisoned (released)", "defense": "-", "CA": 83.3, "ASR": 98.7},
+            {"stage": "poisoned + defense", "defense": "none", "CA": 87.0, "ASR": 98.7},
+            {"stage": "poisoned + defense", "defense": "w2s", "CA": 85.7, "ASR": 98.7},
+            {"stage": "poisoned + defense", "defense": "psim", "CA": 85.7, "ASR": 5.3},
+            {"stage": "poisoned + defense", "defense": "onion", "CA": 80.0, "ASR": 10.0}]
+    lines = demo_verdict(rows)
+    assert lines[0].startswith("- released model: CA 83.30, ASR 98.70") and ": met;" in lines[0]
+    assert "`psim`: CA 85.70 (-1.30 vs `none`), ASR 5.30: removes it" in lines[2]
+    assert "does not meet" in lines[1] and "does not meet" in lines[3]  # w2s keeps ASR; onion costs 7 points of CA
+    weak = [{**rows[0], "CA": 53.0}, *rows[1:]]
+    assert ": missed;" in demo_verdict(weak)[0]

@@ -283,6 +283,41 @@ def test_bad_precision_lists_choices() -> None:
     assert "'fp8'" in str(err.value)
 
 
+def test_option_tables_merge_key_by_key_across_layers(tmp_path: Path) -> None:
+    """A flag adding one defense option keeps the file's other options of that defense (and its other defenses)."""
+    path = write(tmp_path / "exp.toml", "[defense_options.w2s]\nalpha = 5.0\ngamma = 0.001\n"
+                                        "[defense_options.psim]\nthreshold = 0.8\n[attack_options]\nwords = 'cf'\n")
+    cfg = cli.config_from_args(run_args("--config", str(path), "--defense-option", "w2s.gamma=0.01",
+                                        "--defense-option", "w2s.teacher_epochs=1", "--attack-option", "count=2"))
+    assert cfg.defense_options == {"w2s": {"alpha": 5.0, "gamma": "0.01", "teacher_epochs": "1"},
+                                   "psim": {"threshold": 0.8}}
+    assert cfg.attack_options == {"words": "cf", "count": "2"}
+
+
+def test_the_w2s_paper_preset_is_the_released_setting() -> None:
+    """``--config w2s-paper``: the shipped preset, by name; the released script's budget and objective."""
+    cfg = cli.config_from_args(run_args("--config", "w2s-paper"))
+    assert (cfg.user_rows, cfg.user_epochs, cfg.user_batch_size, cfg.user_lr) == (6120, 5.0, 32, 2e-4)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.max_length, cfg.precision) == (
+        512, 512.0, 0.1, 128, "bf16")
+    assert cfg.defense_options["w2s"] == {"alpha": 5.0, "beta": 0.001, "gamma": 0.001, "temperature": 2.0,
+                                          "alignment": "released", "reduce": "sum", "teacher_activation": "relu"}
+    w2s = unbackdoor.plugins.get_plugin_manager().defense("w2s").configure(**cfg.defense_options["w2s"])
+    assert w2s.loss().batch_term and w2s.loss().reduce == "sum"
+    with pytest.raises(ConfigError, match=r"config file 'w2s-papers' does not exist \(presets: demo, w2s-paper\)"):
+        read_config_file("w2s-papers")
+
+
+@pytest.mark.parametrize("name", ["demo", "w2s-paper"])
+def test_every_preset_is_a_valid_config_with_valid_defense_options(name: str) -> None:
+    assert name in cli.presets()
+    cfg = build_config(read_config_file(name))
+    pm = unbackdoor.plugins.get_plugin_manager()
+    for defense in cfg.defenses:
+        pm.defense(defense).configure(**cfg.defense_options.get(defense, {}))
+    assert set(cfg.defense_options) <= set(cfg.defenses)
+
+
 def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         build_config().seed = 1  # type: ignore[misc]
@@ -378,3 +413,47 @@ def test_cli_unknown_flag_is_argparse_error(capsys: pytest.CaptureFixture[str]) 
         cli.main(["run", "--no-such-flag", "1"])
     assert exc.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- help text
+def test_every_config_field_is_in_one_help_group_with_help_text() -> None:
+    from unbackdoor.config import FIELD_GROUPS
+    from unbackdoor.fielddocs import attribute_docs
+
+    grouped = [name for _, names in FIELD_GROUPS for name in names]
+    assert sorted(grouped) == sorted(field_names())  # each field exactly once
+    docs = attribute_docs(ExperimentConfig)
+    assert all(len(docs.get(name, "")) > 10 for name in field_names()), set(field_names()) - set(docs)
+
+
+def test_every_option_of_every_built_in_plugin_has_help_text() -> None:
+    from unbackdoor.fielddocs import option_rows
+
+    pm = unbackdoor.plugins.get_plugin_manager()
+    found = {**pm.attacks(), **pm.defenses(), **pm.paraphrasers()}
+    built_in = {name: reg for name, reg in found.items() if reg.package.startswith("unbackdoor")}
+    assert {"badnet", "w2s", "psim+rga"} <= set(built_in)
+    missing = [(name, option) for name, reg in built_in.items() for option, _, _, text in option_rows(reg.obj)
+               if len(text) < 10]
+    assert missing == []
+
+
+def test_run_help_shows_groups_help_and_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for group in ("experiment:", "attacker (weight setting):", "user fine-tune:", "LoRA:", "evaluation:", "output:"):
+        assert group in out
+    assert "--backend BACKEND the training backend" in out and "Choose from: jax, torch." in out
+    assert "Choose from: weight, data. (default: weight)" in out and "Choose from: fp32, bf16." in out
+    assert "Choose from: backtranslate, finetune, ga," in out  # --defenses: the registered defenses
+    assert "``" not in out and "default: None" not in out
+
+
+def test_list_options_prints_a_plugins_options_and_refuses_an_unknown_name(capsys) -> None:
+    assert cli.main(["list", "--options", "w2s"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("w2s: W2SDefense") and "alignment (str, default pooled)" in out
+    assert "gamma (float, default 0.2)" in out and "weight of the feature alignment" in out
+    assert cli.main(["list", "--options", "w2z"]) == 2
+    assert "unknown plugin 'w2z'; choose one of: addsent, backtranslate, badnet," in capsys.readouterr().err

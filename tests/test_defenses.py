@@ -96,7 +96,7 @@ def test_defense_runs_end_to_end(defense: str, options: dict[str, str], tiny_dir
     assert released["stage"] == "poisoned (released)" and row["defense"] == defense
     assert "| poisoned + defense | " + defense in (tmp_path / "o" / "results.md").read_text()
     if defense == "strip":
-        assert set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold"}
+        assert set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold", "flagged", "positives"}
         assert row["stats"]["strip"]["calibration_rows"] == 40 and len(row["threshold_sweep"]) == 6
     elif defense == "onion":
         asr_rows = json.loads((tmp_path / "o" / "results.json").read_text())["data"]["asr_test"]
@@ -216,6 +216,10 @@ def test_paraphrase_defenses_name_what_is_missing(monkeypatch: pytest.MonkeyPatc
     ("strip", {"false_rejection_rate": "0"}, r"false_rejection_rate must be in \(0.0, 1.0\), got 0.0"),
     ("onion", {"batch_size": "0"}, "defense 'onion' option batch_size must be >= 1, got 0"),
     ("finetune", {"lr": "-1"}, "defense 'finetune' option lr must be >= 0"),
+    ("w2s", {"alignment": "cls"}, "unknown W2S alignment 'cls'; choose one of: pooled, released, tokens"),
+    ("w2s", {"reduce": "max"}, "unknown w2s reduce 'max'; choose one of: auto, mean, sum"),
+    ("w2s", {"teacher_activation": "gelu"},
+     "unknown w2s teacher_activation 'gelu'; choose one of: none, relu, tanh"),
 ])
 def test_bad_options_are_clear_config_errors(defense: str, options: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -71,6 +71,8 @@ def test_detector_defense_rejects_triggered_inputs(tiny_dirs, tmp_path, backend_
                            defenses=("oracle-detector",), cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
     row = run_experiment(cfg, pm, log=lambda _: None)["rows"][-1]
     assert row["ASR"] == 0.0  # every triggered input is flagged, so no attack succeeds
-    assert row["detection"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "auroc": 1.0, "threshold": 0.5}
+    triggered = len(row["detector_scores"]["triggered"])
+    assert row["detection"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "auroc": 1.0, "threshold": 0.5,
+                                "flagged": triggered, "positives": triggered}  # the counts the rates are of
     assert row["CA"] == row["CA_model"]  # no clean SST-2 test row contains the word "mn"
     assert 0 <= row["ASR_model"] <= 100

@@ -39,7 +39,11 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     w2s = results["rows"][2]["stats"]
     assert w2s["train"]["steps"] == 4 and "dev_accuracy" in w2s["teacher"]
     assert results["data"] == {"user_train": 64, "attacker_train": 160, "test": 40,
-                               "asr_test": results["data"]["asr_test"]}
+                               "asr_test": results["data"]["asr_test"], "pacc_test": 40}
+    none = results["rows"][1]  # every rate with its row count and 95% interval
+    assert none["n"] == {"CA": 40, "ASR": results["data"]["asr_test"], "PACC": 40}
+    assert all(lo <= none[k] <= hi and hi - lo > 5 for k, (lo, hi) in none["ci95"].items())
+    assert "What happened" in (tmp_path / "out" / "results.md").read_text()
     assert results["config"]["defense_options"] == {"w2s": {"teacher_epochs": "1"}}
     # each defense row names every option it ran with: the one set, and the defaults (the loss weights)
     assert results["rows"][2]["options"]["teacher_epochs"] == 1.0
@@ -63,6 +67,24 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     assert [r["CA"] for r in again["rows"]] == [r["CA"] for r in results["rows"]]
     assert again["rows"][2]["options"] == results["rows"][2]["options"]  # a cached row has them too
     assert sum("reusing cached" in line for line in logs) == 3
+
+
+def test_w2s_paper_preset_runs_the_released_objective(tiny_dirs, tmp_path, backend_name) -> None:
+    """``--config w2s-paper`` scaled to tiny models by flags: its w2s options (released alignment, ReLU teacher
+    head, 5*CE + 0.001*KD + 0.001*A) survive a flag that adds another w2s option, and train on either backend."""
+    sizes = {"--user-rows": "48", "--user-epochs": "1", "--lora-rank": "4", "--lora-alpha": "4", "--test-rows": "40",
+             "--attacker-rows": "96", "--max-length": "32", "--precision": "fp32"}
+    flags = [x for pair in sizes.items() for x in pair]
+    argv = ["run", "--config", "w2s-paper", *_flags(tiny_dirs, tmp_path, backend_name), *flags,
+            "--defense-option", "w2s.teacher_epochs=1"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    w2s = next(r for r in results["rows"] if r.get("defense") == "w2s")
+    assert {k: w2s["options"][k] for k in ("alpha", "beta", "gamma", "alignment", "reduce", "teacher_activation")} == {
+        "alpha": 5.0, "beta": 0.001, "gamma": 0.001, "alignment": "released", "reduce": "sum", "teacher_activation": "relu"}
+    assert w2s["options"]["teacher_epochs"] == 1.0 and w2s["stats"]["train"]["steps"] == 2
+    teacher = next((tmp_path / "cache").glob("teacher/*/unbackdoor.json"))
+    assert json.loads(teacher.read_text())["projection_activation"] == "relu"
 
 
 def _api_kwargs(tiny_dirs, tmp_path, backend_name: str) -> dict:

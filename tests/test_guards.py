@@ -33,6 +33,22 @@ def test_nan_in_aux_arrays_names_step_terms_and_input(backend, tiny_dirs, sst2) 
     assert "alignment=" in msg and "lower the learning rate" in msg
 
 
+@pytest.mark.parametrize("alignment", ["tokens", "released"])
+def test_nan_teacher_state_names_the_token_alignment(backend, tiny_dirs, sst2, alignment) -> None:
+    """The alignments over every token's state: the guard recomputes their term from the token states."""
+    data = sst2.train.head(16)
+    model = backend.load_classifier(tiny_dirs["llama"], 2)
+    hidden = np.zeros((16, 32), np.float32)
+    hidden[:, 0] = np.nan
+    aux = {"teacher_logits": np.zeros((16, 2), np.float32), "teacher_hidden": hidden}
+    with pytest.raises(TrainingDivergedError) as err:
+        backend.train(model, data, W2SLoss(alignment=alignment), TrainSpec(epochs=1, batch_size=8, max_length=32),
+                      aux, desc="w2s")
+    msg = str(err.value)
+    assert "alignment=nan" in msg and "non-finite values in: teacher_hidden" in msg
+    assert np.isfinite(float(msg.split("distillation=")[1].split(",")[0]))
+
+
 def test_diverging_learning_rate_is_caught_at_a_later_step(backend, tiny_dirs, sst2) -> None:
     data = sst2.train.head(64)
     model = backend.load_classifier(tiny_dirs["llama"], 2)

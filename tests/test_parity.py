@@ -38,6 +38,7 @@ from unbackdoor.specs import (
     PromptSpec,
     TrainSpec,
     W2SLoss,
+    reads_token_states,
 )
 from unbackdoor_jax import losses as jax_losses
 from unbackdoor_jax import train as jax_train
@@ -51,6 +52,9 @@ from unbackdoor_torch.train import to_tensors
 
 LORA = LoRASpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj", "query", "value"))
 W2S = W2SLoss(alpha=1.0, beta=0.5, gamma=2.0, temperature=2.0)
+#: the alignments over every token's state (the released script's, and each row's real tokens)
+RELEASED = W2SLoss(alpha=5.0, beta=0.5, gamma=0.05, temperature=2.0, alignment="released", reduce="sum")
+TOKENS = W2SLoss(alpha=1.0, beta=0.5, gamma=2.0, temperature=2.0, alignment="tokens")
 MAX_LENGTH = 32
 
 
@@ -130,11 +134,11 @@ def set_torch_adapter(model, arrays: Mapping[str, np.ndarray]) -> None:
                 param.copy_(torch.from_numpy(np.asarray(arrays[_peft_name(name)])))
 
 
-def twin_models(backends, path, *, projection_dim=None, lora: bool = False, seed: int = 0):
+def twin_models(backends, path, *, projection_dim=None, lora: bool = False, seed: int = 0, **head):
     """The same classifier in both backends (same seed, so the same head and LoRA A; random non-zero B set in both)."""
     jb, tb = backends
-    jm = jb.load_classifier(path, 2, projection_dim=projection_dim, seed=seed)
-    tm = tb.load_classifier(path, 2, projection_dim=projection_dim, seed=seed)
+    jm = jb.load_classifier(path, 2, projection_dim=projection_dim, seed=seed, **head)
+    tm = tb.load_classifier(path, 2, projection_dim=projection_dim, seed=seed, **head)
     if lora:
         jb.add_lora(jm, LORA, seed=seed)
         tb.add_lora(tm, LORA, seed=seed)
@@ -166,13 +170,17 @@ def test_fresh_models_start_from_the_same_numbers(backends, tiny_dirs, arch, pro
 
 
 # ---------------------------------------------------------------- forward
-@pytest.mark.parametrize(("arch", "projection_dim"), [("llama", None), ("bert", 32)])
-def test_logits_and_pooled_states_match_torch(backends, tiny_dirs, rows, arch, projection_dim) -> None:
-    jm, tm = twin_models(backends, tiny_dirs[arch], projection_dim=projection_dim, lora=True, seed=1)
+@pytest.mark.parametrize(("arch", "projection_dim", "activation"),
+                         [("llama", None, "none"), ("bert", 32, "none"), ("bert", 32, "relu"), ("bert", 32, "tanh")])
+def test_logits_and_pooled_states_match_torch(backends, tiny_dirs, rows, arch, projection_dim, activation) -> None:
+    """The W2S teacher's head (projection g, then its activation) included; relu leaves zeros in the state."""
+    head = {} if activation == "none" else {"projection_activation": activation}
+    jm, tm = twin_models(backends, tiny_dirs[arch], projection_dim=projection_dim, lora=True, seed=1, **head)
     outs = [b.predict(m, rows, batch_size=8, max_length=MAX_LENGTH, hidden=True)
             for b, m in zip(backends, (jm, tm), strict=True)]
     assert_tree_close({"logits": outs[0].logits, "hidden": outs[0].hidden},
                       {"logits": outs[1].logits, "hidden": outs[1].hidden}, atol=1e-4)
+    assert (outs[1].hidden.min() >= 0) == (activation == "relu")
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
@@ -241,6 +249,41 @@ def test_loss_values_match_numpy_and_torch(spec) -> None:
                           {"d_logits": want[0], "d_hidden": want[1]}, atol=1e-6)
 
 
+@pytest.mark.parametrize("spec", [RELEASED, TOKENS, W2SLoss(1.0, 0.0, 0.5, 1.0, "tokens", "sum"),
+                                  W2SLoss(1.0, 0.2, 0.3, 2.0, "released", "mean")], ids=str)
+def test_token_alignment_values_and_gradients_match_numpy_and_torch(spec) -> None:
+    """Every token's state: value and d/d logits, d/d states on both backends vs NumPy's closed form; then jax
+    with the batch as it trains it (a filler row and widened columns, weight 0) gives the same value."""
+    rng = np.random.default_rng(2)
+    mask = (np.arange(5)[None] < np.array([[5], [2], [4]])).astype(np.int64)
+    v = {"logits": rng.normal(size=(3, 2)) * 3, "labels": rng.integers(0, 2, 3), "attention_mask": mask,
+         "teacher_logits": rng.normal(size=(3, 2)), "hidden": rng.normal(size=(3, 5, 4)),
+         "teacher_hidden": rng.normal(size=(3, 4))}
+    expected = ref.reference_loss(spec, v, v)
+    want = ref.w2s_grads(spec, v["logits"], v["labels"], v["teacher_logits"], v["hidden"], v["teacher_hidden"], mask)
+    f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
+    t = to_tensors(f32, torch.device("cpu"))
+    logits, hidden = t["logits"].requires_grad_(True), t["hidden"].requires_grad_(True)
+    torch_value = torch_losses.batch_objective(spec, None, logits, hidden, t)
+    torch_value.backward()
+    batch = jax_train.device_batch({**f32, "weight": np.ones(3, np.float32),
+                                    "position_weight": np.ones((3, 5), np.float32)})
+    jax_value, jax_grads = jax.value_and_grad(
+        lambda z, h: jax_losses.batch_objective(spec, None, z, h, batch), argnums=(0, 1))(batch["logits"], batch["hidden"])
+    assert float(jax_value) == pytest.approx(expected, rel=1e-5)
+    assert float(torch_value.detach()) == pytest.approx(expected, rel=1e-5)
+    assert_tree_close({"jax d_logits": jax_grads[0], "jax d_states": jax_grads[1], "torch d_logits": logits.grad.numpy(),
+                       "torch d_states": hidden.grad.numpy()},
+                      {"jax d_logits": want[0], "jax d_states": want[1], "torch d_logits": want[0],
+                       "torch d_states": want[1]}, atol=1e-6)
+    filled = jax_train.fill_batch({**f32, "input_ids": np.ones((3, 5), np.int64), "index": np.arange(3)}, 4, 32,
+                                  pad_id=0)  # 4 rows, 5 -> 32 columns
+    filled["hidden"] = np.pad(f32["hidden"][np.array([0, 1, 2, 0])], ((0, 0), (0, 32 - 5), (0, 0)), constant_values=9.0)
+    filled = jax_train.device_batch(filled)
+    wide = jax_losses.batch_objective(spec, None, filled["logits"], filled["hidden"], filled)
+    assert float(wide) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("spec", [AdaptiveGALoss(2.0, 0.0), AdaptiveGALoss(2.0, 0.0, lambda_per_row=True), GALoss(0.5),
                                   NPOLoss(0.3, 1.0)], ids=str)
 def test_unlearning_losses_match_numpy_and_torch(spec) -> None:
@@ -263,16 +306,20 @@ def test_unlearning_losses_match_numpy_and_torch(spec) -> None:
 
 
 # ---------------------------------------------------------------- gradients and optimiser steps
-def _first_batch(model, rows, aux) -> dict[str, np.ndarray]:
-    ids = model.encoder.encode(rows.texts, MAX_LENGTH)
+def _first_batch(model, rows, aux, max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+    ids = model.encoder.encode(rows.texts, max_length)
     return next(iter_batches(ids, model.encoder.pad_id, len(ids), arrays={"labels": rows.labels, **aux}))
 
 
-def _jax_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
-    """The loss and the adapter's (``full``: every backbone parameter's) and head's gradients, HF/peft-named."""
+def _jax_grads(model, batch, spec=W2S, full: bool = False, max_length: int = MAX_LENGTH,
+               ) -> tuple[float, dict[str, np.ndarray]]:
+    """The loss and the adapter's (``full``: every backbone parameter's) and head's gradients, HF/peft-named.
+
+    The batch is widened as training would with ``max_length`` (jax's length ladder).
+    """
     module = model.module
     graphdef, trainable, frozen = nnx.split(module, jax_train.trainable_filter(module), ...)
-    arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), MAX_LENGTH, 0))
+    arrays = jax_train.device_batch(jax_train.fill_batch(batch, len(batch["index"]), max_length, 0))
     value, grads = jax.value_and_grad(jax_train.batch_loss, argnums=3)(graphdef, spec, jnp.float32, trainable, frozen,
                                                                        arrays, None)
     as_model = nnx.merge(graphdef, grads, frozen)  # the gradients laid out like the model, to name them like peft
@@ -283,7 +330,7 @@ def _jax_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dict[
 def _torch_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
     t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
     model.module.zero_grad()
-    logits, hidden = model.module(t["input_ids"], t["attention_mask"])
+    logits, hidden = model.module(t["input_ids"], t["attention_mask"], tokens=reads_token_states(spec))
     value = torch_losses.batch_objective(spec, model.module, logits, hidden, t)
     value.backward()
     if full:
@@ -293,10 +340,14 @@ def _torch_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dic
     return float(value.detach()), {**torch_adapter(model, grads=True), **head}
 
 
-def test_lora_and_head_gradients_match_torch(backends, tiny_dirs, rows) -> None:
+@pytest.mark.parametrize("spec", [W2S, RELEASED, TOKENS], ids=["pooled", "released", "tokens"])
+def test_lora_and_head_gradients_match_torch(backends, tiny_dirs, rows, spec) -> None:
+    """W2S through the model; jax widens the batch to its length ladder, which the alignments must not count."""
     jm, tm = twin_models(backends, tiny_dirs["llama"], lora=True, seed=3)
-    batch = _first_batch(jm, rows, _aux(len(rows), 32))
-    (jax_value, jax_grads), (torch_value, torch_grads) = _jax_grads(jm, batch), _torch_grads(tm, batch)
+    batch = _first_batch(jm, rows, _aux(len(rows), 32), max_length=20)
+    assert batch["input_ids"].shape[1] < jax_train.padded_width(batch["input_ids"].shape[1], 64)
+    jax_value, jax_grads = _jax_grads(jm, batch, spec, max_length=64)
+    torch_value, torch_grads = _torch_grads(tm, batch, spec)
     assert jax_value == pytest.approx(torch_value, rel=1e-5)
     assert max(np.abs(g).max() for g in torch_grads.values()) > 1e-3  # the comparison is not vacuous
     assert_tree_close(jax_grads, torch_grads, atol=1e-4)
@@ -316,12 +367,16 @@ def test_rga_lora_and_head_gradients_match_torch(backends, tiny_dirs, rows) -> N
     assert_tree_close(jax_grads, torch_grads, atol=1e-4)
 
 
-def test_three_adamw_w2s_steps_match_torch(backends, tiny_dirs, rows) -> None:
+@pytest.mark.parametrize(("loss", "batch_size"), [(W2S, 4), (RELEASED, 6), (TOKENS, 6)],
+                         ids=["pooled", "released", "tokens"])
+def test_three_adamw_w2s_steps_match_torch(backends, tiny_dirs, rows, loss, batch_size) -> None:
+    """16 rows in batches of 6: the third holds 4, which jax fills with weight-0 rows (the released alignment
+    then takes the last REAL row's teacher state, as torch does)."""
     jm, tm = twin_models(backends, tiny_dirs["llama"], lora=True, seed=4)
-    spec = TrainSpec(epochs=1, lr=1e-3, batch_size=4, max_length=MAX_LENGTH, weight_decay=0.01, warmup_ratio=0.5,
-                     max_steps=3, seed=4)
+    spec = TrainSpec(epochs=1, lr=1e-3, batch_size=batch_size, max_length=MAX_LENGTH, weight_decay=0.01,
+                     warmup_ratio=0.5, max_steps=3, seed=4)
     aux = _aux(len(rows), 32, seed=4)
-    stats = [b.train(m, rows, W2S, spec, aux) for b, m in zip(backends, (jm, tm), strict=True)]
+    stats = [b.train(m, rows, loss, spec, aux) for b, m in zip(backends, (jm, tm), strict=True)]
     assert stats[0].steps == stats[1].steps == 3
     np.testing.assert_allclose(stats[0].losses, stats[1].losses, rtol=1e-5)
     jax_head = head_tensors(jm.module)

@@ -66,7 +66,9 @@ def test_psim_detector_end_to_end(peft, tiny_dirs, tmp_path, backend_name) -> No
                                                                          "train_head": str(peft != "lora")}},
                            cache_dir=str(tmp_path / "c"), out=str(tmp_path / "o"))
     row = run_experiment(cfg, log=lambda _: None)["rows"][-1]
-    assert row["defense"] == "psim" and set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold"}
+    assert row["defense"] == "psim" and set(row["detection"]) == {"precision", "recall", "f1", "auroc", "threshold",
+                                                                  "flagged", "positives"}
+    assert row["detection"]["positives"] == len(row["detector_scores"]["triggered"])
     assert row["stats"]["labels_changed"] > 0 and row["options"]["reset"] == "uniform"  # the default draw
     sweep = row["threshold_sweep"]
     assert [s["threshold"] for s in sweep] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]

@@ -210,3 +210,50 @@ def test_plots_without_matplotlib_give_a_clear_error(monkeypatch, tmp_path) -> N
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an uninstalled package looks like
     with pytest.raises(ConfigError, match="plots need matplotlib: pip install matplotlib"):
         plot_sweep([(0.0, 1.0, 2.0)], tmp_path / "x.png", "t")
+
+
+def test_wilson_interval_known_values() -> None:
+    from unbackdoor.metrics import wilson_interval
+
+    low, high = wilson_interval(50.0, 100)
+    assert (round(low, 1), round(high, 1)) == (40.4, 59.6)
+    low, high = wilson_interval(0.0, 151)  # never 0-width at the edge
+    assert low == 0.0 and 2.0 < high < 3.0
+    assert wilson_interval(100.0, 151)[1] == pytest.approx(100.0)
+
+
+def test_results_md_opens_with_verdicts_backed_by_intervals() -> None:
+    from unbackdoor.report import markdown_table, verdicts
+
+    rows = [{"stage": "poisoned (released)", "defense": "-", "CA": 83.33, "ASR": 98.68},
+            {"stage": "poisoned + defense", "defense": "none", "CA": 87.0, "ASR": 98.68},
+            {"stage": "poisoned + defense", "defense": "w2s", "CA": 85.67, "ASR": 96.69},
+            {"stage": "poisoned + defense", "defense": "psim", "CA": 70.0, "ASR": 5.3}]
+    results = {"config": {"attack": "insent", "dataset": "sst2"}, "rows": rows, "data": {"test": 300, "asr_test": 151}}
+    lines = verdicts(results)
+    assert lines[2] == ("- The backdoor survived the user's fine-tune (`none`): ASR 98.68 [95.3, 99.6] released, "
+                        "98.68 [95.3, 99.6] after `none` (CA 87.00).")
+    assert lines[3].startswith("- `w2s`: ASR 96.69 [") and "not different from `none`" in lines[3]
+    assert "fell by 93.38 points" in lines[4] and "CA 70.00 (-17.00 vs `none`)" in lines[4]  # a real CA cost
+    table = markdown_table(results)
+    assert table.index("What happened") < table.index("| stage | defense | CA (n=300) | ASR (n=151) |")
+    assert "| poisoned + defense | psim | 70.00 [64.6, 74.9] | 5.30 [2.7, 10.1] | - |" in table
+    weakened = {**results, "rows": [rows[0], {**rows[1], "ASR": 40.0}]}
+    assert "The backdoor was weakened by the user's fine-tune" in verdicts(weakened)[2]
+    assert verdicts({**results, "data": {}}) == []  # no counts (an older results.json): no verdicts, no intervals
+    assert "| poisoned + defense | psim | 70.00 | 5.30 | - |" in markdown_table({**results, "data": {}})
+
+
+def test_comparison_cells_and_bars_carry_intervals_where_counts_are_recorded(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from unbackdoor.plots import plot_defense_bars
+
+    rows = [{"stage": "poisoned + defense", "defense": "none", "CA": 85.0, "ASR": 96.03}]
+    counted = {"config": {"attack": "badnet", "model": "m", "seed": 0}, "rows": rows,
+               "data": {"test": 300, "asr_test": 151}}
+    table = comparison_table([counted])
+    assert "| badnet | none | 85.00 [80.5, 88.6] | 96.03 [91.6, 98.2] |" in table
+    assert "| badnet | none | 85.00 | 96.03 |" in comparison_table([{**counted, "data": {}}])  # no counts recorded
+    bars = [("none", 85.0, 96.03), ("w2s", 86.0, 20.0)]
+    with_bars = plot_defense_bars(bars, tmp_path / "a.png", "t", (300, 151)).read_bytes()
+    assert with_bars != plot_defense_bars(bars, tmp_path / "b.png", "t").read_bytes()

@@ -65,10 +65,10 @@ class JaxBackend:
         return f"{len(devices)} x {kind}" if spans else kind
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
-                        seed: int = 0) -> JaxModel:
+                        seed: int = 0, projection_activation: str = "none") -> JaxModel:
         """Load a HF directory as a sequence classifier (see :mod:`unbackdoor_jax.modeling`)."""
         path = Path(path)
-        module = modeling.load_classifier(path, num_labels, projection_dim, seed)
+        module = modeling.load_classifier(path, num_labels, projection_dim, seed, projection_activation)
         return JaxModel(module, TextEncoder.from_dir(path), path)
 
     def add_lora(self, model: JaxModel, spec: LoRASpec, *, seed: int = 0) -> JaxModel:

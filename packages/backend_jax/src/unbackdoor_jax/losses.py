@@ -33,9 +33,30 @@ def distillation(student_logits: Array, teacher_logits: Array, temperature: floa
     return t * t * (jnp.exp(log_t) * (log_t - log_s)).sum(-1)
 
 
-def feature_alignment(student_hidden: Array, teacher_hidden: Array) -> Array:
-    """Per-example mean over the hidden dimension of the squared difference; ``[B, D]`` in, ``[B]`` out."""
-    return jnp.square(student_hidden - teacher_hidden).mean(-1)
+def squared_distance(diff: Array, reduce: str) -> Array:
+    """``diff**2`` reduced (``mean`` or ``sum``) over the last, hidden, axis."""
+    sq = jnp.square(diff)
+    return sq.sum(-1) if reduce == "sum" else sq.mean(-1)
+
+
+def alignment(spec: W2SLoss, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    """The W2S alignment: per row ``[B]`` (``pooled``, ``tokens``) or the batch's value (``released``).
+
+    ``hidden`` is ``[B, D]`` (pooled) or ``[B, L, D]`` every position's state. ``released`` counts the
+    positions ``position_weight`` marks (the core's batch, not the backend's widening or filler rows) and
+    takes the teacher state of the last real row.
+    """
+    teacher = batch["teacher_hidden"]
+    if spec.alignment == "pooled":
+        return squared_distance(hidden - teacher, spec.reduce)
+    if spec.alignment == "tokens":
+        mask = batch["attention_mask"].astype(hidden.dtype)
+        dist = squared_distance(hidden - teacher[:, None], spec.reduce)
+        return (dist * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    last = (batch["weight"] > 0).sum().astype(jnp.int32) - 1  # filler rows come after the real ones
+    dist = squared_distance(hidden - teacher[last], spec.reduce)
+    w = batch["position_weight"]
+    return (dist * w).sum() / w.sum()
 
 
 @singledispatch
@@ -59,8 +80,8 @@ def _(spec: W2SLoss, logits: Array, hidden: Array, batch: Mapping[str, Array]) -
     loss = spec.alpha * cross_entropy(logits, batch["labels"])
     if spec.beta:  # skipping a zero-weight term also skips its gradient work
         loss = loss + spec.beta * distillation(logits, batch["teacher_logits"], spec.temperature)
-    if spec.gamma:
-        loss = loss + spec.gamma * feature_alignment(hidden, batch["teacher_hidden"])
+    if spec.gamma and not spec.batch_term:
+        loss = loss + spec.gamma * alignment(spec, hidden, batch)
     return loss
 
 
@@ -73,6 +94,12 @@ def batch_objective(spec: object, model: nnx.Module, logits: Array, hidden: Arra
     """
     per_row = per_example_loss(spec, logits, hidden, batch)
     return (per_row * batch["weight"]).sum() / batch["weight"].sum()
+
+
+@batch_objective.register
+def _(spec: W2SLoss, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    loss = batch_objective.dispatch(object)(spec, model, logits, hidden, batch)  # the mean of the per-row losses
+    return loss + spec.gamma * alignment(spec, hidden, batch) if spec.batch_term else loss
 
 
 def group_weights(batch: Mapping[str, Array]) -> tuple[Array, Array]:

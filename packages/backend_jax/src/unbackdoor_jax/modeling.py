@@ -28,6 +28,8 @@ from .llama import Llama
 
 Array = jax.Array
 BACKBONES: dict[str, type[nnx.Module]] = {"bert": Bert, "llama": Llama, "mistral": Llama, "qwen2": Llama}
+#: the head's activation after the projection g (:data:`unbackdoor.layout.PROJECTION_ACTIVATIONS`)
+ACTIVATIONS = {"none": lambda x: x, "relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
 class SequenceClassifier(nnx.Module):
@@ -43,8 +45,10 @@ class SequenceClassifier(nnx.Module):
         self.classifier = _linear(head, "classifier")
         self.prompt = nnx.data(None)  # a PromptParam [P, D] once prompt tuning is added
 
-    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx) -> tuple[Array, Array]:
-        """``logits [B, C]`` and the pooled (projected) state ``[B, D]``."""
+    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx, tokens: bool = False) -> tuple[Array, Array]:
+        """``logits [B, C]`` and the pooled (projected) state ``[B, D]``; with ``tokens``, instead of the
+        pooled state, the backbone's final state of every input position ``[B, L, D]`` (a soft prompt's
+        virtual tokens left out)."""
         prompt = None if self.prompt is None else self.prompt[...]
         if prompt is not None:  # peft: the virtual tokens are always attended, so the last real token moves by P
             ones = jnp.ones((input_ids.shape[0], prompt.shape[0]), attention_mask.dtype)
@@ -56,7 +60,9 @@ class SequenceClassifier(nnx.Module):
         elif pooled is None:
             pooled = states[:, 0]
         if self.projection is not None:
-            pooled = self.projection(pooled, ctx)
+            pooled = ACTIVATIONS[self.meta.projection_activation](self.projection(pooled, ctx))
+        if tokens:
+            return self.classifier(pooled, ctx), states[:, states.shape[1] - input_ids.shape[1]:]
         return self.classifier(pooled, ctx), pooled
 
 
@@ -88,10 +94,11 @@ def load_backbone(path: Path) -> tuple[nnx.Module, dict[str, Any]]:
     return BACKBONES[model_type](tensors, config), config
 
 
-def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int) -> SequenceClassifier:
+def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int,
+                    projection_activation: str = "none") -> SequenceClassifier:
     """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
     path = check_model_dir(Path(path))
-    meta = HeadMeta.for_model(path, num_labels, projection_dim)
+    meta = HeadMeta.for_model(path, num_labels, projection_dim, projection_activation)
     backbone, config = load_backbone(path)
     head = init.head_arrays(meta, int(config["hidden_size"]), float(config.get("initializer_range", 0.02)), seed)
     saved = weights.read_head(path)

@@ -32,7 +32,7 @@ from unbackdoor.batching import epoch_batches, iter_batches, lr_factor, num_batc
 from unbackdoor.data import TextDataset
 from unbackdoor.guards import diverged, locate
 from unbackdoor.progress import progress
-from unbackdoor.specs import LossSpec, TrainSpec
+from unbackdoor.specs import LossSpec, TrainSpec, reads_token_states
 from unbackdoor.text import TextEncoder
 
 from . import parallel
@@ -71,7 +71,7 @@ def batch_loss(graphdef: Any, loss: LossSpec, dtype: Any, trainable: Any, frozen
                key: jax.Array | None) -> jax.Array:
     """The batch objective of ``loss`` (filler rows weigh 0); dropout on when ``key`` is given."""
     model = nnx.merge(graphdef, trainable, frozen)
-    logits, hidden = model(batch["input_ids"], batch["attention_mask"], Ctx(dtype, key))
+    logits, hidden = model(batch["input_ids"], batch["attention_mask"], Ctx(dtype, key), reads_token_states(loss))
     return batch_objective(loss, model, logits.astype(jnp.float32), hidden.astype(jnp.float32), batch)
 
 
@@ -102,7 +102,9 @@ def fill_batch(batch: Mapping[str, np.ndarray], rows: int, max_length: int, pad_
     """Widen to :func:`padded_width` (masked pad tokens) and fill to ``rows`` rows with weight-0 copies of row 0.
 
     Right padding leaves every real token's result unchanged: keys past the
-    mask are ignored and causal queries never see later positions.
+    mask are ignored and causal queries never see later positions. ``position_weight`` ``[rows, width]``
+    marks the positions of the batch as the core padded it (1) apart from the widening and the filler
+    rows (0): a loss over every position (W2S ``released``) counts the same positions as the torch backend.
     """
     n, width = batch["input_ids"].shape
     take = np.concatenate([np.arange(n), np.zeros(rows - n, np.int64)])
@@ -111,6 +113,7 @@ def fill_batch(batch: Mapping[str, np.ndarray], rows: int, max_length: int, pad_
     out["input_ids"] = np.pad(out["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
     out["attention_mask"] = np.pad(out["attention_mask"], ((0, 0), (0, extra)))
     out["weight"] = (np.arange(rows) < n).astype(np.float32)
+    out["position_weight"] = np.pad(np.ones((n, width), np.float32), ((0, rows - n), (0, extra)))
     return out
 
 
@@ -150,7 +153,7 @@ class Steps:
         arrays = fill_batch(batch, self.rows, self.spec.max_length, self.pad_id)
         model = nnx.merge(self.graphdef, trainable, self.frozen)
         logits, hidden = model(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["attention_mask"]),
-                               Ctx(DTYPES[self.spec.precision]))
+                               Ctx(DTYPES[self.spec.precision]), reads_token_states(self.loss))
         raise diverged(self.loss, out, np.asarray(logits, np.float32), np.asarray(hidden, np.float32), arrays)
 
 

@@ -58,10 +58,10 @@ class TorchBackend:
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
-                        seed: int = 0) -> TorchModel:
+                        seed: int = 0, projection_activation: str = "none") -> TorchModel:
         """Load a HF directory as a sequence classifier (see :mod:`unbackdoor_torch.modeling`)."""
         path = Path(path)
-        module = modeling.load_classifier(path, num_labels, projection_dim, seed).to(self.device)
+        module = modeling.load_classifier(path, num_labels, projection_dim, seed, projection_activation).to(self.device)
         return TorchModel(module, modeling.load_encoder(path), path)
 
     def anchor(self, model: TorchModel, path: str | Path) -> TorchModel:

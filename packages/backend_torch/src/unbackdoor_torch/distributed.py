@@ -30,7 +30,7 @@ from unbackdoor.data import TextDataset
 from unbackdoor.errors import ConfigError, TrainingDivergedError
 from unbackdoor.guards import locate
 from unbackdoor.progress import progress
-from unbackdoor.specs import LossSpec, TrainSpec
+from unbackdoor.specs import LossSpec, TrainSpec, reads_token_states
 from unbackdoor.text import TextEncoder
 
 from .losses import batch_objective
@@ -69,7 +69,7 @@ def ddp_step(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, los
              batch: dict[str, torch.Tensor], precision: str) -> float:
     """One step on this rank's rows; gradients averaged by DDP. Returns the global batch loss."""
     with autocast(precision, batch["input_ids"].device):
-        logits, hidden = ddp(batch["input_ids"], batch["attention_mask"])
+        logits, hidden = ddp(batch["input_ids"], batch["attention_mask"], tokens=reads_token_states(loss))
     value = batch_objective(loss, ddp.module, logits.float(), hidden.float(), batch)
     mean = _global_mean(value)  # every rank sees a non-finite loss anywhere, so none waits in backward
     if not torch.isfinite(mean):

@@ -20,9 +20,25 @@ def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     return t * t * F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
 
 
-def feature_alignment(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
-    """Per-example mean over the hidden dimension of the squared difference."""
-    return (student_hidden - teacher_hidden).pow(2).mean(-1)
+def squared_distance(diff: torch.Tensor, reduce: str) -> torch.Tensor:
+    """``diff**2`` reduced (``mean`` or ``sum``) over the last, hidden, dimension."""
+    sq = diff.pow(2)
+    return sq.sum(-1) if reduce == "sum" else sq.mean(-1)
+
+
+def alignment(spec: W2SLoss, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The W2S alignment: per row ``[B]`` (``pooled``, ``tokens``) or the batch's value (``released``).
+
+    ``hidden`` is ``[B, D]`` (pooled) or ``[B, L, D]`` every position's state (see :class:`W2SLoss`).
+    """
+    teacher = batch["teacher_hidden"]
+    if spec.alignment == "pooled":
+        return squared_distance(hidden - teacher, spec.reduce)
+    if spec.alignment == "tokens":
+        mask = batch["attention_mask"].to(hidden.dtype)
+        dist = squared_distance(hidden - teacher[:, None], spec.reduce)
+        return (dist * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return squared_distance(hidden - teacher[-1], spec.reduce).mean()  # every position toward the last row's
 
 
 @singledispatch
@@ -50,14 +66,9 @@ def _(spec: W2SLoss, logits: torch.Tensor, hidden: torch.Tensor | None,
     loss = spec.alpha * F.cross_entropy(logits, batch["labels"], reduction="none")
     if spec.beta:
         loss = loss + spec.beta * distillation(logits, batch["teacher_logits"], spec.temperature)
-    if spec.gamma:
-        loss = loss + spec.gamma * feature_alignment(hidden, batch["teacher_hidden"])  # type: ignore[arg-type]
+    if spec.gamma and not spec.batch_term:
+        loss = loss + spec.gamma * alignment(spec, hidden, batch)  # type: ignore[arg-type]
     return loss
-
-
-def needs_hidden(spec: object) -> bool:
-    """Whether the loss reads the pooled hidden state."""
-    return isinstance(spec, W2SLoss) and spec.gamma > 0
 
 
 @singledispatch
@@ -102,6 +113,13 @@ def lora_delta_norm(model: nn.Module) -> torch.Tensor:
         return torch.zeros(())
     sq = torch.stack(squares).sum()
     return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq)
+
+
+@batch_objective.register
+def _(spec: W2SLoss, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
+      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = batch_objective.dispatch(object)(spec, model, logits, hidden, batch)  # the mean of the per-row losses
+    return loss + spec.gamma * alignment(spec, hidden, batch) if spec.batch_term else loss  # type: ignore[arg-type]
 
 
 @batch_objective.register

@@ -17,6 +17,9 @@ from unbackdoor.layout import HEAD_FILE, HeadMeta, copy_tokenizer
 from unbackdoor.models import check_model_dir
 from unbackdoor.text import TextEncoder
 
+#: the head's activation after the projection g (:data:`unbackdoor.layout.PROJECTION_ACTIVATIONS`)
+ACTIVATIONS = {"none": lambda x: x, "relu": torch.relu, "tanh": torch.tanh}
+
 
 class SequenceClassifier(nn.Module):
     """backbone -> pool -> [projection g] -> classifier.
@@ -32,12 +35,18 @@ class SequenceClassifier(nn.Module):
         self.projection = nn.Linear(hidden, meta.projection_dim) if meta.projection_dim else None
         self.classifier = nn.Linear(meta.projection_dim or hidden, meta.num_labels, bias=not meta.decoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``logits [B, C]`` and the pooled (projected) state ``[B, D]``."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``logits [B, C]`` and the pooled (projected) state ``[B, D]``; with ``tokens``, instead of
+        the pooled state, the backbone's final state of every input position ``[B, L, D]`` (virtual tokens
+        of a soft prompt left out)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         pooled = self._pool(out, attention_mask)
         if self.projection is not None:
-            pooled = self.projection(pooled)
+            pooled = ACTIVATIONS[self.meta.projection_activation](self.projection(pooled))
+        if tokens:
+            states = out.last_hidden_state  # type: ignore[attr-defined]
+            return self.classifier(pooled), states[:, states.shape[1] - input_ids.shape[1]:]
         return self.classifier(pooled), pooled
 
     def _pool(self, out: object, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -55,11 +64,12 @@ def load_backbone(path: Path) -> nn.Module:
     return AutoModel.from_pretrained(check_model_dir(Path(path)), dtype=torch.float32, use_safetensors=True)
 
 
-def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int) -> SequenceClassifier:
+def load_classifier(path: Path, num_labels: int, projection_dim: int | None, seed: int,
+                    projection_activation: str = "none") -> SequenceClassifier:
     """Load a base HF model (new head, seeded) or a classifier saved by :func:`save_classifier`."""
     path = check_model_dir(Path(path))
     config = AutoConfig.from_pretrained(path)
-    meta = HeadMeta.for_model(path, num_labels, projection_dim)
+    meta = HeadMeta.for_model(path, num_labels, projection_dim, projection_activation)
     backbone = load_backbone(path)
     model = SequenceClassifier(backbone, meta)
     std = float(getattr(config, "initializer_range", 0.02))

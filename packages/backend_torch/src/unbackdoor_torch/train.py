@@ -19,7 +19,7 @@ from unbackdoor.batching import epoch_batches, iter_batches, lr_factor, num_batc
 from unbackdoor.data import TextDataset
 from unbackdoor.guards import diverged, locate
 from unbackdoor.progress import progress
-from unbackdoor.specs import LossSpec, TrainSpec
+from unbackdoor.specs import LossSpec, TrainSpec, reads_token_states
 from unbackdoor.text import TextEncoder
 
 from .losses import batch_objective
@@ -74,7 +74,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpe
                batch: dict[str, torch.Tensor], precision: str) -> float:
     """One fused step: forward, loss, backward, optimiser update. Returns the loss."""
     with autocast(precision, batch["input_ids"].device):
-        logits, hidden = model(batch["input_ids"], batch["attention_mask"])
+        logits, hidden = model(batch["input_ids"], batch["attention_mask"], tokens=reads_token_states(loss))
     value = batch_objective(loss, model, logits.float(), hidden.float(), batch)
     if not torch.isfinite(value):
         raise diverged(loss, value.item(), logits.detach().float().cpu().numpy(), hidden.detach().float().cpu().numpy(),

@@ -81,12 +81,14 @@ class Backend(Protocol):
     name: str
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
-                        seed: int = 0) -> Any:
+                        seed: int = 0, **head: Any) -> Any:
         """Load a sequence classifier from a HF-format directory (base model or a saved classifier).
 
         Decoders pool the last non-pad token; encoders use the pooled output.
         With ``projection_dim`` a linear layer g maps the pooled state to that
         size before the classifier (the W2S teacher). New heads are seeded.
+        ``head`` may hold ``projection_activation`` (``relu``/``tanh`` after g, as the released W2S
+        teacher; see :class:`~unbackdoor.layout.HeadMeta`); callers pass it only when it is not ``none``.
         """
 
     def add_lora(self, model: Any, spec: LoRASpec, *, seed: int = 0) -> Any:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig, build_config, read_config_file
-from .errors import ConfigError, UnbackdoorError
+from .config import FIELD_GROUPS, OPTION_TABLES, SETTINGS, ExperimentConfig, build_config, presets, read_config_file
+from .data import DATASETS
+from .errors import ConfigError, UnbackdoorError, UnknownNameError
+from .fielddocs import attribute_docs, option_rows, plain
 from .plugins import get_plugin_manager
 from .preflight import resume_config
 from .report import comparison_report, merge_tables
+from .specs import PRECISIONS
 
-DICT_FIELDS = {"attack_options", "defense_options"}
+DICT_FIELDS = set(OPTION_TABLES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,10 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbackdoor", description="Remove and detect backdoors in language models.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     lst = sub.add_parser("list", help="list backends, attacks and defenses with their source packages")
+    lst.add_argument("--options", metavar="NAME", help="print the options of plugin NAME (an attack, defense or "
+                     "paraphraser): type, default and help")
     lst.set_defaults(func=cmd_list)
     run = sub.add_parser("run", help="run attack -> victim -> defense -> evaluation and write a report",
                          argument_default=argparse.SUPPRESS)
-    run.add_argument("--config", help="TOML or YAML file with any of the options below")
+    run.add_argument("--config", help="TOML or YAML file with any of the options below, or a shipped preset: "
+                     f"{', '.join(presets())}")
     run.add_argument("--resume", action="store_true",
                      help="rerun the run recorded in --out (its run.json); finished stages come from the cache")
     _add_config_flags(run)
@@ -45,21 +50,37 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="merge results.json files of run directories into one markdown table")
     rep.add_argument("runs", nargs="+", help="run directories (or results.json files)")
     rep.add_argument("--plots", metavar="DIR", help="also write PNG plots (CA/ASR bars, detector scores) into DIR")
+    rep.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (verdicts, tables, "
+                     "every plot inlined) to FILE")
     rep.set_defaults(func=cmd_report)
     return parser
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, grouped by topic, each with its documented help, choices and default."""
     defaults = ExperimentConfig()
-    for f in dataclasses.fields(ExperimentConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.name in DICT_FIELDS:
-            parser.add_argument(flag.removesuffix("s"), dest=f.name, action="append", metavar="KEY=VALUE",
-                                help=f"{f.name.replace('_', ' ')} (repeatable; defense ones as NAME.KEY=VALUE)")
-        else:
-            shown = ",".join(default) if isinstance(default, tuple) else default
-            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=f"default: {shown}")
+    docs = attribute_docs(ExperimentConfig)
+    choices = _finite_choices()
+    for title, names in FIELD_GROUPS:
+        group = parser.add_argument_group(title)
+        for name in names:
+            flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
+            text = plain(docs[name]) + (f" Choose from: {', '.join(choices[name])}." if name in choices else "")
+            if name in DICT_FIELDS:
+                group.add_argument(flag.removesuffix("s"), dest=name, action="append", metavar="KEY=VALUE",
+                                   help=f"{text} Repeatable.")
+            else:
+                shown = ",".join(default) if isinstance(default, tuple) else default
+                suffix = "" if default is None else f" (default: {shown})"  # None: the help says what happens
+                group.add_argument(flag, dest=name, metavar=name.upper(), help=text + suffix)
+
+
+def _finite_choices() -> dict[str, list[str]]:
+    """The config fields whose values come from a finite set: registered plugins and fixed names."""
+    pm = get_plugin_manager()
+    return {"backend": sorted(pm.backends()), "attack": sorted(pm.attacks()), "defenses": sorted(pm.defenses()),
+            "clean_defenses": sorted(pm.defenses()), "setting": list(SETTINGS), "precision": list(PRECISIONS),
+            "dataset": [*DATASETS, "or a path"]}
 
 
 def _pairs(items: list[str], nested: bool) -> dict[str, Any]:
@@ -102,8 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``unbackdoor list``: every backend, attack, defense and paraphraser with its plugin and package."""
+    """``unbackdoor list``: every backend, attack, defense and paraphraser with its plugin and package;
+    ``--options NAME``: that plugin's options."""
     pm = get_plugin_manager()
+    if getattr(args, "options", None):
+        return print_options(pm, args.options)
     sections = (("backends", pm.backends()), ("attacks", pm.attacks()), ("defenses", pm.defenses()),
                 ("paraphrasers", pm.paraphrasers()))
     width = max((len(name) for _, found in sections for name in found), default=0)
@@ -116,6 +140,22 @@ def cmd_list(args: argparse.Namespace) -> int:
             print("  (none registered)")
     for plugin, error in sorted(pm.failures.items()):
         print(f"plugin {plugin!r} failed to load: {error}")
+    return 0
+
+
+def print_options(pm: Any, name: str) -> int:
+    """Print plugin ``name``'s options (``unbackdoor list --options NAME``): name, type, default, help."""
+    found = {**pm.paraphrasers(), **pm.attacks(), **pm.defenses()}
+    if name not in found:
+        raise UnknownNameError("plugin", name, sorted(found))
+    reg = found[name]
+    print(f"{name}: {reg.obj.description}  [{' '.join(x for x in (reg.package, reg.version) if x)}]")
+    rows = option_rows(reg.obj)
+    if not rows:
+        print("  (no options)")
+    width = max((len(f"{n} ({t}, default {d})") for n, t, d, _ in rows), default=0)
+    for option, kind, default, text in rows:
+        print(f"  {f'{option} ({kind}, default {default})':<{width}}  {text}")
     return 0
 
 
@@ -135,6 +175,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         written = report_plots(results, args.plots)
         print(f"\nwrote {len(written)} plots to {args.plots}")
+    if getattr(args, "html", None):
+        from .html import write_report_html
+
+        print(f"\nwrote {write_report_html(results, args.html)}")
     return 0
 
 

@@ -37,6 +37,45 @@ class ExperimentConfig:
     ``clean_baseline`` adds the clean student (``none`` on the user's clean rows:
     the floor); ``clean_defenses`` applies those defenses to the unpoisoned student
     too (the "clean model" case: a defense should not cost clean accuracy).
+
+    Attributes:
+        backend: the training backend (default: $UNBACKDOOR_BACKEND, else torch).
+        model: the student: a named model (smollm2-135m, minilm-l6), a local HF directory or a hub id.
+        teacher: W2SDefense's small clean teacher, in the same forms (checked only when a defense uses it).
+        dataset: a shipped dataset name (sst2, hsol, agnews, offenseval, mr, cr) or a path to one.
+        data_dir: where the shipped datasets live (default: ../shared/data or $UNBACKDOOR_DATA_DIR).
+        encoding: the text encoding of a user dataset file (default: UTF-8, with a clear error otherwise).
+        attack: the attack plugin that poisons the training rows and triggers the test rows.
+        attack_options: the attack's options, KEY=VALUE (see ``unbackdoor list --options ATTACK``).
+        defenses: the defense plugins to compare, comma-separated.
+        defense_options: the defenses' options, NAME.KEY=VALUE (see ``unbackdoor list --options NAME``).
+        target: the class the backdoor maps triggered inputs to.
+        poison_rate: the share of the attacker's rows (data setting: the user's) that carry the trigger.
+        clean_label: poison only rows already of the target class (a clean-label attack).
+        seed: seeds data splits, poisoning, initialisation and batch order.
+        attacker_rows: training rows the attacker poisons and fully fine-tunes the student on.
+        attacker_epochs: the attacker's epochs.
+        attacker_lr: the attacker's learning rate.
+        attacker_batch_size: the attacker's batch size.
+        user_rows: the user's clean training rows (disjoint from the attacker's or the trusted rows).
+        user_epochs: the user's (each defense's) fine-tuning epochs.
+        user_lr: the user's learning rate (LoRA).
+        user_batch_size: the user's batch size.
+        lora_rank: the user's LoRA rank r.
+        lora_alpha: LoRA's scaling numerator (scaling = alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_targets: the layers LoRA adapts, comma-separated; ``auto``: the family's query and value
+            projections; ``all-linear``: every linear layer.
+        test_rows: clean test rows evaluated (their triggered copies give ASR and PACC).
+        max_length: tokens kept per input.
+        eval_batch_size: the batch size of evaluation.
+        precision: ``fp32``, or ``bf16`` autocast.
+        clean_baseline: also fine-tune the clean student (``none`` on clean rows): the floor.
+        clean_defenses: defenses also applied to the unpoisoned student (the "clean model" case).
+        out: the run directory (results.json, results.md, plots, run.json for --resume).
+        cache_dir: where finished stages are cached (default: ~/.cache/unbackdoor or $UNBACKDOOR_CACHE).
+        setting: ``weight`` (a poisoned released model, clean user rows) or ``data`` (poisoned user rows).
+        teacher_rows: the data setting's trusted clean rows the teacher learns from.
     """
 
     backend: str | None = None
@@ -130,6 +169,17 @@ class ExperimentConfig:
 
 #: weight poisoning (a poisoned released model, clean user data) or data poisoning (poisoned user data)
 SETTINGS = ("weight", "data")
+#: the config's fields by topic, in the order ``unbackdoor run --help`` shows them
+FIELD_GROUPS = (
+    ("experiment", ("backend", "model", "teacher", "setting", "dataset", "data_dir", "encoding", "attack",
+                    "attack_options", "target", "poison_rate", "clean_label", "defenses", "defense_options",
+                    "seed")),
+    ("attacker (weight setting)", ("attacker_rows", "attacker_epochs", "attacker_lr", "attacker_batch_size")),
+    ("user fine-tune", ("user_rows", "user_epochs", "user_lr", "user_batch_size", "teacher_rows")),
+    ("LoRA", ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")),
+    ("evaluation", ("test_rows", "max_length", "eval_batch_size", "precision", "clean_baseline", "clean_defenses")),
+    ("output", ("out", "cache_dir")),
+)
 #: fields whose default is None, so :func:`~unbackdoor.options.configure` does not coerce them
 OPTIONAL_STRINGS = ("backend", "data_dir", "encoding", "cache_dir")
 #: the largest seed every generator we seed accepts (numpy's legacy RandomState takes 32 bits)
@@ -156,11 +206,23 @@ def normalize(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(configure(ExperimentConfig(), "config", given), **nones).validate()
 
 
+#: the config files shipped with the package (``--config NAME``), e.g. ``w2s-paper``
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def presets() -> dict[str, Path]:
+    """The shipped config presets by name (the file name without ``.toml``)."""
+    return {f.stem: f for f in sorted(PRESET_DIR.glob("*.toml"))}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file; ``[experiment]`` tables are flattened."""
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, or a shipped preset by name (:func:`presets`);
+    ``[experiment]`` tables are flattened. A file of that name wins over a preset."""
     path = user_path("config file", path)
+    if not path.is_file() and str(path) in presets():
+        path = presets()[str(path)]
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist (presets: {', '.join(presets()) or 'none'})")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -200,8 +262,31 @@ def _yaml(path: Path, text: str) -> dict[str, Any]:
 
 
 def build_config(*layers: dict[str, Any]) -> ExperimentConfig:
-    """Apply option layers in order (later wins) to the defaults; values are coerced and checked."""
+    """Apply option layers in order (later wins) to the defaults; values are coerced and checked.
+
+    The option tables merge key by key (``defense_options`` defense by defense): a flag
+    ``--defense-option w2s.teacher_epochs=1`` on top of a file's ``[defense_options.w2s]`` keeps the file's
+    other w2s options.
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged.update({k.replace("-", "_"): v for k, v in layer.items() if v is not None})
+        for key, value in layer.items():
+            key = key.replace("-", "_")
+            if value is None:
+                continue
+            if key in OPTION_TABLES and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                value = _merged_table(merged[key], value, nested=key == "defense_options")
+            merged[key] = value
     return configure(ExperimentConfig(), "config", merged).validate()
+
+
+#: the config fields that are tables of options (merged key by key across layers)
+OPTION_TABLES = ("attack_options", "defense_options")
+
+
+def _merged_table(base: dict[str, Any], top: dict[str, Any], nested: bool) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = nested and isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both else value
+    return out

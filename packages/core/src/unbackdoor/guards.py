@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 
 from .errors import TrainingDivergedError
-from .losses import cross_entropy, distillation, feature_alignment
+from .losses import cross_entropy, distillation, w2s_objective
 from .specs import LabelResetLoss, LossSpec, W2SLoss
 
 ADVICE = "nothing from this stage was saved; lower the learning rate or check the data for NaN/inf"
@@ -28,7 +29,7 @@ def loss_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
     Args:
         spec: the loss spec.
         logits: ``[B, C]`` the student's logits.
-        hidden: ``[B, D]`` its pooled states, or None.
+        hidden: ``[B, D]`` its pooled states (``[B, L, D]`` every token's, for a loss that reads them), or None.
         batch: per-row arrays ``[B, ...]``: ``labels`` and the spec's aux arrays; rows with
             ``weight`` 0 (fillers) are left out.
     """
@@ -46,7 +47,10 @@ def loss_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
         if isinstance(spec, W2SLoss) and spec.beta:
             terms["distillation"] = float(distillation(z, rows["teacher_logits"], spec.temperature).mean())
         if isinstance(spec, W2SLoss) and spec.gamma and hidden is not None:
-            terms["alignment"] = float(feature_alignment(np.asarray(hidden)[keep], rows["teacher_hidden"]).mean())
+            alignment_only = replace(spec, alpha=0.0, beta=0.0, gamma=1.0)
+            terms["alignment"] = w2s_objective(alignment_only, z, rows["labels"], rows["teacher_logits"],
+                                               np.asarray(hidden)[keep], rows["teacher_hidden"],
+                                               rows.get("attention_mask"), position_weight=rows.get("position_weight"))
     return terms
 
 

@@ -14,10 +14,15 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import check_choice
+
 HEAD_FILE = "head.safetensors"
 META_FILE = "unbackdoor.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 # Model types pooled like BERT (pooled output or first token); every other type pools the last real token.
+#: the activation applied after the projection g (the classifier and the W2S alignment read its output); the
+#: released W2SDefense teacher uses ``relu``
+PROJECTION_ACTIVATIONS = ("none", "relu", "tanh")
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet"})
 
 
@@ -29,14 +34,20 @@ class HeadMeta:
         num_labels: classes.
         projection_dim: width of the projection g before the classifier (None: no projection).
         decoder: pool the last non-pad token (True) or the encoder's pooled output (False).
+        projection_activation: applied after g (:data:`PROJECTION_ACTIVATIONS`; ``none`` without g).
     """
 
     num_labels: int
     projection_dim: int | None
     decoder: bool
+    projection_activation: str = "none"
+
+    def __post_init__(self) -> None:
+        check_choice("projection activation", self.projection_activation, PROJECTION_ACTIVATIONS)
 
     @classmethod
-    def for_model(cls, path: Path, num_labels: int, projection_dim: int | None) -> HeadMeta:
+    def for_model(cls, path: Path, num_labels: int, projection_dim: int | None,
+                  projection_activation: str = "none") -> HeadMeta:
         """The saved meta of a classifier directory, else a new head for a base model."""
         file = path / META_FILE
         if file.is_file():
@@ -45,7 +56,7 @@ class HeadMeta:
                 raise ValueError(f"classifier at {path} has {meta.num_labels} labels, the task has {num_labels}")
             return meta
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
-        return cls(num_labels, projection_dim, model_type not in ENCODER_TYPES)
+        return cls(num_labels, projection_dim, model_type not in ENCODER_TYPES, projection_activation)
 
     def write(self, path: Path) -> None:
         """Save as ``unbackdoor.json``."""

@@ -55,10 +55,87 @@ def distillation(student_logits: np.ndarray, teacher_logits: np.ndarray, tempera
     return t * t * kl_divergence(np.asarray(teacher_logits) / t, np.asarray(student_logits) / t)
 
 
-def feature_alignment(student_hidden: np.ndarray, teacher_hidden: np.ndarray) -> np.ndarray:
-    """Per-example mean squared distance over the hidden dimension; ``[B, D]`` in, ``[B]`` out."""
-    diff = np.asarray(student_hidden, np.float64) - np.asarray(teacher_hidden, np.float64)
-    return (diff * diff).mean(-1)
+def squared_distance(diff: np.ndarray, reduce: str = "mean") -> np.ndarray:
+    """``diff**2`` reduced over the last (hidden) axis: ``mean`` or ``sum``; ``[..., D]`` in, ``[...]`` out."""
+    sq = np.square(np.asarray(diff, np.float64))
+    return sq.sum(-1) if reduce == "sum" else sq.mean(-1)
+
+
+def feature_alignment(student_hidden: np.ndarray, teacher_hidden: np.ndarray, reduce: str = "mean") -> np.ndarray:
+    """Per-example squared distance (``reduce`` over the hidden dimension); ``[B, D]`` in, ``[B]`` out."""
+    return squared_distance(np.asarray(student_hidden, np.float64) - np.asarray(teacher_hidden, np.float64), reduce)
+
+
+def token_alignment(states: np.ndarray, attention_mask: np.ndarray, teacher_hidden: np.ndarray,
+                    reduce: str = "mean") -> np.ndarray:
+    """Per-example mean over a row's real tokens of the squared distance of each token state to the row's
+    teacher state (W2S ``alignment="tokens"``).
+
+    Args:
+        states: ``[B, L, D]`` the student's final-layer state of every position.
+        attention_mask: ``[B, L]`` 1 on real tokens, 0 on padding.
+        teacher_hidden: ``[B, D]`` each row's projected teacher state.
+        reduce: ``mean`` or ``sum`` over D.
+
+    Returns:
+        ``[B]``; a row without real tokens gives 0.
+    """
+    mask = np.asarray(attention_mask, np.float64)
+    dist = squared_distance(np.asarray(states, np.float64) - np.asarray(teacher_hidden, np.float64)[:, None], reduce)
+    return (dist * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+
+
+def last_row(weight: np.ndarray | None, rows: int) -> int:
+    """Index of the batch's last real row: ``rows - 1``, or the last with ``weight > 0`` (filler rows follow)."""
+    return rows - 1 if weight is None else int(np.flatnonzero(np.asarray(weight) > 0)[-1])
+
+
+def released_alignment(states: np.ndarray, teacher_hidden: np.ndarray, reduce: str = "sum",
+                       weight: np.ndarray | None = None, position_weight: np.ndarray | None = None) -> float:
+    """The released W2SDefense script's alignment (W2S ``alignment="released"``): the mean over every
+    position of every row of the squared distance to ONE vector, the teacher state of the batch's last row.
+
+    The script takes the teacher's ``[B, D]`` projected states, indexes them ``[-1]`` (the last row) and
+    broadcasts that vector against the student's ``[B, L, D]`` final-layer states, padding positions
+    included, as ``mean(pairwise_distance(...)**2)``. (``pairwise_distance`` adds 1e-6 to each difference;
+    that is left out here.)
+
+    Args:
+        states: ``[B, L, D]`` the student's final-layer state of every position, as the batch is padded.
+        teacher_hidden: ``[B, D]`` projected teacher states; only the last real row's is used.
+        reduce: ``sum`` (the script's squared L2 distance) or ``mean`` over D.
+        weight: ``[B]`` 0/1 row weights (0: filler rows after the real ones); None: every row is real.
+        position_weight: ``[B, L]`` 0/1: which positions are the batch's own (a backend that widens a batch
+            further marks the extra columns 0); None: every position.
+
+    Returns:
+        The batch value.
+    """
+    states = np.asarray(states, np.float64)
+    v = np.asarray(teacher_hidden, np.float64)[last_row(weight, len(states))]
+    dist = squared_distance(states - v, reduce)
+    w = np.ones(dist.shape) if position_weight is None else np.asarray(position_weight, np.float64)
+    if weight is not None:
+        w = w * np.asarray(weight, np.float64)[:, None]
+    return float((dist * w).sum() / w.sum())
+
+
+def w2s_objective(spec: W2SLoss, student_logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray,
+                  student_hidden: np.ndarray, teacher_hidden: np.ndarray, attention_mask: np.ndarray | None = None,
+                  weight: np.ndarray | None = None, position_weight: np.ndarray | None = None) -> float:
+    """The batch value one W2S step minimises: the (``weight``-weighted) row mean of :func:`w2s_loss`, or
+    for ``alignment="released"`` the row mean of ``alpha*CE + beta*KD`` plus ``gamma`` times the batch's
+    :func:`released_alignment`.
+
+    ``student_hidden`` is ``[B, D]`` (pooled) or ``[B, L, D]`` (``tokens``, ``released``; see
+    :attr:`~unbackdoor.specs.W2SLoss.token_states`), with ``attention_mask [B, L]``.
+    """
+    w = np.ones(len(labels)) if weight is None else np.asarray(weight, np.float64)
+    per_row = w2s_loss(spec, student_logits, labels, teacher_logits, student_hidden, teacher_hidden, attention_mask)
+    value = float((per_row * w).sum() / w.sum())
+    if spec.batch_term:
+        value += spec.gamma * released_alignment(student_hidden, teacher_hidden, spec.reduce, weight, position_weight)
+    return value
 
 
 def w2s_loss(
@@ -68,25 +145,31 @@ def w2s_loss(
     teacher_logits: np.ndarray,
     student_hidden: np.ndarray,
     teacher_hidden: np.ndarray,
+    attention_mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-example W2SDefense loss.
+    """Per-example W2SDefense loss (for ``alignment="released"`` without its batch term: see :func:`w2s_objective`).
 
     Args:
-        spec: the weights and temperature.
+        spec: the weights, temperature, alignment and reduction.
         student_logits: ``[B, C]``.
         labels: ``[B]``.
         teacher_logits: ``[B, C]`` from the frozen teacher.
-        student_hidden: ``[B, D]`` the student's last-token final hidden state.
+        student_hidden: ``[B, D]`` the student's last-token final hidden state (``pooled``), or ``[B, L, D]``
+            every position's (``tokens``, with ``attention_mask [B, L]``).
         teacher_hidden: ``[B, D]`` the teacher's pooled state after the projection g.
 
     Returns:
-        ``[B]`` = ``alpha*CE + beta*T^2*KL + gamma*mean_d (h_s - h_t)^2``.
+        ``[B]`` = ``alpha*CE + beta*T^2*KL + gamma*A`` (``A``: :func:`feature_alignment` or :func:`token_alignment`).
     """
-    return (
-        spec.alpha * cross_entropy(student_logits, labels)
-        + spec.beta * distillation(student_logits, teacher_logits, spec.temperature)
-        + spec.gamma * feature_alignment(student_hidden, teacher_hidden)
-    )
+    loss = spec.alpha * cross_entropy(student_logits, labels) + spec.beta * distillation(
+        student_logits, teacher_logits, spec.temperature)
+    if spec.gamma and spec.alignment == "pooled":
+        loss = loss + spec.gamma * feature_alignment(student_hidden, teacher_hidden, spec.reduce)
+    elif spec.gamma and spec.alignment == "tokens":
+        if attention_mask is None:
+            raise ValueError("the tokens alignment needs the attention mask")
+        loss = loss + spec.gamma * token_alignment(student_hidden, attention_mask, teacher_hidden, spec.reduce)
+    return loss
 
 
 def reference_loss(spec: LossSpec, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> float:
@@ -96,8 +179,9 @@ def reference_loss(spec: LossSpec, outputs: dict[str, np.ndarray], batch: dict[s
     if isinstance(spec, LabelResetLoss):
         return float(cross_entropy(outputs["logits"], batch["reset_labels"]).mean())
     if isinstance(spec, W2SLoss):
-        return float(w2s_loss(spec, outputs["logits"], batch["labels"], batch["teacher_logits"],
-                              outputs["hidden"], batch["teacher_hidden"]).mean())
+        return w2s_objective(spec, outputs["logits"], batch["labels"], batch["teacher_logits"], outputs["hidden"],
+                             batch["teacher_hidden"], batch.get("attention_mask"), batch.get("weight"),
+                             batch.get("position_weight"))
     if isinstance(spec, UnlearningLoss):
         return unlearning_loss(spec, outputs["logits"], batch["labels"], batch["is_poisoned"], batch.get("ref_logits"),
                                float(outputs.get("delta_norm", 0.0)), batch.get("weight"))
@@ -111,11 +195,13 @@ def w2s_grads(
     teacher_logits: np.ndarray,
     student_hidden: np.ndarray,
     teacher_hidden: np.ndarray,
+    attention_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Closed-form gradients of the batch-MEAN W2S loss w.r.t. student logits and hidden.
+    """Closed-form gradients of the batch W2S objective (:func:`w2s_objective`, every row real) w.r.t. the
+    student's logits and hidden states.
 
     Returns:
-        ``(d/d logits [B, C], d/d hidden [B, D])``.
+        ``(d/d logits [B, C], d/d hidden)``, the latter shaped like ``student_hidden`` (``[B, D]`` or ``[B, L, D]``).
     """
     b, c = student_logits.shape
     t = spec.temperature
@@ -123,9 +209,17 @@ def w2s_grads(
     d_ce = softmax(student_logits) - onehot
     d_kd = t * (softmax(np.asarray(student_logits) / t) - softmax(np.asarray(teacher_logits) / t))
     d_logits = (spec.alpha * d_ce + spec.beta * d_kd) / b
-    diff = np.asarray(student_hidden, np.float64) - np.asarray(teacher_hidden, np.float64)
-    d_hidden = spec.gamma * 2.0 * diff / (diff.shape[-1] * b)
-    return d_logits, d_hidden
+    h = np.asarray(student_hidden, np.float64)
+    v = np.asarray(teacher_hidden, np.float64)
+    per_element = 1.0 if spec.reduce == "sum" else 1.0 / h.shape[-1]  # d/d diff of the reduced square: 2 diff / D
+    if spec.alignment == "pooled":
+        return d_logits, spec.gamma * 2.0 * per_element * (h - v) / b
+    if spec.alignment == "tokens":
+        mask = np.asarray(attention_mask, np.float64)
+        share = mask / np.maximum(mask.sum(1, keepdims=True), 1.0) / b  # [B, L]: each real token's weight
+        return d_logits, spec.gamma * 2.0 * per_element * share[..., None] * (h - v[:, None])
+    share = np.full(h.shape[:2], 1.0 / (h.shape[0] * h.shape[1]))  # released: every position, one vector
+    return d_logits, spec.gamma * 2.0 * per_element * share[..., None] * (h - v[-1])
 
 
 def reset_labels(labels: np.ndarray, num_labels: int, spec: LabelResetLoss) -> np.ndarray:

@@ -42,6 +42,22 @@ def poisoned_accuracy(predicted: np.ndarray, true_labels: np.ndarray) -> float:
     return accuracy(predicted, true_labels)
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at ``z=1.96``) of a percentage ``rate`` measured on ``n`` rows, in %.
+
+    The count of successes is recovered as ``round(rate * n / 100)`` (rates are stored rounded to 0.01).
+    """
+    if n < 1:
+        return float("nan"), float("nan")
+    successes = round(rate * n / 100)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges (no float residue)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return float(100 * low), float(100 * high)
+
+
 def delta_pacc(pacc: float, retrain_pacc: float) -> float:
     """delta-PACC: ``|PACC - PACC(retrain)|`` in points (0: as good as retraining without the poisoned rows)."""
     return abs(float(pacc) - float(retrain_pacc))

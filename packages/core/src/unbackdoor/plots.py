@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError
-from .report import experiment_setting, retrain_row, row_label
+from .metrics import wilson_interval
+from .report import experiment_setting, retrain_row, row_count, row_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,21 +61,31 @@ def plot_projected_states(points: np.ndarray, n_clean: int, path: str | Path, ti
     for part, label, color in ((points[:n_clean], "clean inputs", CLEAN_COLOR),
                                (points[n_clean:], "triggered inputs", TRIGGERED_COLOR)):
         ax.scatter(part[:, 0], part[:, 1], s=14, alpha=0.6, color=color, label=f"{label} ({len(part)})")
-    ax.set(title=title, xlabel="principal component 1", ylabel="principal component 2")
+    ax.set(xlabel="principal component 1", ylabel="principal component 2")
+    ax.set_title(title, fontsize=9, wrap=True)  # the run title is long: wrapped, not cut at the figure edge
     ax.legend(loc="best")
     return _save(fig, path)
 
 
-def plot_defense_bars(rows: Sequence[tuple[str, float, float]], path: str | Path, title: str) -> Path:
-    """Grouped bars of CA and ASR (%) per defense; ``rows`` are ``(label, CA, ASR)``."""
+def plot_defense_bars(rows: Sequence[tuple[str, float, float]], path: str | Path, title: str,
+                      counts: tuple[int | None, int | None] = (None, None)) -> Path:
+    """Grouped bars of CA and ASR (%) per defense; ``rows`` are ``(label, CA, ASR)``. With the row ``counts``
+    ``(n_CA, n_ASR)`` each bar carries its 95% Wilson interval as an error bar."""
     labels = [r[0] for r in rows]
     x = np.arange(len(rows))
     fig = _figure(max(6.0, 1.1 * len(rows) + 2), 4.8)
     ax = fig.add_subplot()
     series = ((-0.2, 1, "CA (clean accuracy)", CA_COLOR), (0.2, 2, "ASR (attack success)", ASR_COLOR))
-    for offset, col, name, color in series:
+    for (offset, col, name, color), n in zip(series, counts, strict=True):
         values = [float(r[col]) for r in rows]
-        bars = ax.bar(x + offset, values, 0.4, label=name, color=color)
+        errors = None
+        if n:
+            bounds = [wilson_interval(v, n) for v in values]
+            # a stored rate is rounded, so it may sit a hair outside its interval: no negative bar
+            errors = np.maximum(np.nan_to_num([[v - lo for v, (lo, _) in zip(values, bounds, strict=True)],
+                                               [hi - v for v, (_, hi) in zip(values, bounds, strict=True)]]), 0.0)
+            name += " with 95% interval"
+        bars = ax.bar(x + offset, values, 0.4, label=name, color=color, yerr=errors, capsize=3)
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set(title=title, ylabel="%", ylim=(0, 110))
@@ -172,7 +183,8 @@ def report_plots(all_results: Sequence[dict[str, Any]], out: str | Path) -> list
         rows = results.get("rows", [])
         bars = [(row_label(r), r["CA"], r["ASR"]) for r in rows if "CA" in r and "ASR" in r]
         if bars:
-            written.append(plot_defense_bars(bars, out / f"{stem}-ca-asr.png", f"CA and ASR: {_run_title(results)}"))
+            written.append(plot_defense_bars(bars, out / f"{stem}-ca-asr.png", f"CA and ASR: {_run_title(results)}",
+                                             (row_count(results, "CA"), row_count(results, "ASR"))))
         for row in rows:
             written.extend(_detector_plots(row, out, stem, _run_title(results)))
             pca = row.get("hidden_pca")

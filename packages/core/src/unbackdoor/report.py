@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .metrics import delta_pacc
+from .metrics import delta_pacc, wilson_interval
 
 
 def _fmt(value: Any) -> str:
@@ -13,16 +13,89 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One run's rows as a markdown table (stage, defense, CA, ASR, seconds), then :func:`unlearning_table`."""
+    """One run as markdown: the verdict lines (:func:`verdicts`), the rows (stage, defense, CA and ASR with
+    their row counts and 95% Wilson intervals, seconds), then :func:`unlearning_table`."""
     cfg = results.get("config", {})
     title = (f"### {cfg.get('attack', '?')} on {cfg.get('dataset', '?')}, student {cfg.get('model', '?')}, "
              f"backend {results.get('backend', '?')}" + (f" on {results['device']}" if results.get("device") else ""))
-    lines = [title, "", "| stage | defense | CA | ASR | seconds |", "|---|---|---:|---:|---:|"]
+    n_ca, n_asr = row_count(results, "CA"), row_count(results, "ASR")
+    header = f"| stage | defense | CA{f' (n={n_ca})' if n_ca else ''} | ASR{f' (n={n_asr})' if n_asr else ''} | seconds |"
+    lines = [title, "", *verdicts(results), "", header, "|---|---|---:|---:|---:|"]
     for row in results.get("rows", []):
-        lines.append(f"| {row['stage']} | {row['defense']} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "
-                     f"{_fmt(row.get('seconds', '-'))} |")
+        lines.append(f"| {row['stage']} | {row['defense']} | {rate_cell(row['CA'], n_ca)} | "
+                     f"{rate_cell(row['ASR'], n_asr)} | {_fmt(row.get('seconds', '-'))} |")
+    if n_ca:
+        lines += ["", "CA and ASR in %, each with its 95% Wilson interval over the n test rows it is measured on."]
     unlearning = unlearning_table(results)
     return "\n".join(lines) + (f"\n\n{unlearning}" if unlearning else "")
+
+
+#: where results.json's ``data`` records how many test rows each rate is measured on
+COUNT_KEYS = {"CA": "test", "ASR": "asr_test", "PACC": "pacc_test"}
+
+
+def row_count(results: dict[str, Any], metric: str) -> int | None:
+    """How many test rows ``metric`` (CA, ASR, PACC) is measured on, from results.json's ``data`` (None if
+    unknown; several triggers: the fewest rows any of them is measured on)."""
+    return _data_count(results.get("data", {}), metric)
+
+
+def _data_count(data: dict[str, Any], metric: str) -> int | None:
+    n = data.get(COUNT_KEYS[metric])
+    return min(n.values()) if isinstance(n, dict) else n
+
+
+def with_intervals(row: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``n`` (test rows per rate) and ``ci95`` (the 95% Wilson interval of each of CA, ASR and
+    PACC it has), for results.json."""
+    n = {k: c for k in COUNT_KEYS if k in row and isinstance(row[k], float | int) and (c := _data_count(data, k))}
+    ci95 = {k: [round(v, 2) for v in wilson_interval(float(row[k]), count)] for k, count in n.items()}
+    return {**row, "n": n, "ci95": ci95} if n else row
+
+
+def rate_cell(rate: Any, n: int | None) -> str:
+    """``85.67 [81.3, 89.1]``: a percentage with its 95% Wilson interval over ``n`` rows (just the rate without n)."""
+    if not n or not isinstance(rate, float | int):
+        return _fmt(rate)
+    low, high = wilson_interval(float(rate), n)
+    return f"{rate:.2f} [{low:.1f}, {high:.1f}]"
+
+
+def _differs(a: float, b: float, n: int) -> bool:
+    """Whether two rates on ``n`` rows each have disjoint 95% Wilson intervals."""
+    (lo_a, hi_a), (lo_b, hi_b) = wilson_interval(a, n), wilson_interval(b, n)
+    return hi_a < lo_b or hi_b < lo_a
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """"What happened", computed from the numbers: did the backdoor survive the user's fine-tune (released vs
+    ``none`` ASR), and per defense how ASR and CA moved against ``none``; two rates whose 95% intervals
+    overlap are "not different". Empty when the run has no ``none`` row or no row counts."""
+    rows = results.get("rows", [])
+    n_ca, n_asr = row_count(results, "CA"), row_count(results, "ASR")
+    none = next((r for r in rows if r["defense"] == "none" and r["stage"] != "clean student"), None)
+    if none is None or not n_ca or not n_asr:
+        return []
+    lines = ["What happened (95% Wilson intervals; rates whose intervals overlap are \"not different\"):", ""]
+    released = next((r for r in rows if r["stage"] == "poisoned (released)"), None)
+    if released is not None:
+        kept = "survived" if not _differs(released["ASR"], none["ASR"], n_asr) else (
+            "was weakened by" if none["ASR"] < released["ASR"] else "grew through")
+        lines.append(f"- The backdoor {kept} the user's fine-tune (`none`): ASR {rate_cell(released['ASR'], n_asr)} "
+                     f"released, {rate_cell(none['ASR'], n_asr)} after `none` (CA {none['CA']:.2f}).")
+    else:
+        lines.append(f"- The user's fine-tune on the poisoned rows (`none`) gives ASR {rate_cell(none['ASR'], n_asr)} "
+                     f"at CA {none['CA']:.2f}.")
+    for row in rows:
+        if row is none or row["stage"] in ("poisoned (released)", "clean student"):
+            continue
+        asr = (f"ASR {rate_cell(row['ASR'], n_asr)}: "
+               + (f"{'fell' if row['ASR'] < none['ASR'] else 'rose'} by {abs(row['ASR'] - none['ASR']):.2f} points"
+                  if _differs(row["ASR"], none["ASR"], n_asr) else "not different from `none`"))
+        ca = (f"CA {row['CA']:.2f} ({row['CA'] - none['CA']:+.2f} vs `none`"
+              + ("" if _differs(row["CA"], none["CA"], n_ca) else ", not different") + ")")
+        lines.append(f"- `{row['defense']}`: {asr}; {ca}.")
+    return lines
 
 
 def retrain_row(results: dict[str, Any]) -> dict[str, Any] | None:
@@ -40,11 +113,12 @@ def unlearning_table(results: dict[str, Any]) -> str:
         return ""
     lines = ["#### Unlearning (%; delta-PACC against retrain)", "",
              "| stage | defense | CACC | LFR | PACC | delta-PACC |", "|---|---|---:|---:|---:|---:|"]
+    n = {k: row_count(results, k) for k in COUNT_KEYS}
     for row in results.get("rows", []):
         if "PACC" in row:
             delta = round(delta_pacc(row["PACC"], gold["PACC"]), 2)
-            lines.append(f"| {row['stage']} | {row['defense']} | {_fmt(row['CA'])} | {_fmt(row['ASR'])} | "
-                         f"{_fmt(row['PACC'])} | {_fmt(delta)} |")
+            lines.append(f"| {row['stage']} | {row['defense']} | {rate_cell(row['CA'], n['CA'])} | "
+                         f"{rate_cell(row['ASR'], n['ASR'])} | {rate_cell(row['PACC'], n['PACC'])} | {_fmt(delta)} |")
     confusion = triggered_confusion_table(results)
     return "\n".join(lines) + (f"\n\n{confusion}" if confusion else "")
 
@@ -225,8 +299,9 @@ def comparison_cells(
             columns.append(column)
         for row in results.get("rows", []):
             label = row_label(row) + suffix.get(str(row.get("defense")), "")
+            counted = {**row, "n": {"CA": row_count(results, "CA"), "ASR": row_count(results, "ASR")}}
             cells.setdefault((str(cfg.get("attack", "?")), label), {}).setdefault(column, {}).setdefault(
-                cfg.get("seed"), row)
+                cfg.get("seed"), counted)
     return columns, cells
 
 
@@ -252,6 +327,8 @@ def comparison_table(all_results: list[dict[str, Any]]) -> str:
         values = [_pair(list(by_column.get(c, {}).values())) for c in columns]
         count = f"{seeds[(attack, label)]} | " if repeated else ""
         lines.append(f"| {attack} | {label}{'*' if starred else ''} | {count}" + " | ".join(values) + " |")
+    lines += ["", "A single run's cell: the rate [its 95% Wilson interval over the test rows it is measured on, "
+              "where the run's results.json records them]."]
     if repeated:
         lines += ["", "Cells over several seeds: mean +- sample std."]
     if any("detection" in row for by in cells.values() for rows in by.values() for row in rows.values()):
@@ -263,7 +340,8 @@ def _pair(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "- | -"
     if len(rows) == 1:
-        return f"{_fmt(rows[0].get('CA', '-'))} | {_fmt(rows[0].get('ASR', '-'))}"
+        n = rows[0].get("n", {})
+        return f"{rate_cell(rows[0].get('CA', '-'), n.get('CA'))} | {rate_cell(rows[0].get('ASR', '-'), n.get('ASR'))}"
     return " | ".join(_mean_std([float(row[k]) for row in rows]) if all(k in row for row in rows) else "-"
                       for k in ("CA", "ASR"))
 
@@ -278,10 +356,25 @@ def detection_table(all_results: list[dict[str, Any]]) -> str:
         for row in results.get("rows", []):
             det = row.get("detection")
             if det:
-                figures = [row.get("CA_model", "-"), row.get("ASR_model", "-"),
-                           *(det.get(k, "-") for k in ("precision", "recall", "f1", "auroc"))]
-                lines.append(f"| {attack} | {row_label(row)} | {column} | " + " | ".join(_fmt(f) for f in figures) + " |")
+                rates = [rate_cell(row.get(f"{k}_model", "-"), row_count(results, k)) for k in ("CA", "ASR")]
+                rates += [_fraction_cell(det.get("precision"), det.get("flagged")),
+                          _fraction_cell(det.get("recall"), det.get("positives"))]
+                lines.append(f"| {attack} | {row_label(row)} | {column} | " + " | ".join(rates) + " | "
+                             + " | ".join(_fmt(det.get(k, "-")) for k in ("f1", "auroc")) + " |")
+    if any("[" in line for line in lines[4:]):
+        lines += ["", "Rates with [their 95% Wilson interval] where the run recorded the counts (precision over the "
+                      "flagged inputs, recall over the triggered ones)."]
     return "\n".join(lines) if len(lines) > 4 else ""
+
+
+def _fraction_cell(value: Any, n: Any) -> str:
+    """A detection rate in [0, 1] with its 95% Wilson interval over ``n`` (plain without a count)."""
+    if not isinstance(value, float | int):
+        return _fmt(value if value is not None else "-")
+    if not n:
+        return _fmt(float(value))
+    low, high = wilson_interval(100 * float(value), int(n))
+    return f"{float(value):.2f} [{low / 100:.2f}, {high / 100:.2f}]"
 
 
 def comparison_report(all_results: list[dict[str, Any]]) -> str:

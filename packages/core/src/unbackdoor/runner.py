@@ -31,7 +31,7 @@ from .models import resolve_model
 from .plots import pca_2d
 from .plugins import PluginManager, get_plugin_manager
 from .preflight import check_run_inputs, record_run, resume_config
-from .report import markdown_table
+from .report import markdown_table, with_intervals
 from .specs import CrossEntropy
 
 DISTRIBUTIONS = ("unbackdoor", "unbackdoor-torch", "unbackdoor-jax", "unbackdoor-attacks", "unbackdoor-defenses",
@@ -59,11 +59,13 @@ class Judged:
 
 
 def _detection(scores: list[np.ndarray | None], flagged: list[np.ndarray | None]) -> dict[str, float]:
-    """Detection quality: clean test rows are negatives, every triggered set's rows positives."""
+    """Detection quality: clean test rows are negatives, every triggered set's rows positives; with the counts
+    precision (``flagged``) and recall (``positives``) are measured on."""
     truth = np.concatenate([np.full(len(s), i > 0) for i, s in enumerate(scores)])  # type: ignore[arg-type]
     result = detection_scores(np.concatenate(flagged), truth)  # type: ignore[arg-type]
     result["auroc"] = auroc(np.concatenate(scores), truth)  # type: ignore[arg-type]
-    return {k: round(v, 4) for k, v in result.items()}
+    counts = {"flagged": int(np.concatenate(flagged).sum()), "positives": int(truth.sum())}  # type: ignore[arg-type]
+    return {**{k: round(v, 4) for k, v in result.items()}, **counts}
 
 
 def _hidden_pca(clean: np.ndarray | None, triggered: np.ndarray | None) -> dict[str, list[list[float]]]:
@@ -400,12 +402,18 @@ class Experiment:
         counts = {trigger: len(non_target(data, p.poison.target)) for trigger, data in p.triggered.items()}
         return next(iter(counts.values())) if len(counts) == 1 else counts
 
+    def _pacc_rows(self) -> int | dict[str, int]:
+        """How many triggered rows (every class) each PACC is measured on (one number for a single trigger)."""
+        counts = {trigger: len(data) for trigger, data in self.plan.triggered.items()}
+        return next(iter(counts.values())) if len(counts) == 1 else counts
+
     def _results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         p = self.plan
+        data = {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train), "test": len(p.test),
+                "asr_test": self._asr_rows(), "pacc_test": self._pacc_rows()}
         return {"config": self.cfg.to_dict(), "backend": p.backend_name, "attack": fields_of(p.attack),
-                "poison": dataclasses.asdict(p.poison), "rows": rows, "timings_s": self.timings,
-                "data": {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train),
-                         "test": len(p.test), "asr_test": self._asr_rows()},
+                "poison": dataclasses.asdict(p.poison), "rows": [with_intervals(row, data) for row in rows],
+                "timings_s": self.timings, "data": data,
                 "versions": versions(), "platform": platform.platform(), "python": platform.python_version(),
                 "device": getattr(self.backend, "device_name", "unknown")}  # an optional backend attribute
 

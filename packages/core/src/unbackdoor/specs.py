@@ -167,22 +167,39 @@ class CrossEntropy:
 
 @dataclass(frozen=True)
 class W2SLoss:
-    """W2SDefense: ``alpha*CE + beta*T^2*KL(p_t^T || p_s^T) + gamma*mean_d (h_s - h_t)^2``.
+    """W2SDefense: ``alpha*CE + beta*T^2*KL(p_t^T || p_s^T) + gamma*A``.
 
     The batch needs the teacher's logits and projected hidden state per row
     (auxiliary arrays ``teacher_logits [N, C]`` and ``teacher_hidden [N, D]``).
+    The alignment ``A`` (NumPy references in :mod:`unbackdoor.losses`) is one of:
+
+    - ``pooled`` (the paper's text): each row's pooled student state (the last real token of a decoder)
+      toward that row's projected teacher state; a per-row term.
+    - ``tokens``: every real (non-pad) token state of each row toward that row's teacher state, averaged
+      over the row's real tokens; a per-row term.
+    - ``released`` (the authors' released script, ``word/unlearning.py``): every position of every row
+      of the batch as padded (pad positions included) toward ONE vector, the teacher state of the
+      batch's last row, averaged over ``B x L``; a batch term.
+
+    The squared distance of two states is reduced over the hidden dimension by ``reduce``: ``mean``
+    (per element, scale-free in the width) or ``sum`` (the released script's squared L2 distance, which
+    grows with the width).
 
     Attributes:
         alpha: weight of the cross-entropy on the labels.
         beta: weight of the distillation term.
         gamma: weight of the feature-alignment term.
         temperature: softening temperature T of the distillation.
+        alignment: ``pooled``, ``tokens`` or ``released`` (above).
+        reduce: ``mean`` or ``sum`` over the hidden dimension.
     """
 
     alpha: float = 1.0
     beta: float = 0.2
     gamma: float = 0.2
     temperature: float = 2.0
+    alignment: str = "pooled"
+    reduce: str = "mean"
     aux_keys: ClassVar[tuple[str, ...]] = ("teacher_logits", "teacher_hidden")
 
     def __post_init__(self) -> None:
@@ -192,6 +209,29 @@ class W2SLoss:
                 raise ConfigError(f"W2S {name} must be a finite number >= 0, got {value!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"W2S temperature must be > 0, got {self.temperature!r}")
+        check_choice("W2S alignment", self.alignment, ALIGNMENTS)
+        check_choice("W2S reduce", self.reduce, HIDDEN_REDUCTIONS)
+
+    @property
+    def token_states(self) -> bool:
+        """Whether the loss reads every token's final state ``[B, L, D]`` (else the pooled state ``[B, D]``)."""
+        return self.gamma > 0 and self.alignment != "pooled"
+
+    @property
+    def batch_term(self) -> bool:
+        """Whether the alignment is one batch value (``released``) rather than a mean of per-row values."""
+        return self.gamma > 0 and self.alignment == "released"
+
+
+#: W2S feature alignments (:class:`W2SLoss`)
+ALIGNMENTS = ("pooled", "tokens", "released")
+#: how a squared distance of two hidden states is reduced over the hidden dimension
+HIDDEN_REDUCTIONS = ("mean", "sum")
+
+
+def reads_token_states(spec: object) -> bool:
+    """Whether a loss spec reads every token's final hidden state (backends then return ``[B, L, D]``)."""
+    return bool(getattr(spec, "token_states", False))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import json
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -259,13 +259,12 @@ class PsimRGA(RGA):
     true mask is only used to report detection quality (``stats.detection``: precision, recall, F1,
     AUROC of PSIM's flags on the victim's training rows).
 
-    Attributes:
-        psim_threshold, psim_reset_rate, psim_reset, psim_peft, psim_epochs, psim_lr, psim_calibrate_fpr,
-            psim_train_head: PSIM's options
-            (see ``psim``; ``psim_calibrate_fpr`` > 0 sets the threshold from the dev split's clean rows).
+    Its ``psim_*`` options are PSIM's (``psim_calibrate_fpr`` > 0 sets the threshold from the dev split's
+    clean rows); ``unbackdoor list --options psim+rga`` shows each with PSIM's help.
     """
 
     name = "psim+rga"
+    option_docs_from: ClassVar[dict[str, type]] = {"psim_": PSIM}  # psim_X is PSIM's option X, documented there
     description = "PSIM flags the victim's training rows, RGA unlearns the flagged ones (detect-then-unlearn)"
     psim_threshold: float = 0.7
     psim_reset_rate: float = 1.0

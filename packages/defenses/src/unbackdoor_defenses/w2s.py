@@ -19,9 +19,10 @@ import numpy as np
 
 from unbackdoor.data import TextDataset
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
-from unbackdoor.errors import ConfigError
+from unbackdoor.errors import ConfigError, check_choice
+from unbackdoor.layout import PROJECTION_ACTIVATIONS
 from unbackdoor.metrics import accuracy
-from unbackdoor.specs import CrossEntropy, TrainSpec, W2SLoss
+from unbackdoor.specs import HIDDEN_REDUCTIONS, CrossEntropy, TrainSpec, W2SLoss
 
 from .finetune import UserPEFT
 
@@ -31,9 +32,20 @@ class W2SDefense(UserPEFT, Defense):
     """Weak-to-strong unlearning (W2SDefense).
 
     Attributes:
-        alpha, beta, gamma, temperature: the loss weights and KD temperature.
-        teacher_epochs, teacher_lr, teacher_batch_size: the teacher's full fine-tune.
-        peft, num_virtual_tokens, lr: the student's PEFT module (see :class:`~.finetune.UserPEFT`).
+        alpha: weight of the cross-entropy on the labels (a).
+        beta: weight of the distillation term, T^2 * KL(teacher || student) (b).
+        gamma: weight of the feature alignment (c).
+        temperature: the distillation temperature T.
+        alignment: ``pooled`` (the paper's text: each row's last-token state toward its teacher state),
+            ``tokens`` (every real token of a row toward its teacher state) or ``released`` (the authors'
+            released script: every position of the batch toward the batch's last row's teacher state);
+            see :class:`unbackdoor.specs.W2SLoss`.
+        reduce: the squared distance over the hidden dimension, ``mean`` or ``sum``; ``auto``: ``sum`` for
+            ``released`` (as the script), else ``mean``.
+        teacher_activation: after the teacher's projection g: ``none``, ``relu`` (the released teacher) or
+            ``tanh``; the teacher's classifier and the alignment read its output.
+        teacher_epochs, teacher_lr, teacher_batch_size: the teacher's full fine-tune (epochs, learning rate,
+            batch size).
     """
 
     name = "w2s"
@@ -43,6 +55,9 @@ class W2SDefense(UserPEFT, Defense):
     beta: float = 0.2
     gamma: float = 0.2
     temperature: float = 2.0
+    alignment: str = "pooled"
+    reduce: str = "auto"
+    teacher_activation: str = "none"
     teacher_epochs: float = 3.0
     teacher_lr: float = 5e-5
     teacher_batch_size: int = 32
@@ -50,10 +65,13 @@ class W2SDefense(UserPEFT, Defense):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.loss()  # validate the weights early, with the spec's clear errors
+        check_choice("w2s teacher_activation", self.teacher_activation, PROJECTION_ACTIVATIONS)
 
     def loss(self) -> W2SLoss:
         """The loss spec this defense trains with."""
-        return W2SLoss(self.alpha, self.beta, self.gamma, self.temperature)
+        check_choice("w2s reduce", self.reduce, ("auto", *HIDDEN_REDUCTIONS))
+        reduce = ("sum" if self.alignment == "released" else "mean") if self.reduce == "auto" else self.reduce
+        return W2SLoss(self.alpha, self.beta, self.gamma, self.temperature, self.alignment, reduce)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         if ctx.teacher_path is None:
@@ -72,7 +90,8 @@ class W2SDefense(UserPEFT, Defense):
 
     def _teacher_key(self, ctx: DefenseContext, width: int) -> dict[str, Any]:
         rows = _teacher_rows(ctx)
-        return {**ctx.cache_key, "teacher": str(ctx.teacher_path), "width": width,
+        activation = {} if self.teacher_activation == "none" else {"activation": self.teacher_activation}
+        return {**ctx.cache_key, "teacher": str(ctx.teacher_path), "width": width, **activation,
                 "spec": dataclasses.asdict(self._teacher_spec(ctx)), "rows": len(rows), "data": rows.name}
 
     def _teacher(self, ctx: DefenseContext, width: int) -> tuple[Path, dict[str, Any]]:
@@ -80,8 +99,9 @@ class W2SDefense(UserPEFT, Defense):
         stats: dict[str, Any] = {}
 
         def build(tmp: Path) -> None:
+            head = {} if self.teacher_activation == "none" else {"projection_activation": self.teacher_activation}
             teacher = ctx.backend.load_classifier(ctx.teacher_path, ctx.num_labels, projection_dim=width,
-                                                  seed=ctx.train.seed)
+                                                  seed=ctx.train.seed, **head)
             result = ctx.backend.train(teacher, _teacher_rows(ctx), CrossEntropy(), self._teacher_spec(ctx),
                                        desc="w2s: teacher")
             stats.update(result.summary())

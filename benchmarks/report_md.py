@@ -162,9 +162,11 @@ def _summary(runs: dict[str, Any]) -> list[str]:
             if not det:
                 det, mark = (row.get("stats") or {}).get("detection") or {}, "\u2020"
             marks |= {mark} if det else set()
-            cells = [row.get("CA"), row.get("ASR"), row.get("PACC"), det.get("f1"), det.get("auroc")]
-            lines.append(f"| {label} | {attack} | {row_label(row)}{mark if det else ''} | "
-                         + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+            rates = [rate_cell(row[k], row_count(run["results"], k)) if k in row else "-" for k in ("CA", "ASR", "PACC")]
+            scores = ["-" if det.get(k) is None else f"{det[k]:.2f}" for k in ("f1", "auroc")]
+            lines.append(f"| {label} | {attack} | {row_label(row)}{mark if det else ''} | " + " | ".join(rates + scores)
+                         + " |")
+    lines += ["", "Rates with [their 95% Wilson interval] where the run recorded its test row counts."]
     if "*" in marks:
         lines += ["", "\\* detector: CA counts a rejected clean input as an error, ASR counts unrejected triggered inputs."]
     if "\u2020" in marks:

@@ -113,3 +113,12 @@ def test_demo_verdict_says_which_targets_are_met() -> None:
     assert "does not meet" in lines[1] and "does not meet" in lines[3]  # w2s keeps ASR; onion costs 7 points of CA
     weak = [{**rows[0], "CA": 53.0}, *rows[1:]]
     assert ": missed;" in demo_verdict(weak)[0]
+
+
+def test_suite_pages_carry_intervals_where_runs_recorded_their_counts(render_suite, tmp_path) -> None:
+    counted = _run("sst2", "badnet", 96.03)
+    counted["results"]["data"] = {"test": 300, "asr_test": 151}
+    page = render_suite(_suite({"counted": counted, "old": _run("sst2", "insent", 90.0)}), tmp_path)
+    assert "| counted | badnet | none | 85.00 [80.5, 88.6] | 96.03 [91.6, 98.2] | - | - | - |" in page  # summary
+    assert "| old | insent | none | 85.00 | 90.00 | - | - | - |" in page  # a run without counts: plain rates
+    assert "| poisoned + defense | none | 85.00 [80.5, 88.6] | 96.03 [91.6, 98.2] | - |" in page  # its own table

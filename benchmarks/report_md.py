@@ -10,6 +10,7 @@ from unbackdoor.plots import report_plots
 from unbackdoor.report import (
     comparison_table,
     rate_cell,
+    rate_columns,
     row_count,
     row_label,
     unlearning_seeds_table,
@@ -20,8 +21,7 @@ from unbackdoor.report import (
 def _rows(results: dict[str, Any]) -> list[str]:
     """A run's rows: CA and ASR with their 95% Wilson intervals where the run recorded its row counts."""
     n_ca, n_asr = row_count(results, "CA"), row_count(results, "ASR")
-    lines = [f"| stage | defense | CA{f' (n={n_ca})' if n_ca else ''} | ASR{f' (n={n_asr})' if n_asr else ''} "
-             "| train samples/s |", "|---|---|---:|---:|---:|"]
+    lines = [f"| stage | defense | {rate_columns(n_ca, n_asr)} | train samples/s |", "|---|---|---:|---:|---:|"]
     for r in results["rows"]:
         rate = r.get("stats", {}).get("train", {}).get("samples_per_second", "-")
         lines.append(f"| {r['stage']} | {r['defense']} | {rate_cell(r['CA'], n_ca)} | {rate_cell(r['ASR'], n_asr)} | "

@@ -19,7 +19,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     title = (f"### {cfg.get('attack', '?')} on {cfg.get('dataset', '?')}, student {cfg.get('model', '?')}, "
              f"backend {results.get('backend', '?')}" + (f" on {results['device']}" if results.get("device") else ""))
     n_ca, n_asr = row_count(results, "CA"), row_count(results, "ASR")
-    header = f"| stage | defense | CA{f' (n={n_ca})' if n_ca else ''} | ASR{f' (n={n_asr})' if n_asr else ''} | seconds |"
+    header = f"| stage | defense | {rate_columns(n_ca, n_asr)} | seconds |"
     lines = [title, "", *verdicts(results), "", header, "|---|---|---:|---:|---:|"]
     for row in results.get("rows", []):
         lines.append(f"| {row['stage']} | {row['defense']} | {rate_cell(row['CA'], n_ca)} | "
@@ -37,18 +37,20 @@ COUNT_KEYS = {"CA": "test", "ASR": "asr_test", "PACC": "pacc_test"}
 def row_count(results: dict[str, Any], metric: str) -> int | None:
     """How many test rows ``metric`` (CA, ASR, PACC) is measured on, from results.json's ``data`` (None if
     unknown; several triggers: the fewest rows any of them is measured on)."""
-    return _data_count(results.get("data", {}), metric)
-
-
-def _data_count(data: dict[str, Any], metric: str) -> int | None:
-    n = data.get(COUNT_KEYS[metric])
+    n = results.get("data", {}).get(COUNT_KEYS[metric])
     return min(n.values()) if isinstance(n, dict) else n
+
+
+def rate_columns(n_ca: int | None, n_asr: int | None) -> str:
+    """The CA and ASR column headers of a run's table, with the row counts their intervals are over."""
+    return f"CA{f' (n={n_ca})' if n_ca else ''} | ASR{f' (n={n_asr})' if n_asr else ''}"
 
 
 def with_intervals(row: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """``row`` with ``n`` (test rows per rate) and ``ci95`` (the 95% Wilson interval of each of CA, ASR and
     PACC it has), for results.json."""
-    n = {k: c for k in COUNT_KEYS if k in row and isinstance(row[k], float | int) and (c := _data_count(data, k))}
+    n = {k: c for k in COUNT_KEYS
+         if k in row and isinstance(row[k], float | int) and (c := row_count({"data": data}, k))}
     ci95 = {k: [round(v, 2) for v in wilson_interval(float(row[k]), count)] for k, count in n.items()}
     return {**row, "n": n, "ci95": ci95} if n else row
 

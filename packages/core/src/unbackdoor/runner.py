@@ -68,6 +68,11 @@ def _detection(scores: list[np.ndarray | None], flagged: list[np.ndarray | None]
     return {**{k: round(v, 4) for k, v in result.items()}, **counts}
 
 
+def _per_trigger(counts: dict[str, int]) -> int | dict[str, int]:
+    """Row counts by trigger, or the one number when there is a single trigger."""
+    return next(iter(counts.values())) if len(counts) == 1 else counts
+
+
 def _hidden_pca(clean: np.ndarray | None, triggered: np.ndarray | None) -> dict[str, list[list[float]]]:
     """Pooled hidden states of clean and (first trigger's) triggered test rows, projected together to 2-D."""
     if clean is None or triggered is None:
@@ -399,13 +404,11 @@ class Experiment:
     def _asr_rows(self) -> int | dict[str, int]:
         """How many triggered rows each ASR is measured on (one number for a single trigger)."""
         p = self.plan
-        counts = {trigger: len(non_target(data, p.poison.target)) for trigger, data in p.triggered.items()}
-        return next(iter(counts.values())) if len(counts) == 1 else counts
+        return _per_trigger({trigger: len(non_target(data, p.poison.target)) for trigger, data in p.triggered.items()})
 
     def _pacc_rows(self) -> int | dict[str, int]:
         """How many triggered rows (every class) each PACC is measured on (one number for a single trigger)."""
-        counts = {trigger: len(data) for trigger, data in self.plan.triggered.items()}
-        return next(iter(counts.values())) if len(counts) == 1 else counts
+        return _per_trigger({trigger: len(data) for trigger, data in self.plan.triggered.items()})
 
     def _results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         p = self.plan

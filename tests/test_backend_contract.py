@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -54,3 +56,57 @@ def test_train_head_false_trains_the_adapter_only(backend_name, tiny_dirs, sst2,
         np.testing.assert_array_equal(frozen[key], value, err_msg=key)
     assert not np.allclose(frozen_logits, logits, atol=1e-4)  # the adapter learned
     assert any(not np.allclose(free[k], v) for k, v in untrained.items())  # by default the head learns too
+
+
+def _saved_dtypes(path) -> dict[str, str]:
+    """``tensor name -> safetensors dtype code`` from a file's header (no tensor read)."""
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_bf16_holds_frozen_weights_in_bf16(backend_name, tiny_dirs, sst2, tmp_path) -> None:
+    """precision bf16: once LoRA freezes the base, its linear and embedding weights are held (and saved) in bf16
+    while norms, the head and the merged layers stay float32; it computes what float32-held weights compute
+    under bf16 matmuls (up to the embedding table's rounding), still learns, and reloads as it was saved."""
+    rows, spec = sst2.train.head(32), TrainSpec(epochs=3, lr=1e-2, batch_size=8, max_length=32, precision="bf16")
+    kept, held = (get_plugin_manager().backend(backend_name).create() for _ in range(2))
+    kept.precision, held.precision = "fp32", "bf16"
+    lora = LoRASpec(rank=4, alpha=8)
+    reference = kept.add_lora(kept.load_classifier(tiny_dirs["llama"], 2, seed=3), lora, seed=3)
+    model = held.add_lora(held.load_classifier(tiny_dirs["llama"], 2, seed=3), lora, seed=3)
+    kept.precision = "bf16"  # the same bf16 matmuls over float32-held weights
+    np.testing.assert_allclose(held.predict(model, rows, max_length=32).logits,
+                               kept.predict(reference, rows, max_length=32).logits, atol=1e-2)
+    losses = held.train(model, rows, CrossEntropy(), spec).losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    expected = held.predict(model, rows, max_length=32).logits
+    held.save(model, tmp_path / "saved")
+    dtypes = _saved_dtypes(tmp_path / "saved" / "model.safetensors")
+    merged = {k for k in dtypes if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    bf16 = {k for k in dtypes if k.endswith(("proj.weight", "embed_tokens.weight")) and k not in merged}
+    assert merged and bf16 and {dtypes[k] for k in merged} == {"F32"} and {dtypes[k] for k in bf16} == {"BF16"}
+    assert {dtypes[k] for k in dtypes.keys() - merged - bf16} == {"F32"}  # norms
+    assert set(_saved_dtypes(tmp_path / "saved" / "head.safetensors").values()) == {"F32"}
+    reloaded = held.load_classifier(tmp_path / "saved", 2, seed=9)
+    np.testing.assert_allclose(held.predict(reloaded, rows, max_length=32).logits, expected, atol=5e-2)
+
+
+def test_gradient_checkpointing_changes_no_number(backend_name, tiny_dirs, sst2) -> None:
+    """Recomputing the layers in the backward pass gives the same losses and weights (LoRA with dropout,
+    whose masks must be drawn again the same, and a full fine-tune)."""
+    rows, spec = sst2.train.head(16), TrainSpec(epochs=2, lr=1e-2, batch_size=8, max_length=32)
+    backend = get_plugin_manager().backend(backend_name).create()
+
+    def run(checkpointing: bool, adapter: bool) -> tuple[tuple[float, ...], np.ndarray]:
+        backend.gradient_checkpointing = checkpointing
+        model = backend.load_classifier(tiny_dirs["llama"], 2, seed=2)
+        if adapter:
+            model = backend.add_lora(model, LoRASpec(rank=4, dropout=0.1), seed=2)
+        losses = backend.train(model, rows, CrossEntropy(), spec).losses
+        return losses, backend.predict(model, rows, max_length=32).logits
+
+    for adapter in (True, False):
+        (plain, plain_logits), (recomputed, logits) = run(False, adapter), run(True, adapter)
+        np.testing.assert_allclose(recomputed, plain, rtol=1e-5)
+        np.testing.assert_allclose(logits, plain_logits, atol=1e-5)

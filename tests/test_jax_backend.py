@@ -180,3 +180,24 @@ def test_selecting_jax_never_imports_torch() -> None:
             "bad = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "
             "assert 'jax' in sys.modules and not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_bf16_held_weights_change_no_product(backend, tiny_dirs, rows) -> None:
+    """Held in bf16, the frozen weights give exactly what bf16 matmuls over float32 ones give (they are cast
+    per matmul); only embedding tables round, and with those pre-rounded the logits are equal. Adapters, head
+    and norms stay float32, and the trained parameters (so the AdamW state) too."""
+    import jax.numpy as jnp
+
+    held = JaxBackend()
+    held.precision = "bf16"
+    model = held.add_lora(held.load_classifier(tiny_dirs["llama"], 2, seed=1), LORA, seed=1)
+    reference = backend.add_lora(backend.load_classifier(tiny_dirs["llama"], 2, seed=1), LORA, seed=1)
+    table = reference.module.backbone.embed_tokens.weight
+    table.set_value(table.get_value().astype(jnp.bfloat16).astype(jnp.float32))
+    dtypes = {path: np.asarray(v).dtype for path, v in _params(model).items()}
+    frozen = {p for p in dtypes if p[-1] == "weight" and ("proj" in p[-2] or p[-2] == "embed_tokens")}
+    assert frozen and {dtypes[p] for p in frozen} == {np.dtype(jnp.bfloat16)}
+    assert {dtypes[p] for p in dtypes.keys() - frozen} == {np.dtype(np.float32)}
+    few = rows.head(8)
+    np.testing.assert_array_equal(held.predict(model, few, max_length=MAX_LENGTH).logits,
+                                  held.predict(reference, few, max_length=MAX_LENGTH).logits)

@@ -93,3 +93,25 @@ def test_bf16_autocast_runs_close_to_fp32(backend, tiny_dirs, rows) -> None:
     np.testing.assert_allclose(bf16.predict(model, rows).logits, fp32, atol=5e-2)
     spec = dataclasses.replace(TrainSpec(epochs=1, lr=1e-3, batch_size=8), precision="bf16")
     assert np.isfinite(bf16.train(model, rows, CrossEntropy(), spec).final_loss)
+
+
+def test_bf16_held_weights_change_no_product(backend, tiny_dirs, rows) -> None:
+    """Held in bf16, the frozen linear weights give exactly what autocast computes from float32 ones (it casts
+    them to bf16 per matmul); only embedding tables round, and with those pre-rounded the logits are equal.
+    Trainable parameters stay float32; run in fp32 the model is refused by name."""
+    from unbackdoor.errors import ConfigError
+
+    held = TorchBackend("cpu")
+    held.precision = "bf16"
+    model = held.add_lora(held.load_classifier(tiny_dirs["llama"], 2, seed=1), LoRASpec(rank=4), seed=1)
+    reference = backend.add_lora(backend.load_classifier(tiny_dirs["llama"], 2, seed=1), LoRASpec(rank=4), seed=1)
+    with torch.no_grad():
+        for module in reference.module.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(module.weight.bfloat16().float())
+    dtypes = {n: p.dtype for n, p in model.module.named_parameters()}
+    assert {d for n, d in dtypes.items() if model.module.get_parameter(n).requires_grad} == {torch.float32}
+    assert {d for n, d in dtypes.items() if n.endswith(("embed_tokens.weight", "base_layer.weight"))} == {torch.bfloat16}
+    np.testing.assert_array_equal(held.predict(model, rows).logits, held.predict(reference, rows).logits)
+    with pytest.raises(ConfigError, match=r"holds its frozen weights in bfloat16.*precision 'bf16', not 'fp32'"):
+        backend.predict(model, rows)

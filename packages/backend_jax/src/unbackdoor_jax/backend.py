@@ -27,6 +27,7 @@ from unbackdoor.specs import PRECISIONS, AdapterSpec, LoRASpec, LossSpec, TrainS
 from unbackdoor.text import TextEncoder
 
 from . import analysis, lora, modeling, parallel, train
+from .layers import hold_frozen
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
@@ -51,7 +52,10 @@ class JaxBackend:
     name = "jax"
 
     def __init__(self) -> None:
+        #: ``bf16``: bf16 matmuls, and a model that gets an adapter holds its frozen base weights in bf16
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
+        #: recompute each layer's activations in the backward pass instead of keeping them (less memory)
+        self.gradient_checkpointing = False
         self.data_parallel = parallel.default_mode()  # "auto" | "on" | "off"
         self._lm: tuple[Path, analysis.CausalLM] | None = None  # the last causal LM lm_nll loaded
 
@@ -74,6 +78,7 @@ class JaxBackend:
     def add_lora(self, model: JaxModel, spec: LoRASpec, *, seed: int = 0) -> JaxModel:
         """Add LoRA adapters; from now on only they and the head train."""
         lora.add_lora(model.module.backbone, spec, seed)
+        self._hold_frozen(model)
         return model
 
     def anchor(self, model: JaxModel, path: str | Path) -> JaxModel:
@@ -87,7 +92,13 @@ class JaxBackend:
         if isinstance(spec, LoRASpec):
             return self.add_lora(model, spec, seed=seed)
         modeling.add_prompt(model.module, spec, seed)
+        self._hold_frozen(model)
         return model
+
+    def _hold_frozen(self, model: JaxModel) -> None:
+        """bf16: the base weights are frozen under the adapter just added, so hold them in bf16."""
+        if check_precision(self.precision) == "bf16":
+            hold_frozen(model.module.backbone, train.DTYPES["bf16"])
 
     def train(self, model: JaxModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
               aux: Mapping[str, np.ndarray] | None = None, desc: str = "train") -> TrainStats:
@@ -96,7 +107,8 @@ class JaxBackend:
         if missing:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
         mesh = parallel.data_mesh(self.data_parallel)
-        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, desc, mesh)
+        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, desc, mesh,
+                         remat=bool(self.gradient_checkpointing))
 
     def predict(self, model: JaxModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
                 hidden: bool = False, desc: str = "predict") -> Predictions:

@@ -38,9 +38,10 @@ class PromptParam(AdapterParam):
 
 
 class Ctx:
-    """What one forward pass needs besides the weights: matmul dtype, dropout key, analysis mask.
+    """What one forward pass needs besides the weights: matmul dtype, dropout key, analysis mask, remat.
 
-    ``key=None`` means inference (no dropout). Keys are derived lazily, only
+    ``key=None`` means inference (no dropout). ``remat``: the scanned layers recompute their activations
+    in the backward pass instead of keeping them (gradient checkpointing, ``jax.checkpoint``). Keys are derived lazily, only
     where a dropout runs (a fold of the site counter and the layer index),
     so a model without dropout compiles no random-number code at all. With
     ``token_mask`` ``[B, L]`` (covering any soft prompt too) the feed-forward
@@ -48,8 +49,8 @@ class Ctx:
     """
 
     def __init__(self, dtype: Any = jnp.float32, key: Array | None = None, layer: Array | None = None,
-                 token_mask: Array | None = None) -> None:
-        self.dtype, self.key, self.layer, self._count = dtype, key, layer, 0
+                 token_mask: Array | None = None, remat: bool = False) -> None:
+        self.dtype, self.key, self.layer, self._count, self.remat = dtype, key, layer, 0, remat
         self.token_mask = token_mask  # set: feed-forward blocks report their neurons' |activation| sums
         self.observed: list[Array] = []
 
@@ -62,7 +63,7 @@ class Ctx:
 
     def for_layer(self, layer: Array) -> Ctx:
         """The same settings for scanned layer ``layer`` (its own dropout masks)."""
-        return Ctx(self.dtype, self.key, layer, self.token_mask)
+        return Ctx(self.dtype, self.key, layer, self.token_mask, self.remat)
 
     def observe(self, neurons: Array) -> None:
         """With a token mask: record ``sum over real tokens of |neurons|`` ``[I]`` (fine-pruning statistics)."""
@@ -139,8 +140,8 @@ class Embedding(nnx.Module):
     def __init__(self, t: Tensors) -> None:
         self.weight = nnx.Param(jnp.asarray(t.get("weight")))
 
-    def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.weight[...], ids, axis=0)
+    def __call__(self, ids: Array) -> Array:  # float32 out, also from a bf16 table (:func:`hold_frozen`)
+        return jnp.take(self.weight[...], ids, axis=0).astype(jnp.float32)
 
 
 class LayerNorm(nnx.Module):
@@ -167,6 +168,17 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = x.astype(jnp.float32)
         return self.weight[...] * (x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps))
+
+
+def hold_frozen(module: nnx.Module, dtype: Any) -> None:
+    """Store every linear and embedding weight of ``module`` (frozen under an adapter) in ``dtype``.
+
+    :meth:`Ctx.einsum` casts weights to the compute dtype anyway, so in bf16 this halves their memory and
+    changes no product; embedding lookups come back float32. Norms, biases and adapters stay float32.
+    """
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, (Linear, Embedding)):
+            node.weight.set_value(node.weight.get_value().astype(dtype))
 
 
 def prepend(prompt: Array | None, h: Array) -> Array:
@@ -225,6 +237,6 @@ def scan_layers(layers: nnx.Module, h: Array, ctx: Ctx, step: Callable[[Any, Arr
         out = step(nnx.merge(graphdef, layer_state), carry, layer_ctx)
         return out, layer_ctx.observed  # what the layer observed comes out stacked over layers
 
-    h, observed = jax.lax.scan(body, h, (state, jnp.arange(depth)))
+    h, observed = jax.lax.scan(jax.checkpoint(body) if ctx.remat else body, h, (state, jnp.arange(depth)))
     ctx.observed.extend(observed)
     return h

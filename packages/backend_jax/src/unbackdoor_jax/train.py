@@ -68,18 +68,22 @@ def adamw(lr: Any, weight_decay: float) -> optax.GradientTransformation:
 
 
 def batch_loss(graphdef: Any, loss: LossSpec, dtype: Any, trainable: Any, frozen: Any, batch: Mapping[str, jax.Array],
-               key: jax.Array | None) -> jax.Array:
-    """The batch objective of ``loss`` (filler rows weigh 0); dropout on when ``key`` is given."""
+               key: jax.Array | None, remat: bool = False) -> jax.Array:
+    """The batch objective of ``loss`` (filler rows weigh 0); dropout on when ``key`` is given, the layers
+    rematerialised in the backward pass with ``remat``."""
     model = nnx.merge(graphdef, trainable, frozen)
-    logits, hidden = model(batch["input_ids"], batch["attention_mask"], Ctx(dtype, key), reads_token_states(loss))
+    logits, hidden = model(batch["input_ids"], batch["attention_mask"], Ctx(dtype, key, remat=remat),
+                           reads_token_states(loss))
     return batch_objective(loss, model, logits.astype(jnp.float32), hidden.astype(jnp.float32), batch)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss", "weight_decay", "dtype"))
+@partial(jax.jit, static_argnames=("graphdef", "loss", "weight_decay", "dtype", "remat"))
 def train_step(graphdef: Any, loss: LossSpec, weight_decay: float, dtype: Any, trainable: Any, frozen: Any,
-               opt_state: Any, batch: dict[str, jax.Array], lr: jax.Array, key: jax.Array) -> tuple[Any, Any, jax.Array]:
+               opt_state: Any, batch: dict[str, jax.Array], lr: jax.Array, key: jax.Array,
+               remat: bool = False) -> tuple[Any, Any, jax.Array]:
     """One fused step: forward, loss, gradients w.r.t. ``trainable`` only, AdamW at rate ``lr``."""
-    value, grads = jax.value_and_grad(batch_loss, argnums=3)(graphdef, loss, dtype, trainable, frozen, batch, key)
+    value, grads = jax.value_and_grad(batch_loss, argnums=3)(graphdef, loss, dtype, trainable, frozen, batch, key,
+                                                             remat)
     updates, opt_state = adamw(lr, weight_decay).update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, value
 
@@ -134,6 +138,7 @@ class Steps:
     rows: int
     pad_id: int
     mesh: Mesh | None = None  # data parallel: batches sharded by rows over it (see parallel)
+    remat: bool = False  # gradient checkpointing of the scanned layers
 
     def run(self, trainable: Any, opt_state: Any, step: int, batch: Mapping[str, np.ndarray]) -> tuple[Any, Any, Any]:
         """Dispatch step ``step`` (asynchronously); returns new parameters, optimiser state and the loss."""
@@ -143,7 +148,7 @@ class Steps:
         # Dropout masks follow the spec's seed; the "rbg" generator compiles far faster than threefry on CPU.
         key = jax.random.fold_in(jax.random.key(self.spec.seed, impl="rbg"), step)
         return train_step(self.graphdef, self.loss, self.spec.weight_decay, DTYPES[self.spec.precision], trainable,
-                          self.frozen, opt_state, arrays, lr, key)
+                          self.frozen, opt_state, arrays, lr, key, self.remat)
 
     def check(self, value: jax.Array, trainable: Any, batch: Mapping[str, np.ndarray]) -> float:
         """The loss as a float; non-finite: a TrainingDivergedError with the terms at ``trainable`` (before the step)."""
@@ -158,9 +163,10 @@ class Steps:
 
 
 def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
-        aux: Mapping[str, np.ndarray], desc: str, mesh: Mesh | None = None) -> TrainStats:
+        aux: Mapping[str, np.ndarray], desc: str, mesh: Mesh | None = None, remat: bool = False) -> TrainStats:
     """Train ``module`` in place and report steps, samples, time and per-step losses.
 
+    ``remat``: gradient checkpointing (the layers' activations are recomputed in the backward pass).
     With a ``mesh`` (:func:`unbackdoor_jax.parallel.data_mesh`) the module is replicated over it and every
     global batch is sharded by rows (data parallel); it ends replicated.
     """
@@ -172,7 +178,7 @@ def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, los
     graphdef, trainable, frozen = nnx.split(module, trainable_filter(module, spec.train_head), ...)
     rows = min(spec.batch_size, len(ids))
     steps = Steps(graphdef, frozen, loss, spec, total_steps(len(ids), spec),
-                  rows if mesh is None else parallel.padded_rows(rows, mesh), encoder.pad_id, mesh)
+                  rows if mesh is None else parallel.padded_rows(rows, mesh), encoder.pad_id, mesh, remat)
     opt_state = adamw(spec.lr, spec.weight_decay).init(trainable)
     losses: list[float] = []
     pending, samples, start = [], 0, time.perf_counter()

@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from unbackdoor.errors import ConfigError
+from unbackdoor.errors import ConfigError, check_choice
 from unbackdoor.layout import HEAD_FILE
 
 from .layers import AdapterParam, Linear
@@ -31,12 +33,37 @@ def read_config(path: Path) -> dict[str, Any]:
     return dict(json.loads((path / "config.json").read_text()))
 
 
+#: safetensors' dtype codes as numpy dtypes (bf16 from ml_dtypes, which jax ships; ``safetensors.numpy`` has none)
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
+
+
+def load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, bf16 included, as read-only views of the memory-mapped file
+    (an 8B checkpoint is not read into memory twice; building the model copies what it keeps)."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    data = np.memmap(file, np.uint8, "r", offset=8 + size)
+    out = {}
+    for name, info in header.items():
+        dtype = np.dtype(SAFETENSORS_DTYPES[check_choice(f"dtype of tensor {name!r} in {file}", info["dtype"],
+                                                         SAFETENSORS_DTYPES)]).newbyteorder("<")
+        start, end = info["data_offsets"]
+        out[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every backbone tensor of a HF directory (all shards, the head file excluded), backbone prefix stripped."""
     tensors: dict[str, np.ndarray] = {}
     for file in sorted(path.glob("*.safetensors")):
         if file.name != HEAD_FILE:
-            tensors.update(load_file(file))
+            tensors.update(load_safetensors(file))
     for prefix in BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in tensors):
             tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
@@ -76,13 +103,16 @@ class Tensors:
 
 
 def backbone_tensors(backbone: nnx.Module, stacked: str) -> dict[str, np.ndarray]:
-    """The backbone as HF-named float32 arrays, LoRA merged, the ``stacked`` layers split again by index."""
+    """The backbone as HF-named arrays, LoRA merged, the ``stacked`` layers split again by index: float32, but
+    bf16 where the model holds a frozen weight in bf16 (:func:`~unbackdoor_jax.layers.hold_frozen`), as torch
+    saves it (a merged weight is float32)."""
     merged = {path: layer.merged_weight() for path, layer in nnx.iter_graph(backbone)
               if isinstance(layer, Linear) and layer.lora_a is not None}
     out: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(nnx.state(backbone, nnx.All(nnx.Param, nnx.Not(AdapterParam)))):
         value = merged[path[:-1]] if path[-1] == "weight" and path[:-1] in merged else var[...]
-        out.update(_hf_keys(".".join(map(str, path)), np.asarray(value, np.float32), stacked))
+        kept = value.dtype if value.dtype == jnp.bfloat16 else np.float32
+        out.update(_hf_keys(".".join(map(str, path)), np.asarray(value, kept), stacked))
     return out
 
 
@@ -103,7 +133,7 @@ def save_backbone(tensors: dict[str, np.ndarray], target: Path) -> None:
 def read_head(path: Path) -> dict[str, np.ndarray]:
     """``head.safetensors`` of a saved classifier (empty for a base model)."""
     file = path / HEAD_FILE
-    return {k: np.asarray(v, np.float32) for k, v in load_file(file).items()} if file.is_file() else {}
+    return {k: np.asarray(v, np.float32) for k, v in load_safetensors(file).items()} if file.is_file() else {}
 
 
 def save_head(tensors: dict[str, np.ndarray], target: Path) -> None:

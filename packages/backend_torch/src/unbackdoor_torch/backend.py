@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from unbackdoor import init
 from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
-from unbackdoor.errors import ConfigError
-from unbackdoor.specs import ALL_LINEAR, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
+from unbackdoor.errors import ConfigError, check_choice
+from unbackdoor.specs import ALL_LINEAR, PRECISIONS, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
 from . import analysis, distributed, modeling, train
@@ -46,7 +47,10 @@ class TorchBackend:
 
     def __init__(self, device: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: ``bf16``: autocast, and a model that gets an adapter holds its frozen base weights in bf16
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
+        #: recompute each layer's activations in the backward pass instead of keeping them (less memory)
+        self.gradient_checkpointing = False
         self._lm: tuple[Path, torch.nn.Module] | None = None  # the last causal LM lm_nll loaded
 
     @property
@@ -83,6 +87,7 @@ class TorchBackend:
         spec.chosen(name for name, module in model.module.backbone.named_modules()
                     if isinstance(module, torch.nn.Linear))  # the jax backend's clear error, not peft's
         targets: str | list[str] = ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules)
+        self._hold_frozen(model)
         config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets)
         model.module.backbone = get_peft_model(model.module.backbone, config)
         _seed_lora_a(model.module, spec.rank, seed)
@@ -93,6 +98,7 @@ class TorchBackend:
         if isinstance(spec, LoRASpec):
             return self.add_lora(model, spec, seed=seed)
         torch.manual_seed(seed)
+        self._hold_frozen(model)
         model.module.backbone = get_peft_model(model.module.backbone, _prompt_config(spec))
         if spec.method == "prompt-tuning":  # the jax backend starts from the same virtual tokens
             embedding = model.module.backbone.prompt_encoder["default"].embedding
@@ -106,13 +112,16 @@ class TorchBackend:
         missing = [k for k in loss.aux_keys if k not in (aux or {})]
         if missing:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
-        if distributed.active():  # launched by torchrun: data-parallel over the ranks
-            return distributed.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
-        return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
+        _check_held(model, spec.precision)
+        with _checkpointing(model.module.backbone, self.gradient_checkpointing):
+            if distributed.active():  # launched by torchrun: data-parallel over the ranks
+                return distributed.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
+            return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
 
     def predict(self, model: TorchModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
                 hidden: bool = False, desc: str = "predict") -> Predictions:
         """Logits (and pooled states) in the dataset's order."""
+        _check_held(model, self.precision)
         return train.predict(model.module, model.encoder, data, batch_size, max_length, hidden,
                              self.device, self.precision, desc)
 
@@ -123,6 +132,7 @@ class TorchBackend:
                 module.backbone.active_peft_config.is_prompt_learning:
             raise ValueError("a prompt-learning adapter cannot be merged into the weights; save a LoRA model instead")
         if hasattr(module.backbone, "merge_and_unload"):
+            modeling.upcast_adapted(module.backbone)  # frozen bf16 weights: merge the update in float32
             module.backbone = module.backbone.merge_and_unload()
         modeling.save_classifier(module, model.source, Path(path))
 
@@ -148,6 +158,35 @@ class TorchBackend:
         ids = model.encoder.encode(data.texts, max_length)
         batches = list(iter_batches(ids, model.encoder.pad_id, batch_size))
         return analysis.mlp_activations(model.module, batches, self.device, self.precision)
+
+
+    def _hold_frozen(self, model: TorchModel) -> None:
+        """bf16: the base weights freeze under the adapter about to be added, so hold them in bf16."""
+        if check_choice("precision", self.precision, PRECISIONS) == "bf16":
+            modeling.hold_frozen(model.module.backbone, torch.bfloat16)
+
+
+def _check_held(model: TorchModel, precision: str) -> None:
+    """A model holding bf16 weights runs only under bf16 autocast (a float32 matmul cannot read them)."""
+    held = modeling.held_dtype(model.module)
+    if held != torch.float32 and precision != "bf16":
+        raise ConfigError(f"the model holds its frozen weights in {str(held).removeprefix('torch.')} (its adapter "
+                          f"was added under precision 'bf16'); run it with precision 'bf16', not {precision!r}")
+
+
+@contextlib.contextmanager
+def _checkpointing(backbone: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """HF gradient checkpointing (non-reentrant: LoRA and prompt adapters need no input gradients) while training."""
+    if not enabled:
+        yield
+        return
+    if not getattr(backbone, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"gradient checkpointing is not supported by {type(backbone).__name__}")
+    backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        backbone.gradient_checkpointing_disable()
 
 
 def _seed_lora_a(module: torch.nn.Module, rank: int, seed: int) -> None:

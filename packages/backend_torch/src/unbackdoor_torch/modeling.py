@@ -59,6 +59,35 @@ class SequenceClassifier(nn.Module):
         return pooler if pooler is not None else states[:, 0]
 
 
+def hold_frozen(backbone: nn.Module, dtype: torch.dtype) -> None:
+    """Store every linear and embedding weight of ``backbone`` (frozen under an adapter) in ``dtype``.
+
+    Under bf16 autocast a linear layer multiplies in bf16 whatever it stores, so holding its weight in bf16
+    halves the memory and changes no product. Embedding lookups are cast back to float32 (a hook), so the
+    residual stream stays float32 as with float32 weights; only the table's values are rounded. Norms and
+    biases (vectors, a few MB even at 8B) stay float32. Adapters added later start in float32.
+    """
+    for module in backbone.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dtype != dtype:
+            module.weight.data = module.weight.data.to(dtype)
+            if isinstance(module, nn.Embedding):
+                module.register_forward_hook(lambda _m, _inputs, out: out.float())
+
+
+def held_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the backbone holds its weights in (:func:`hold_frozen`), float32 unless changed."""
+    return next((p.dtype for p in module.parameters() if p.dtype != torch.float32), torch.float32)
+
+
+def upcast_adapted(backbone: nn.Module) -> None:
+    """Float32 base weights under every LoRA layer, so merging the adapter adds its update in float32
+    (merged into a bf16 weight, an update much smaller than the weight would round away)."""
+    for module in backbone.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Linear) and base.weight.dtype != torch.float32:
+            base.weight.data = base.weight.data.float()
+
+
 def load_backbone(path: Path) -> nn.Module:
     """The HF backbone (no head) of a HF directory, float32."""
     return AutoModel.from_pretrained(check_model_dir(Path(path)), dtype=torch.float32, use_safetensors=True)

@@ -69,7 +69,11 @@ class ExperimentConfig:
         test_rows: clean test rows evaluated (their triggered copies give ASR and PACC).
         max_length: tokens kept per input.
         eval_batch_size: the batch size of evaluation.
-        precision: ``fp32``, or ``bf16`` autocast.
+        precision: ``fp32``, or ``bf16``: bf16 matmuls (autocast) and, once an adapter freezes the base
+            model, its linear and embedding weights held in bf16 (half the memory); adapters, heads, norms,
+            optimiser state and full fine-tunes stay fp32.
+        gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping
+            them: less memory for longer steps, the same numbers.
         clean_baseline: also fine-tune the clean student (``none`` on clean rows): the floor.
         clean_defenses: defenses also applied to the unpoisoned student (the "clean model" case).
         out: the run directory (results.json, results.md, plots, run.json for --resume).
@@ -110,6 +114,7 @@ class ExperimentConfig:
     max_length: int = 48
     eval_batch_size: int = 64
     precision: str = "fp32"
+    gradient_checkpointing: bool = False
     clean_baseline: bool = False
     clean_defenses: tuple[str, ...] = ()
     out: str = "runs/default"
@@ -177,7 +182,8 @@ FIELD_GROUPS = (
     ("attacker (weight setting)", ("attacker_rows", "attacker_epochs", "attacker_lr", "attacker_batch_size")),
     ("user fine-tune", ("user_rows", "user_epochs", "user_lr", "user_batch_size", "teacher_rows")),
     ("LoRA", ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")),
-    ("evaluation", ("test_rows", "max_length", "eval_batch_size", "precision", "clean_baseline", "clean_defenses")),
+    ("evaluation", ("test_rows", "max_length", "eval_batch_size", "clean_baseline", "clean_defenses")),
+    ("compute", ("precision", "gradient_checkpointing")),
     ("output", ("out", "cache_dir")),
 )
 #: fields whose default is None, so :func:`~unbackdoor.options.configure` does not coerce them

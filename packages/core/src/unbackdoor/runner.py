@@ -449,8 +449,9 @@ def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
     cfg = the_plan.cfg
     pm = pm or get_plugin_manager()
     backend = pm.backend(the_plan.backend_name).create()
-    if hasattr(backend, "precision"):
-        backend.precision = cfg.precision
+    for knob in ("precision", "gradient_checkpointing"):  # the backends' runtime settings (memory, speed)
+        if hasattr(backend, knob):
+            setattr(backend, knob, getattr(cfg, knob))
     cfg, out, _ = check_run_inputs(cfg, any(d.uses_teacher for d in (*the_plan.defenses, *the_plan.clean)))
     the_plan = dataclasses.replace(the_plan, cfg=cfg)
     record_run(cfg, out)

@@ -129,7 +129,8 @@ class TrainSpec:
         weight_decay: AdamW decoupled weight decay.
         warmup_ratio: share of steps spent warming up.
         seed: shuffling and initialisation seed.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"`` or ``"bf16"`` (bf16 matmuls; the backend's ``precision`` decides how an adapted
+            model holds its frozen weights).
         max_steps: stop after this many steps (None: all epochs).
         train_head: also train the classification head (projection and classifier); False keeps
             the model's head as it is and trains only the adapter (or the backbone, without one).

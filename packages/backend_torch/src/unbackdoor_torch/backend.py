@@ -19,6 +19,7 @@ from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
 from unbackdoor.errors import ConfigError, check_choice
+from unbackdoor.ranks import launched_world
 from unbackdoor.specs import ALL_LINEAR, PRECISIONS, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
@@ -46,7 +47,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, device: str | None = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(device)
         #: ``bf16``: autocast, and a model that gets an adapter holds its frozen base weights in bf16
         self.precision = os.environ.get(PRECISION_ENV, "fp32")
         #: recompute each layer's activations in the backward pass instead of keeping them (less memory)
@@ -60,6 +61,20 @@ class TorchBackend:
             return str(self.device)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under torchrun (0 in one process); rank 0 writes (:mod:`unbackdoor.ranks`)."""
+        return distributed.rank()
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train together (torchrun's ranks; 1 in one process)."""
+        return distributed.world_size()
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in one process)."""
+        distributed.barrier()
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
                         seed: int = 0, projection_activation: str = "none") -> TorchModel:
@@ -126,7 +141,11 @@ class TorchBackend:
                              self.device, self.precision, desc)
 
     def save(self, model: TorchModel, path: str | Path) -> None:
-        """Save as a HF-format directory, LoRA merged into the backbone."""
+        """Save as a HF-format directory, LoRA merged into the backbone.
+
+        Under torchrun every rank merges (their models stay alike) and rank 0 alone writes, as
+        accelerate's ``save_model`` does: the ranks hold the same weights.
+        """
         module = model.module
         if getattr(module.backbone, "active_peft_config", None) is not None and \
                 module.backbone.active_peft_config.is_prompt_learning:
@@ -134,7 +153,8 @@ class TorchBackend:
         if hasattr(module.backbone, "merge_and_unload"):
             modeling.upcast_adapted(module.backbone)  # frozen bf16 weights: merge the update in float32
             module.backbone = module.backbone.merge_and_unload()
-        modeling.save_classifier(module, model.source, Path(path))
+        if distributed.rank() == 0:
+            modeling.save_classifier(module, model.source, Path(path))
 
     def hidden_size(self, model: TorchModel) -> int:
         """Width of the pooled (projected) state."""
@@ -164,6 +184,16 @@ class TorchBackend:
         """bf16: the base weights freeze under the adapter about to be added, so hold them in bf16."""
         if check_choice("precision", self.precision, PRECISIONS) == "bf16":
             modeling.hold_frozen(model.module.backbone, torch.bfloat16)
+
+
+def _device(requested: str | None) -> torch.device:
+    """``requested``, else CUDA when torch sees a GPU, else the CPU; in one of several processes torchrun
+    started, after joining its process group (NCCL on the GPU ``LOCAL_RANK`` names; gloo on the CPU)."""
+    chosen = torch.device(requested) if requested else None
+    if launched_world() > 1:
+        joined = distributed.init("gloo" if chosen is not None and chosen.type == "cpu" else None)
+        return chosen if chosen is not None else joined
+    return chosen if chosen is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_held(model: TorchModel, precision: str) -> None:

@@ -9,7 +9,10 @@ unlearning losses (means over groups of rows of the batch) are not exact under s
 Use: ``torchrun --nproc-per-node N script.py`` where the script calls :func:`init` and then
 :meth:`TorchBackend.train <unbackdoor_torch.backend.TorchBackend.train>` as usual: the backend trains
 with :func:`fit` whenever a process group with more than one rank is initialised. CPU uses gloo, CUDA
-uses NCCL with one GPU per rank (``LOCAL_RANK``).
+uses NCCL with one GPU per rank (``LOCAL_RANK``). A ``TorchBackend`` made in a process torchrun started
+as one of several joins the group itself, so ``torchrun --nproc-per-node N -m unbackdoor run ...`` runs
+the whole experiment data-parallel (:func:`rank`, :func:`world_size` and :func:`barrier` are what the
+core's runner asks for; see :mod:`unbackdoor.ranks`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,26 @@ def init(backend: str | None = None) -> torch.device:
 def active() -> bool:
     """Whether a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank in the running process group (0 without one)."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """How many ranks the running process group has (1 without one)."""
+    return dist.get_world_size() if active() else 1
+
+
+def barrier() -> None:
+    """Return once every rank has called it (at once without a process group)."""
+    if not active():
+        return
+    if dist.get_backend() == "nccl":  # name the GPU, or NCCL guesses one (with a warning)
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def shard(batch: Mapping[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:

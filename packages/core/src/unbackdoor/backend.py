@@ -75,7 +75,10 @@ class Backend(Protocol):
     Optional: a ``device_name`` string (where the models run, e.g. ``cpu`` or ``cuda:0 (NVIDIA H200)``),
     which results.json records as ``device``; ``anchor(model, path) -> model``, which makes the loss's
     parameter distance (RGA's ``||theta - theta_base||``) that of every backbone parameter from the base
-    weights at ``path`` (full-parameter unlearning; the unlearning defenses' ``adapter=full`` needs it).
+    weights at ``path`` (full-parameter unlearning; the unlearning defenses' ``adapter=full`` needs it);
+    ``rank``, ``world_size`` and ``barrier()`` (:class:`~unbackdoor.ranks.Ranks`), which let the runner
+    run under a launcher such as torchrun (every rank trains, rank 0 writes; a backend without them is
+    refused there).
     """
 
     name: str

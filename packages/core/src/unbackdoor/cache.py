@@ -4,6 +4,10 @@ A stage's artefact lives in ``<root>/<stage>/<key>/`` where the key is a hash
 of the stage's full config. It is built in a temporary sibling directory and
 renamed into place, so a killed run never leaves a half-written artefact, and
 a second run (or another defense) with the same config reuses it.
+
+Under a launcher (``torchrun``, :mod:`unbackdoor.ranks`) only rank 0 writes entries: every rank
+decides hit or miss from the same view of the cache, builds a missing entry together (its training
+steps need every rank) and returns once rank 0's entry is in place.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .paths import inside
+from .ranks import ONE_PROCESS, Ranks, agree
 
 CACHE_ENV = "UNBACKDOOR_CACHE"
 #: a stage name: one path component, never "." or ".."
@@ -57,10 +62,12 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 
 class StageCache:
-    """Directory-per-stage artefact cache keyed by config hash."""
+    """Directory-per-stage artefact cache keyed by config hash; ``ranks``: the processes of a data-parallel
+    run (rank 0 writes, every rank builds and reads)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, ranks: Ranks = ONE_PROCESS) -> None:
         self.root = Path(root)
+        self.ranks = ranks
 
     def path(self, stage: str, config: Any) -> Path:
         """Where the artefact of ``stage`` with ``config`` lives (built or not), checked to lie inside the root.
@@ -72,11 +79,29 @@ class StageCache:
             raise ConfigError(f"cache stage name {stage!r} must match {STAGE_NAME.pattern} (letters, digits, . _ -)")
         return inside(self.root, self.root / stage / config_hash(config), f"cache entry of stage {stage!r}")
 
-    def get_or_build(self, stage: str, config: Any, build: Callable[[Path], None]) -> Path:
-        """Return the artefact directory, calling ``build(tmp_dir)`` first if it is missing."""
+    def get_or_build(self, stage: str, config: Any, build: Callable[[Path], None], *,
+                     every_rank: bool = True) -> Path:
+        """Return the artefact directory, calling ``build(tmp_dir)`` first if it is missing.
+
+        With several ranks and ``every_rank`` (the default: ``build`` may train, and training needs every
+        rank) each rank runs ``build``: rank 0 in the temporary sibling it renames into place, the others
+        in a scratch directory outside the cache, deleted at once (a backend's ``save`` writes nothing
+        there: only rank 0 writes models). ``every_rank=False``, for a ``build`` that makes no collective
+        call (no training: merging weights, writing a result), runs it on rank 0 while the others wait.
+        """
         final = self.path(stage, config)
-        if (final / "_config.json").is_file():
+        if agree(self.ranks, lambda: (final / "_config.json").is_file()):
             return final
+        if self.ranks.rank == 0:
+            self._build(final, config, build)
+        elif every_rank:
+            with tempfile.TemporaryDirectory(prefix=f"unbackdoor-rank{self.ranks.rank}-") as scratch:
+                build(Path(scratch))
+        self.ranks.barrier()  # rank 0's entry is in place before any rank reads it
+        return final
+
+    def _build(self, final: Path, config: Any, build: Callable[[Path], None]) -> None:
+        """``build`` into a temporary sibling of ``final``, then rename it into place."""
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
         try:
@@ -87,13 +112,12 @@ class StageCache:
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return final
 
     def load_json(self, stage: str, config: Any) -> Any | None:
-        """A cached JSON result, or None."""
+        """A cached JSON result, or None (the same answer on every rank)."""
         file = self.path(stage, config) / "result.json"
-        return json.loads(file.read_text()) if file.is_file() else None
+        return agree(self.ranks, lambda: json.loads(file.read_text()) if file.is_file() else None)
 
     def save_json(self, stage: str, config: Any, data: Any) -> None:
         """Cache a JSON result for ``stage`` and ``config``."""
-        self.get_or_build(stage, config, lambda tmp: atomic_write_json(tmp / "result.json", data))
+        self.get_or_build(stage, config, lambda tmp: atomic_write_json(tmp / "result.json", data), every_rank=False)

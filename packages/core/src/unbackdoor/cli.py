@@ -111,12 +111,15 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``unbackdoor run``: prints the markdown table at the end."""
+    """``unbackdoor run``: prints the markdown table at the end (under torchrun: rank 0 alone)."""
+    from .ranks import launched_rank
     from .report import markdown_table
     from .runner import run_experiment
 
     cfg = config_from_args(args)
     results = run_experiment(cfg)
+    if launched_rank() != 0:  # every rank ran the experiment; rank 0 wrote and reports it
+        return 0
     print(markdown_table(results))
     print(f"\nwrote {Path(cfg.out) / 'results.json'} and results.md")
     return 0

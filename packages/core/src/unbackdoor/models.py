@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,12 @@ from pathlib import Path
 from .cache import default_cache_dir
 from .errors import ConfigError, UnknownNameError
 from .paths import exists, user_path
+from .ranks import launched_rank
 
 # Converters that turn a GGUF file into a HF safetensors directory, tried in order.
 GGUF_CONVERTERS = ("unbackdoor_torch.convert:convert_gguf",)
+#: how long a rank other than 0 of a torchrun launch waits for rank 0 to convert a named model (seconds)
+CONVERSION_WAIT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,21 @@ def _named(name: str, info: NamedModel, cache_dir: Path) -> Path:
         return check_model_dir(source)
     target = cache_dir / "models" / name
     if not (target / "model.safetensors").is_file():
-        _converter()(source, target)
+        if launched_rank() != 0:  # under torchrun rank 0 converts (atomically); the others wait, writing nothing
+            _wait_for(target / "model.safetensors", f"model {name!r}")
+        else:
+            _converter()(source, target)
     return target
+
+
+def _wait_for(file: Path, what: str, timeout: float = CONVERSION_WAIT_S) -> None:
+    """Return once ``file`` exists (rank 0 writes it); a ConfigError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not file.is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{what}: rank {launched_rank()} waited {timeout:.0f} s for rank 0 to write "
+                              f"{str(file)!r}; every rank needs the same cache directory (cache_dir)")
+        time.sleep(1.0)
 
 
 def _converter() -> Callable[[Path, Path], None]:

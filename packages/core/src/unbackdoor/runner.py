@@ -3,6 +3,10 @@
 Every stage is cached under a hash of its config (``StageCache``), so a
 second defense reuses the poisoned model and a killed run resumes where it
 stopped. Results land in the output directory only at the end, atomically.
+
+Under ``torchrun`` (:mod:`unbackdoor.ranks`) every rank runs every stage (training data-parallel,
+evaluating the same rows alike) and rank 0 alone writes ``run.json``, the cache entries, the results
+and the plots, and logs; the others read what it wrote.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .models import resolve_model
 from .plots import pca_2d
 from .plugins import PluginManager, get_plugin_manager
 from .preflight import check_run_inputs, record_run, resume_config
+from .ranks import check_batch_sizes, ranks_of
 from .report import markdown_table, with_intervals
 from .specs import CrossEntropy
 
@@ -172,6 +177,7 @@ class Experiment:
     def __init__(self, plan: Plan, backend: Backend, cache: StageCache, log: Callable[[str], None] = print) -> None:
         self.plan, self.backend, self.cache, self.log = plan, backend, cache, log
         self.cfg = plan.cfg
+        self.ranks = cache.ranks  # rank 0 writes the report; every rank runs every stage
         self.timings: dict[str, float] = {}
 
     # -- stage keys -------------------------------------------------------------------------------
@@ -385,8 +391,10 @@ class Experiment:
             rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, victim, data_setting)))
         self.timings["total"] = round(time.perf_counter() - start, 1)
         results = self._results(rows)
-        write_results(Path(self.cfg.out), results)
-        self._plots(results)
+        if self.ranks.rank == 0:  # every rank holds the same results; one writes them
+            write_results(Path(self.cfg.out), results)
+            self._plots(results)
+        self.ranks.barrier()  # the report exists when any rank returns
         return results
 
     def _plots(self, results: dict[str, Any]) -> None:
@@ -418,7 +426,8 @@ class Experiment:
                 "poison": dataclasses.asdict(p.poison), "rows": [with_intervals(row, data) for row in rows],
                 "timings_s": self.timings, "data": data,
                 "versions": versions(), "platform": platform.platform(), "python": platform.python_version(),
-                "device": getattr(self.backend, "device_name", "unknown")}  # an optional backend attribute
+                "device": getattr(self.backend, "device_name", "unknown"),  # an optional backend attribute
+                "world_size": self.ranks.world_size}
 
 
 def versions() -> dict[str, str]:
@@ -443,20 +452,36 @@ def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
     """Python API: plan and check (validating everything), record the run, then run and write the report.
 
     Finished stages come from the cache, so calling this again with the same config after a crash (or
-    :func:`resume_experiment`) resumes the run.
+    :func:`resume_experiment`) resumes the run. Under ``torchrun`` every rank calls this; rank 0 alone
+    records, writes and logs (``log`` is not called on the other ranks), and every rank returns the results.
     """
     the_plan = plan(cfg, pm)
     cfg = the_plan.cfg
     pm = pm or get_plugin_manager()
     backend = pm.backend(the_plan.backend_name).create()
+    ranks = ranks_of(backend, the_plan.backend_name)
+    check_batch_sizes(_batch_sizes(cfg), ranks.world_size)
     for knob in ("precision", "gradient_checkpointing"):  # the backends' runtime settings (memory, speed)
         if hasattr(backend, knob):
             setattr(backend, knob, getattr(cfg, knob))
     cfg, out, _ = check_run_inputs(cfg, any(d.uses_teacher for d in (*the_plan.defenses, *the_plan.clean)))
     the_plan = dataclasses.replace(the_plan, cfg=cfg)
-    record_run(cfg, out)
-    cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
-    return Experiment(the_plan, backend, cache, log).run()
+    if ranks.rank == 0:
+        record_run(cfg, out)
+    cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), ranks)
+    return Experiment(the_plan, backend, cache, log if ranks.rank == 0 else _silent).run()
+
+
+def _batch_sizes(cfg: ExperimentConfig) -> dict[str, int]:
+    """The run's global batch sizes by option (a defense's own, e.g. w2s's teacher batch, is checked as it trains)."""
+    user = {"user_batch_size (--user-batch-size)": cfg.user_batch_size}
+    if cfg.setting == "data":  # no attacker stage
+        return user
+    return {"attacker_batch_size (--attacker-batch-size)": cfg.attacker_batch_size, **user}
+
+
+def _silent(line: str) -> None:
+    """The log of the ranks other than 0: one copy of the log, not one per process."""
 
 
 def resume_experiment(out: str | Path, pm: PluginManager | None = None, log: Callable[[str], None] = print,

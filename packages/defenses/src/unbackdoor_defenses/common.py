@@ -38,7 +38,8 @@ def derived_dir(ctx: DefenseContext, defense: Defense, stage: str, build: Callab
                 **extra: Any) -> tuple[Path, dict[str, Any]]:
     """A model directory made from the victim by ``build(tmp_dir) -> stats``, cached per victim, options and data.
 
-    Returns the directory and ``build``'s stats (kept in ``STATS_FILE`` for cache hits).
+    Returns the directory and ``build``'s stats (kept in ``STATS_FILE`` for cache hits). Under torchrun
+    ``build`` runs on rank 0 alone (the others wait and read its directory), so it must not train.
     """
     key = {**ctx.cache_key, "victim": str(ctx.victim_path), "defense": defense.name, "options": fields_of(defense),
            "rows": len(ctx.clean_train), **extra}
@@ -46,7 +47,7 @@ def derived_dir(ctx: DefenseContext, defense: Defense, stage: str, build: Callab
     def write(tmp: Path) -> None:
         atomic_write_json(tmp / STATS_FILE, build(tmp))
 
-    path = ctx.cache.get_or_build(stage, key, write)
+    path = ctx.cache.get_or_build(stage, key, write, every_rank=False)
     return path, json.loads((path / STATS_FILE).read_text())
 
 

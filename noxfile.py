@@ -1,4 +1,4 @@
-"""Sessions: ``tests`` (per backend), ``parity``, ``demo``, ``bench`` and ``lint``.
+"""Sessions: ``tests`` (per backend), ``parity``, ``demo``, ``bench``, ``device-bundle``, ``device-check`` and ``lint``.
 
 ``nox -s tests`` is what CI runs (through ``.ci/run``); every session installs
 what it needs into its own virtualenv, so a fresh machine needs only nox.
@@ -64,6 +64,25 @@ def bench(session: nox.Session) -> None:
     """Real-model benchmarks into benchmarks/results/: ``nox -s bench -- w2s`` (see benchmarks/run.py BENCHMARKS)."""
     install(session, "jax", models=True)  # the jax set includes torch
     session.run("python", "benchmarks/run.py", *(session.posargs or ["w2s"]))
+
+
+@nox.session(name="device-bundle", python=PYTHON)
+def device_bundle(session: nox.Session) -> None:
+    """The GPU device check's bundle in build/device-bundle (our wheels, SST-2, model configs and tokenizers, the
+    timed step's batch; no weights): carry it to the machine, run ``benchmarks/device_check.py --run`` there
+    (docs/scaling.md). Posargs go to ``device_check.py`` after ``--bundle build/device-bundle``."""
+    install(session, "jax", models=True)
+    session.install("setuptools>=68", "wheel")  # the wheels are built without build isolation (offline-safe)
+    session.run("python", "benchmarks/device_check.py", "--bundle", "build/device-bundle", *session.posargs,
+                env={"UNBACKDOOR_QUIET": "1"})
+
+
+@nox.session(name="device-check", python=PYTHON)
+def device_check(session: nox.Session) -> None:
+    """The device check here: ``nox -s device-check -- --cpu`` runs it end to end on the CPU with tiny random
+    models at reduced sizes (~2 min); posargs go to ``benchmarks/device_check.py`` (default ``--cpu``)."""
+    install(session, "jax")
+    session.run("python", "benchmarks/device_check.py", *(session.posargs or ["--cpu"]), env={"UNBACKDOOR_QUIET": "1"})
 
 
 @nox.session(python=PYTHON)

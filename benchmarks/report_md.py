@@ -122,6 +122,10 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
                 f"| jax ({t['jax']['devices']}) | {t['jax']['first_step_s']:.3f} | {t['jax']['compile_s']:.3f} | "
                 f"{t['jax']['step_s']:.3f} |",
                 "", f"jax / torch step time: **{t['ratio_jax_over_torch']:.2f}x** (goal <= 1.0x)."]
+    if "precision_steps" in data:
+        import precision
+
+        out += ["", "## Step time and memory, fp32 vs bf16", "", *precision.table(data["precision_steps"])]
     if results:
         out += ["", *_summary(runs), ""]
         if len(results) > 1:  # the papers' shape: rows attack x defense, CA / ASR per dataset (mean over seeds)

@@ -125,13 +125,21 @@ WIDTH_MATCHED = round(0.001 * 4096 / 576, 4)
 
 
 def paper_reduced(seed: int) -> dict[str, dict[str, Any]]:
-    """`w2s-paper`'s rows at the reduced budget for one seed."""
+    """`w2s-paper`'s main rows at the reduced budget for one seed: no defense, fine-tuning alone, and W2S with
+    the paper's objective and with the released one."""
     e = PAPER_REDUCED
     return {
         f"reduced-none-seed{seed}": paper_run(e, seed, "none"),
         f"reduced-finetune-seed{seed}": paper_run(e, seed, "finetune"),
         f"reduced-w2s-pooled-seed{seed}": paper_run(e, seed),
         f"reduced-w2s-released-seed{seed}": paper_run(e, seed, **RELEASED),
+    }
+
+
+def paper_ablations(seed: int) -> dict[str, dict[str, Any]]:
+    """`w2s-paper`'s ablations at the reduced budget for one seed: the alignment, its weight, the rank."""
+    e = PAPER_REDUCED
+    return {
         f"reduced-w2s-tokens-seed{seed}": paper_run(e, seed, **{**RELEASED, "alignment": "tokens"}),
         f"reduced-w2s-released-gamma-{WIDTH_MATCHED:g}-seed{seed}": paper_run(e, seed, **{**RELEASED,
                                                                                         "gamma": WIDTH_MATCHED}),
@@ -299,7 +307,8 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     }),
     # W2SDefense in its own setting (weight poisoning) at the released script's budget and objective: the full
     # budget (6,120 rows x 5 epochs, r=512, ~45 min a run in bf16 on 2 cores) for none / released / pooled, then
-    # every row at the reduced budget (1 epoch) over 3 seeds
+    # the main rows at the reduced budget (1 epoch) over 3 seeds, InSent, and the ablations (in priority order:
+    # a partial run keeps the first ones)
     "w2s-paper": ("W2SDefense in its own setting (weight poisoning, SST-2 BadNet, SmolLM2-135M): the released "
                   "script's budget and objective (`--config w2s-paper`) vs the paper's text", {
         "full-none": paper_run(5.0, defense="none"),
@@ -310,6 +319,8 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "insent-reduced-none-seed0": dict(paper_run(PAPER_REDUCED, defense="none"), attack="insent"),
         "insent-reduced-w2s-released-seed0": dict(paper_run(PAPER_REDUCED, **RELEASED), attack="insent"),
         "insent-reduced-w2s-pooled-seed0": dict(paper_run(PAPER_REDUCED), attack="insent"),
+        # then the ablations, seed 0 first
+        **{label: run for seed in (0, 1, 2) for label, run in paper_ablations(seed).items()},
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,
@@ -331,6 +342,12 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "torch-default": dict(DEFAULTS, backend="torch", clean_baseline=False),
         "jax-default": dict(DEFAULTS, backend="jax", clean_baseline=False),
     }),
+    # issue 22: bf16 (bf16 matmuls, an adapted model's frozen base held in bf16) vs fp32, the default experiment on
+    # each backend (the fp32 runs equal `jax`'s, cached), after precision.py's step time and memory
+    "precision": ("fp32 vs bf16: step time and memory of a LoRA and a W2S step, and the default experiment, on "
+                  "each backend (SmolLM2-135M)", {
+        f"{backend}-{precision}": dict(DEFAULTS, backend=backend, precision=precision, clean_baseline=False)
+        for backend in ("torch", "jax") for precision in ("fp32", "bf16")}),
 }
 
 
@@ -359,6 +376,11 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
         from step_time import measure
 
         data["step_time"] = measure(cache)
+        write()
+    if name == "precision":  # minutes, each case in its own process; before the runs, which take longer
+        import precision
+
+        data["precision_steps"] = precision.measure(cache)
         write()
     unwritten = False  # kept runs since the last write
     for label, change in runs.items():
@@ -432,17 +454,34 @@ def merge(name: str, file: Path) -> None:
     print(f"{name}: added {', '.join(added) or 'no run'} from {file}")
 
 
+def merge_device(file: Path) -> int:
+    """``--merge FILE``: the device check in ``file`` into ``results/device.{json,md}`` (2 and a message if
+    ``file`` is missing or no device check)."""
+    from device_report import DeviceReportError, merge
+
+    try:
+        label = merge(file, RESULTS)
+    except DeviceReportError as exc:
+        print(f"run.py --merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"device: recorded {label!r} from {file} in {RESULTS / 'device.md'}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`.
 
     ``--render SUITE...``: re-render only. ``--keep SUITE...``: keep the runs a suite's JSON already holds.
     ``--merge SUITE FILE``: add the runs a copy of the suite's JSON made elsewhere (a GPU machine running
-    ``--keep SUITE`` on this checkout) holds and ours lacks.
+    ``--keep SUITE`` on this checkout) holds and ours lacks. ``--merge FILE``: record a device check's JSON
+    (``device_check.py``) in ``results/device.json`` and ``results/device.md``.
     """
     if argv[:1] in (["-h"], ["--help"]):
-        print(f"usage: run.py [--keep | --render | --merge SUITE FILE] [SUITE...]\n{main.__doc__}\n"
+        print(f"usage: run.py [--keep | --render | --merge [SUITE] FILE] [SUITE...]\n{main.__doc__}\n"
               f"suites: {', '.join(BENCHMARKS)}")
         return 0
+    if argv[:1] == ["--merge"] and len(argv) == 2:
+        return merge_device(Path(argv[1]))
     if argv[:1] == ["--merge"]:
         if len(argv) != 3 or argv[1] not in SUITES or not Path(argv[2]).is_file():
             print(f"--merge takes a suite name and a JSON file of it; suites: {', '.join(SUITES)}", file=sys.stderr)

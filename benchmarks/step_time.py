@@ -5,12 +5,18 @@ the full width and no backend pads differently), LoRA r=8 on q_proj/v_proj, fp32
 rate, and the same cached teacher outputs (random, fixed seed: the step's cost does not depend on
 their values). Each backend runs ``WARMUP`` steps first (for jax the first one compiles: its time
 is the compile time, reported separately), then ``STEPS`` timed steps; the median step is reported.
+
+``torch_steps`` and ``jax_steps`` also take another batch, precision, device, loss, LoRA and step counts: the
+device check (``device_check.py``) times the bf16 step on a GPU with them, ``precision.py`` compares fp32 with
+bf16. Each also reports the bytes the model's parameters hold and the peak memory of its timed steps.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ import numpy as np
 
 from unbackdoor.data import load_dataset
 from unbackdoor.models import resolve_model
-from unbackdoor.specs import LoRASpec, TrainSpec, W2SLoss
+from unbackdoor.specs import LoRASpec, LossSpec, TrainSpec, W2SLoss
 
 BATCH, MAX_LEN, WARMUP, STEPS = 16, 48, 2, 10
 LOSS = W2SLoss(1.0, 0.2, 0.2, 2.0)
@@ -40,6 +46,51 @@ def _batch(encoder: Any, hidden_size: int) -> dict[str, np.ndarray]:
             "teacher_hidden": rng.normal(size=(BATCH, hidden_size)).astype(np.float32)}
 
 
+def packed(train: Any, encoder: Any, rows: int, length: int) -> tuple[list[str], np.ndarray]:
+    """``rows`` texts of consecutive SST-2 rows joined until each has ``length`` tokens; each keeps its first
+    row's label."""
+    texts, labels, i = [], [], 0
+    while len(texts) < rows:
+        if i >= len(train.texts):
+            raise ValueError(f"SST-2 train has too few rows to pack {rows} rows of {length} tokens")
+        parts, label = [], int(train.labels[i])
+        while len(encoder.encode([" ".join(parts)], length + 1)[0]) <= length and i < len(train.texts):
+            parts.append(train.texts[i])
+            i += 1
+        texts.append(" ".join(parts))
+        labels.append(label)
+    return texts, np.asarray(labels, np.int64)
+
+
+def packed_batch(encoder: Any, hidden_size: int, rows: int, length: int) -> dict[str, np.ndarray]:
+    """``rows`` x ``length`` tokens of packed SST-2 rows (no padding) with random teacher outputs."""
+    texts, labels = packed(load_dataset("sst2").train, encoder, rows, length)
+    ids = np.stack(encoder.encode(texts, length)).astype(np.int64)
+    rng = np.random.default_rng(0)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+            "teacher_logits": rng.normal(size=(rows, 2)).astype(np.float32),
+            "teacher_hidden": rng.normal(size=(rows, hidden_size)).astype(np.float32)}
+
+
+def _host_peak_mb() -> float | None:
+    """This process's peak resident memory (Linux ``VmHWM``), None where /proc does not tell."""
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+def host_peak_window() -> Callable[[], float | None]:
+    """Start a new peak-memory window for the host (Linux: ``clear_refs`` 5 resets ``VmHWM``); the returned
+    function reads the peak since (None where the kernel does not allow it)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return lambda: None
+    return _host_peak_mb
+
+
 def _timed(step: Any, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -49,29 +100,53 @@ def _timed(step: Any, n: int) -> list[float]:
     return times
 
 
-def torch_steps(path: Path) -> dict[str, Any]:
-    """Median seconds per torch step (``unbackdoor_torch.train.train_step``)."""
+def _summary(step: Any, warmup: int, steps: int) -> dict[str, Any]:
+    """``warmup`` steps (the first one's time kept), then the median of ``steps`` timed ones."""
+    warm = _timed(step, warmup)
+    median = statistics.median(_timed(step, steps))
+    return {"first_step_s": warm[0], "compile_s": warm[0] - median, "step_s": median}
+
+
+def torch_steps(path: Path, batch: dict[str, np.ndarray] | None = None, precision: str = "fp32",
+                device: str = "cpu", warmup: int = WARMUP, steps: int = STEPS, loss: LossSpec = LOSS,
+                lora: LoRASpec = LORA) -> dict[str, Any]:
+    """Median seconds per torch step (``unbackdoor_torch.train.train_step``) on ``device``.
+
+    ``batch``: input_ids, attention_mask, labels, teacher_logits, teacher_hidden (default: :func:`_batch`'s).
+    Each step reads its loss back (``float``), so it has finished on a GPU when its time is taken. The
+    backend's precision is set before LoRA is added, so in bf16 the frozen weights are held in bf16.
+    """
     import torch
 
     from unbackdoor_torch.backend import TorchBackend
     from unbackdoor_torch.train import make_optimizer, to_tensors, train_step
 
-    backend = TorchBackend("cpu")
-    model = backend.add_lora(backend.load_classifier(path, 2, seed=0), LORA, seed=0)
-    batch = to_tensors(_batch(model.encoder, backend.hidden_size(model)), torch.device("cpu"))
+    backend = TorchBackend(device)
+    backend.precision = precision
+    model = backend.add_lora(backend.load_classifier(path, 2, seed=0), lora, seed=0)
+    arrays = _batch(model.encoder, backend.hidden_size(model)) if batch is None else batch
+    tensors = to_tensors(arrays, torch.device(device))
     optimizer = make_optimizer(model.module, SPEC)
     model.module.train()
 
     def step() -> None:
-        train_step(model.module, optimizer, LOSS, batch, "fp32")
+        train_step(model.module, optimizer, loss, tensors, precision)
 
-    warm = _timed(step, WARMUP)
-    times = _timed(step, STEPS)
-    return {"first_step_s": warm[0], "step_s": statistics.median(times), "threads": torch.get_num_threads()}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    peak = (lambda: torch.cuda.max_memory_allocated() / 2**20) if cuda else host_peak_window()
+    out = _summary(step, warmup, steps)
+    del out["compile_s"]  # eager: nothing compiles
+    held = sum(p.numel() * p.element_size() for p in model.module.parameters()) / 2**20
+    return {**out, "threads": torch.get_num_threads(), "device": backend.device_name, "precision": precision,
+            "weights_mb": held, "peak_mb": peak(), "peak_of": "CUDA allocated" if cuda else "host resident"}
 
 
-def jax_steps(path: Path) -> dict[str, Any]:
-    """Median seconds per jax step (``unbackdoor_jax.train.train_step``, one jitted function) and compile time."""
+def jax_steps(path: Path, batch: dict[str, np.ndarray] | None = None, precision: str = "fp32",
+              warmup: int = WARMUP, steps: int = STEPS, loss: LossSpec = LOSS, lora: LoRASpec = LORA) -> dict[str, Any]:
+    """Median seconds per jax step (``unbackdoor_jax.train.train_step``, one jitted function) and compile time,
+    on jax's default device; ``batch`` as for :func:`torch_steps`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -80,24 +155,28 @@ def jax_steps(path: Path) -> dict[str, Any]:
     from unbackdoor_jax.train import DTYPES, adamw, device_batch, train_step, trainable_filter
 
     backend = JaxBackend()
-    model = backend.add_lora(backend.load_classifier(path, 2, seed=0), LORA, seed=0)
-    arrays = _batch(model.encoder, backend.hidden_size(model))
-    arrays["weight"] = np.ones(BATCH, np.float32)
-    batch = device_batch(arrays)
+    backend.precision = precision
+    model = backend.add_lora(backend.load_classifier(path, 2, seed=0), lora, seed=0)
+    arrays = dict(_batch(model.encoder, backend.hidden_size(model)) if batch is None else batch)
+    arrays["weight"] = np.ones(len(arrays["labels"]), np.float32)
+    tensors = device_batch(arrays)
     graphdef, trainable, frozen = nnx.split(model.module, trainable_filter(model.module), ...)
     state = {"trainable": trainable, "opt": adamw(SPEC.lr, SPEC.weight_decay).init(trainable)}
     key, lr = jax.random.key(0, impl="rbg"), jnp.float32(SPEC.lr)
 
     def step() -> None:
-        out = train_step(graphdef, LOSS, SPEC.weight_decay, DTYPES["fp32"], state["trainable"], frozen, state["opt"],
-                         batch, lr, key)
+        out = train_step(graphdef, loss, SPEC.weight_decay, DTYPES[precision], state["trainable"], frozen,
+                         state["opt"], tensors, lr, key)
         state["trainable"], state["opt"] = out[0], out[1]
         jax.block_until_ready(out[2])
 
-    warm = _timed(step, WARMUP)
-    times = _timed(step, STEPS)
-    median = statistics.median(times)
-    return {"first_step_s": warm[0], "compile_s": warm[0] - median, "step_s": median, "devices": str(jax.devices())}
+    accelerator = jax.devices()[0].platform != "cpu"
+    peak = (lambda: (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**20) if accelerator \
+        else host_peak_window()
+    out = _summary(step, warmup, steps)
+    held = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.module))) / 2**20
+    return {**out, "devices": str(jax.devices()), "device": backend.device_name, "precision": precision,
+            "weights_mb": held, "peak_mb": peak(), "peak_of": "device peak in use" if accelerator else "host resident"}
 
 
 def measure(cache: Path) -> dict[str, Any]:

@@ -9,11 +9,13 @@ values 1e-5 relative (losses against float64 NumPy); LoRA and head
 gradients 1e-4 absolute; adapter weights after 3 AdamW steps 1e-4
 absolute; real models' logits 1e-3 absolute. Matmuls run at full fp32
 precision (jax "highest", torch's CPU default). A failure names the first
-diverging tensor.
+diverging tensor. Torch runs on the CPU unless ``UNBACKDOOR_TEST_TORCH_DEVICE`` names another device (the
+device check, ``benchmarks/device_check.py``, sets ``cuda``; jax takes its default device either way).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -56,6 +58,8 @@ W2S = W2SLoss(alpha=1.0, beta=0.5, gamma=2.0, temperature=2.0)
 RELEASED = W2SLoss(alpha=5.0, beta=0.5, gamma=0.05, temperature=2.0, alignment="released", reduce="sum")
 TOKENS = W2SLoss(alpha=1.0, beta=0.5, gamma=2.0, temperature=2.0, alignment="tokens")
 MAX_LENGTH = 32
+#: where torch runs (``UNBACKDOOR_TEST_TORCH_DEVICE``, default cpu)
+TORCH_DEVICE = torch.device(os.environ.get("UNBACKDOOR_TEST_TORCH_DEVICE") or "cpu")
 
 
 # ---------------------------------------------------------------- the comparator
@@ -103,7 +107,7 @@ def full_fp32_matmuls() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def backends() -> tuple[JaxBackend, TorchBackend]:
-    return JaxBackend(), TorchBackend("cpu")
+    return JaxBackend(), TorchBackend(str(TORCH_DEVICE))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +127,7 @@ def _peft_name(name: str) -> str:
 
 
 def torch_adapter(model, grads: bool = False) -> dict[str, np.ndarray]:
-    return {_peft_name(n): (p.grad if grads else p).detach().numpy().copy()
+    return {_peft_name(n): (p.grad if grads else p).detach().cpu().numpy().copy()
             for n, p in model.module.named_parameters() if "lora_" in n}
 
 
@@ -159,13 +163,13 @@ def test_fresh_models_start_from_the_same_numbers(backends, tiny_dirs, arch, pro
     for b, m in fresh:
         b.add_lora(m, LoRASpec(rank=4, target_modules=("all-linear",)), seed=7)
     (_, jm), (_, tm) = fresh
-    torch_head = {k: v.numpy() for k, v in tm.module.state_dict().items() if not k.startswith("backbone.")}
+    torch_head = {k: v.cpu().numpy() for k, v in tm.module.state_dict().items() if not k.startswith("backbone.")}
     assert_tree_close({**jb.export_adapter(jm), **head_tensors(jm.module)}, {**torch_adapter(tm), **torch_head}, atol=0)
     assert len(torch_adapter(tm)) > 4 and np.abs(torch_head["classifier.weight"]).max() > 0
     prompts = [b.load_classifier(tiny_dirs[arch], 2, seed=7) for b in backends]
     for b, m in zip(backends, prompts, strict=True):
         b.add_adapter(m, PromptSpec("prompt-tuning", 3), seed=9)
-    (torch_prompt,) = [p.detach().numpy() for n, p in prompts[1].module.named_parameters() if "prompt_encoder" in n]
+    (torch_prompt,) = [p.detach().cpu().numpy() for n, p in prompts[1].module.named_parameters() if "prompt_encoder" in n]
     assert_tree_close({"prompt": np.asarray(prompts[0].module.prompt[...])}, {"prompt": torch_prompt}, atol=0)
 
 
@@ -234,7 +238,7 @@ def test_loss_values_match_numpy_and_torch(spec) -> None:
          "teacher_hidden": rng.normal(size=(6, 10)), "reset_labels": rng.integers(0, 3, 6)}
     expected = ref.reference_loss(spec, v, v)
     f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
-    t = to_tensors(f32, torch.device("cpu"))
+    t = to_tensors(f32, TORCH_DEVICE)
     torch_value = float(torch_losses.per_example_loss(spec, t["logits"], t["hidden"], t).mean())
 
     def jax_loss(logits, hidden):
@@ -262,7 +266,7 @@ def test_token_alignment_values_and_gradients_match_numpy_and_torch(spec) -> Non
     expected = ref.reference_loss(spec, v, v)
     want = ref.w2s_grads(spec, v["logits"], v["labels"], v["teacher_logits"], v["hidden"], v["teacher_hidden"], mask)
     f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
-    t = to_tensors(f32, torch.device("cpu"))
+    t = to_tensors(f32, TORCH_DEVICE)
     logits, hidden = t["logits"].requires_grad_(True), t["hidden"].requires_grad_(True)
     torch_value = torch_losses.batch_objective(spec, None, logits, hidden, t)
     torch_value.backward()
@@ -272,8 +276,8 @@ def test_token_alignment_values_and_gradients_match_numpy_and_torch(spec) -> Non
         lambda z, h: jax_losses.batch_objective(spec, None, z, h, batch), argnums=(0, 1))(batch["logits"], batch["hidden"])
     assert float(jax_value) == pytest.approx(expected, rel=1e-5)
     assert float(torch_value.detach()) == pytest.approx(expected, rel=1e-5)
-    assert_tree_close({"jax d_logits": jax_grads[0], "jax d_states": jax_grads[1], "torch d_logits": logits.grad.numpy(),
-                       "torch d_states": hidden.grad.numpy()},
+    assert_tree_close({"jax d_logits": jax_grads[0], "jax d_states": jax_grads[1],
+                       "torch d_logits": logits.grad.cpu().numpy(), "torch d_states": hidden.grad.cpu().numpy()},
                       {"jax d_logits": want[0], "jax d_states": want[1], "torch d_logits": want[0],
                        "torch d_states": want[1]}, atol=1e-6)
     filled = jax_train.fill_batch({**f32, "input_ids": np.ones((3, 5), np.int64), "index": np.arange(3)}, 4, 32,
@@ -292,7 +296,7 @@ def test_unlearning_losses_match_numpy_and_torch(spec) -> None:
     v = {"logits": rng.normal(size=(6, 3)) * 3, "labels": rng.integers(0, 3, 6), "ref_logits": rng.normal(size=(6, 3)),
          "is_poisoned": np.array([1.0, 0, 1, 0, 0, 1]), "weight": np.ones(6)}
     f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
-    t = to_tensors(f32, torch.device("cpu"))
+    t = to_tensors(f32, TORCH_DEVICE)
     logits = t["logits"].requires_grad_(True)
     torch_value = torch_losses.batch_objective(spec, None, logits, None, t)
     torch_value.backward()
@@ -302,7 +306,7 @@ def test_unlearning_losses_match_numpy_and_torch(spec) -> None:
     assert float(jax_value) == pytest.approx(ref.reference_loss(spec, v, v), rel=1e-5)
     assert float(torch_value.detach()) == pytest.approx(ref.reference_loss(spec, v, v), rel=1e-5)
     want = ref.unlearning_grads(spec, v["logits"], v["labels"], v["is_poisoned"], v["ref_logits"])
-    assert_tree_close({"jax": jax_grad, "torch": logits.grad.numpy()}, {"jax": want, "torch": want}, atol=1e-6)
+    assert_tree_close({"jax": jax_grad, "torch": logits.grad.cpu().numpy()}, {"jax": want, "torch": want}, atol=1e-6)
 
 
 # ---------------------------------------------------------------- gradients and optimiser steps
@@ -328,15 +332,15 @@ def _jax_grads(model, batch, spec=W2S, full: bool = False, max_length: int = MAX
 
 
 def _torch_grads(model, batch, spec=W2S, full: bool = False) -> tuple[float, dict[str, np.ndarray]]:
-    t = to_tensors({k: v for k, v in batch.items() if k != "index"}, torch.device("cpu"))
+    t = to_tensors({k: v for k, v in batch.items() if k != "index"}, TORCH_DEVICE)
     model.module.zero_grad()
     logits, hidden = model.module(t["input_ids"], t["attention_mask"], tokens=reads_token_states(spec))
     value = torch_losses.batch_objective(spec, model.module, logits, hidden, t)
     value.backward()
     if full:
-        return float(value.detach()), {n.removeprefix("backbone."): p.grad.numpy().copy()
+        return float(value.detach()), {n.removeprefix("backbone."): p.grad.cpu().numpy().copy()
                                        for n, p in model.module.named_parameters()}
-    head = {n: p.grad.numpy().copy() for n, p in model.module.named_parameters() if n.startswith("classifier.")}
+    head = {n: p.grad.cpu().numpy().copy() for n, p in model.module.named_parameters() if n.startswith("classifier.")}
     return float(value.detach()), {**torch_adapter(model, grads=True), **head}
 
 
@@ -380,7 +384,7 @@ def test_three_adamw_w2s_steps_match_torch(backends, tiny_dirs, rows, loss, batc
     assert stats[0].steps == stats[1].steps == 3
     np.testing.assert_allclose(stats[0].losses, stats[1].losses, rtol=1e-5)
     jax_head = head_tensors(jm.module)
-    torch_head = {n: p.detach().numpy() for n, p in tm.module.named_parameters() if n.startswith("classifier.")}
+    torch_head = {n: p.detach().cpu().numpy() for n, p in tm.module.named_parameters() if n.startswith("classifier.")}
     assert_tree_close({**backends[0].export_adapter(jm), **jax_head}, {**torch_adapter(tm), **torch_head}, atol=1e-4)
 
 

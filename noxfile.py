@@ -13,7 +13,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 PYTHON = "3.11"
-CORE = ["-e", "packages/core[yaml,plots]", "-e", "packages/attacks", "-e", "packages/defenses"]
+CORE = ["-e", "packages/core[yaml,plots]", "-e", "packages/attacks", "-e", "packages/defenses[cube]"]
 # Pin torch so pip takes the CPU wheel this machine serves instead of a multi-GB CUDA build.
 TORCH = ["torch==2.13.0", "transformers>=4.56", "peft>=0.13", "gguf>=0.10", "accelerate>=0.30"]
 BACKENDS = {

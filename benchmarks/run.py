@@ -348,6 +348,18 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                   "each backend (SmolLM2-135M)", {
         f"{backend}-{precision}": dict(DEFAULTS, backend=backend, precision=precision, clean_baseline=False)
         for backend in ("torch", "jax") for precision in ("fp32", "bf16")}),
+    # issue 24: CUBE (the RGA authors' detector) on rga-10's victims, settings and seeds (victims, ReTrain, RGA and
+    # psim+rga come from rga-10's cache; SST-2 BadNet's RGA from rga-variants'): cube+rga next to psim+rga and RGA
+    # with the poisoned rows known, then cube+retrain (a full fine-tune, last)
+    "cube": ("CUBE (UMAP + HDBSCAN on the victim's hidden states) vs PSIM as the detector of detect-then-unlearn, "
+             "rga-10's grid: SST-2 BadNet, InSent, style, syntactic, HSOL BadNet, InSent; 3 seeds", {
+        f"{dataset}-{attack}-seed{seed}": unlearning_10(
+            seed, dataset=dataset, attack=attack, defenses=("retrain", "rga", "psim+rga", "cube+rga", "cube+retrain"),
+            **({"poison_rate": 0.09 if seed < 2 else 0.085} if attack == "syntactic" else {}))
+        for seed in (0, 1, 2)
+        for dataset, attack in (("sst2", "badnet"), ("sst2", "insent"), ("sst2", "style"), ("sst2", "syntactic"),
+                                ("hsol", "badnet"), ("hsol", "insent"))},
+    ),
 }
 
 

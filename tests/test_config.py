@@ -446,7 +446,7 @@ def test_run_help_shows_groups_help_and_choices(capsys: pytest.CaptureFixture[st
         assert group in out
     assert "--backend BACKEND the training backend" in out and "Choose from: jax, torch." in out
     assert "Choose from: weight, data. (default: weight)" in out and "Choose from: fp32, bf16." in out
-    assert "Choose from: backtranslate, finetune, ga," in out  # --defenses: the registered defenses
+    assert "Choose from: backtranslate, cube, cube+retrain, cube+rga, finetune, ga," in out  # --defenses: registered
     assert "``" not in out and "default: None" not in out
 
 

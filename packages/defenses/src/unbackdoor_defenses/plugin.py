@@ -5,6 +5,7 @@ from __future__ import annotations
 from unbackdoor.defense import Defense
 from unbackdoor.hookspecs import hookimpl
 
+from .cube import Cube, CubeRetrain, CubeRGA
 from .finetune import NoDefense
 from .merge import Merge
 from .onion import Onion
@@ -21,6 +22,7 @@ from .w2s import W2SDefense
 @hookimpl
 def unbackdoor_defenses() -> list[Defense]:
     """``none``, ``w2s``, ``psim``, the baselines (``onion``, ``strip``, ``finetune``, ``prune``, ``quantize``,
-    ``merge``, ``backtranslate``, ``scpd``) and unlearning (``rga``, ``ga``, ``npo``, ``retrain``, ``psim+rga``)."""
+    ``merge``, ``backtranslate``, ``scpd``), unlearning (``rga``, ``ga``, ``npo``, ``retrain``, ``psim+rga``) and
+    CUBE (``cube``, ``cube+rga``, ``cube+retrain``)."""
     return [NoDefense(), W2SDefense(), PSIM(), Onion(), Strip(), FullFineTune(), FinePrune(), Quantize(), Merge(),
-            BackTranslate(), SCPD(), RGA(), GA(), NPO(), Retrain(), PsimRGA()]
+            BackTranslate(), SCPD(), RGA(), GA(), NPO(), Retrain(), PsimRGA(), Cube(), CubeRGA(), CubeRetrain()]

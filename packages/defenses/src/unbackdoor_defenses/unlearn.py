@@ -240,15 +240,19 @@ class Retrain(Defense):
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)
+        return self.retrain(ctx, data, data.poisoned)
+
+    def retrain(self, ctx: DefenseContext, data: TextDataset, removed: np.ndarray) -> DefenseOutcome:
+        """The clean base model fine-tuned like the victim on ``data`` less the rows where ``removed`` is True."""
         if ctx.student_path is None or ctx.attacker_spec is None:
-            raise ConfigError("defense 'retrain' needs the clean base model and the attacker's training spec "
+            raise ConfigError(f"defense {self.name!r} needs the clean base model and the attacker's training spec "
                               "(DefenseContext.student_path, attacker_spec); the runner fills them")
-        clean = data.subset(np.flatnonzero(~data.poisoned), f"{data.name}[clean]")
+        removed = np.asarray(removed, bool)
+        clean = data.subset(np.flatnonzero(~removed), f"{data.name}[clean]")
         spec = ctx.attacker_spec
         model = ctx.backend.load_classifier(ctx.student_path, ctx.num_labels, seed=spec.seed)
-        stats = ctx.backend.train(model, clean, CrossEntropy(), spec, desc="retrain: full")
-        return DefenseOutcome(model, {"train": stats.summary(), "rows": len(clean),
-                                      "removed_rows": int(data.poisoned.sum())})
+        stats = ctx.backend.train(model, clean, CrossEntropy(), spec, desc=f"{self.name}: full")
+        return DefenseOutcome(model, {"train": stats.summary(), "rows": len(clean), "removed_rows": int(removed.sum())})
 
 
 @dataclass(frozen=True)
@@ -290,15 +294,21 @@ class PsimRGA(RGA):
         detector, psim_stats = self.psim().detector(ctx)
         scores = detector.score(data)
         flagged = scores > detector.threshold
-        quality = {**detection_scores(flagged, data.poisoned), "auroc": auroc(scores, data.poisoned)}
-        quality = {k: round(v, 4) for k, v in quality.items()}
         if not flagged.any():
             raise ConfigError(f"defense {self.name!r}: PSIM flagged none of the {len(data)} training rows at "
                               f"threshold {detector.threshold:.4g} (max score {scores.max():.3f}); lower psim_threshold")
         outcome = self.unlearn(ctx, data, flagged)
-        outcome.stats.update({**psim_stats, "detection": quality, "flagged_rows": int(flagged.sum()),
-                              "poisoned_rows": int(data.poisoned.sum()), "flagged_by_label": flags_by_label(data, flagged)})
+        outcome.stats.update({**psim_stats, **detection_stats(data, flagged, scores)})
         return outcome
+
+
+def detection_stats(data: TextDataset, flagged: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """How well a detector's flags and per-row scores find ``data``'s poisoned rows: ``detection`` (precision,
+    recall, F1 of the flags, AUROC of the scores), ``flagged_rows``, ``poisoned_rows``, ``flagged_by_label``."""
+    flagged = np.asarray(flagged, bool)
+    quality = {**detection_scores(flagged, data.poisoned), "auroc": auroc(scores, data.poisoned)}
+    return {"detection": {k: round(v, 4) for k, v in quality.items()}, "flagged_rows": int(flagged.sum()),
+            "poisoned_rows": int(data.poisoned.sum()), "flagged_by_label": flags_by_label(data, flagged)}
 
 
 def flags_by_label(data: TextDataset, flagged: np.ndarray) -> dict[str, dict[str, int]]:

@@ -227,7 +227,8 @@ def _step_batch(file: Path, sources: dict[str, tuple[str, Path]], rows: int, len
 
 
 def build_wheels(folder: Path) -> list[str]:
-    """Our five packages as wheels (pure Python), built from clean copies of ``packages/*``."""
+    """Our five packages as wheels (pure Python), built from clean copies of ``packages/*``, and the core's one
+    pure-Python dependency the device machine may lack (``array-api-compat``)."""
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         copies = []
@@ -235,7 +236,7 @@ def build_wheels(folder: Path) -> list[str]:
             copies.append(Path(tmp) / package.name)
             shutil.copytree(package, copies[-1], ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                        str(folder), *map(str, copies)], check=True)
+                        str(folder), *map(str, copies), "array-api-compat>=1.9"], check=True)
     return sorted(p.name for p in folder.glob("*.whl"))
 
 

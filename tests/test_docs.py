@@ -6,6 +6,7 @@ import re
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import unbackdoor.plugins
@@ -13,6 +14,8 @@ from unbackdoor import hookspecs
 from unbackdoor.attack import PoisonConfig
 from unbackdoor.backend import BackendInfo
 from unbackdoor.data import load_dataset
+from unbackdoor.lossdef import LossInfo
+from unbackdoor.losses import cross_entropy, log_softmax, reference_loss, softmax
 from unbackdoor.plugins import KINDS, PluginManager
 from unbackdoor.testing import check_attack_contract, check_defense_contract, check_paraphraser_contract
 from unbackdoor_attacks.paraphrase import StyleBkd
@@ -69,7 +72,7 @@ def _register(hook: str) -> PluginManager:
 def test_each_hook_example_registers_and_keeps_its_contract(hook: str, sst2) -> None:
     pm = _register(hook)
     kind = next(k for k, h in KINDS.items() if h == hook)
-    found = getattr(pm, f"{kind}s")()  # pm.attacks(), pm.defenses(), ...
+    found = getattr(pm, "losses" if kind == "loss" else f"{kind}s")()  # pm.attacks(), pm.defenses(), ...
     assert len(found) == 1 and pm.failures == {}
     obj = next(iter(found.values())).obj
     if kind == "attack":
@@ -78,8 +81,21 @@ def test_each_hook_example_registers_and_keeps_its_contract(hook: str, sst2) -> 
         check_defense_contract(obj)
     elif kind == "paraphraser":
         check_paraphraser_contract(obj, ["a fine film", "dull"], "bible")
+    elif kind == "loss":
+        check_documented_loss(obj)
     else:
         assert isinstance(obj, BackendInfo) and ":" in obj.factory
+
+
+def check_documented_loss(info: LossInfo) -> None:
+    """The documented loss: a hashable spec whose one definition the NumPy reference evaluates."""
+    spec = info.spec()
+    assert info.written_once and hash(spec) == hash(info.spec())
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(5, 3)), rng.integers(0, 3, 5)
+    value = reference_loss(spec, {"logits": logits}, {"labels": labels})
+    entropy = -(softmax(logits) * log_softmax(logits)).sum(-1).mean()
+    assert value == pytest.approx(cross_entropy(logits, labels).mean() - spec.weight * entropy, rel=1e-12)
 
 
 def test_the_documented_paraphraser_drives_the_style_attack(monkeypatch: pytest.MonkeyPatch) -> None:

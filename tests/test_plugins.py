@@ -363,7 +363,7 @@ def test_cli_list_without_version_or_paraphrasers(monkeypatch: pytest.MonkeyPatc
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "[shout-pkg]" in out and "[shout-pkg ]" not in out
-    assert out.count("(none registered)") == 3  # backends, defenses, paraphrasers
+    assert out.count("(none registered)") == 4  # backends, defenses, paraphrasers, losses
 
 
 # ----------------------------------------------------------------------------------------- run-time failures

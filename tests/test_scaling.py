@@ -32,7 +32,9 @@ def test_torch_ddp_two_processes_match_one(tiny_dirs, tmp_path) -> None:
     np.testing.assert_allclose(ddp.pop("losses"), losses, rtol=1e-5, atol=1e-6)
     assert set(ddp) == set(weights)
     for name, value in weights.items():
-        np.testing.assert_allclose(ddp[name], value, rtol=1e-4, atol=2e-6, err_msg=name)
+        # AdamW divides by sqrt(v): a weight whose gradient is near zero moves by an amount that the order of the
+        # gradient sums sways (seen: 4.8e-6 on 1 of 2,048 elements, each step moving a weight by up to lr = 1e-3)
+        np.testing.assert_allclose(ddp[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 # -- the experiment runner under torchrun (`torchrun -m unbackdoor run ...`) ------------------------------------

@@ -1,6 +1,9 @@
-"""jax.numpy implementations of the core loss specs (checked against :mod:`unbackdoor.losses`).
+"""The jax backend's losses: every written-once loss (:mod:`unbackdoor.lossdef`) traced with ``jax.numpy``.
 
-Pure, per-example functions; shapes as in the NumPy reference.
+Cross-entropy, label reset and W2S (and any third party's loss with ``terms``) have no jax code here:
+:func:`batch_objective` evaluates their one definition on jax arrays inside the jitted step (the spec is a
+static argument). The unlearning losses (RGA, GA, NPO) are still implemented here (checked against
+:mod:`unbackdoor.losses`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unbackdoor.specs import AdaptiveGALoss, CrossEntropy, GALoss, LabelResetLoss, NPOLoss, W2SLoss
+from unbackdoor import lossdef
+from unbackdoor.specs import AdaptiveGALoss, GALoss, NPOLoss
 
 from .lora import delta_norm
 
@@ -25,81 +29,23 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
 
-def distillation(student_logits: Array, teacher_logits: Array, temperature: float) -> Array:
-    """Per-example ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``; ``[B, C]`` in, ``[B]`` out."""
-    t = temperature
-    log_s = jax.nn.log_softmax(student_logits / t, axis=-1)
-    log_t = jax.nn.log_softmax(teacher_logits / t, axis=-1)
-    return t * t * (jnp.exp(log_t) * (log_t - log_s)).sum(-1)
-
-
-def squared_distance(diff: Array, reduce: str) -> Array:
-    """``diff**2`` reduced (``mean`` or ``sum``) over the last, hidden, axis."""
-    sq = jnp.square(diff)
-    return sq.sum(-1) if reduce == "sum" else sq.mean(-1)
-
-
-def alignment(spec: W2SLoss, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    """The W2S alignment: per row ``[B]`` (``pooled``, ``tokens``) or the batch's value (``released``).
-
-    ``hidden`` is ``[B, D]`` (pooled) or ``[B, L, D]`` every position's state. ``released`` counts the
-    positions ``position_weight`` marks (the core's batch, not the backend's widening or filler rows) and
-    takes the teacher state of the last real row.
-    """
-    teacher = batch["teacher_hidden"]
-    if spec.alignment == "pooled":
-        return squared_distance(hidden - teacher, spec.reduce)
-    if spec.alignment == "tokens":
-        mask = batch["attention_mask"].astype(hidden.dtype)
-        dist = squared_distance(hidden - teacher[:, None], spec.reduce)
-        return (dist * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
-    last = (batch["weight"] > 0).sum().astype(jnp.int32) - 1  # filler rows come after the real ones
-    dist = squared_distance(hidden - teacher[last], spec.reduce)
-    w = batch["position_weight"]
-    return (dist * w).sum() / w.sum()
-
-
-@singledispatch
-def per_example_loss(spec: object, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    """Per-example loss ``[B]`` of ``spec`` from the model's ``logits``/``hidden`` and the batch arrays."""
-    raise TypeError(f"the jax backend has no implementation of loss spec {type(spec).__name__}")
-
-
-@per_example_loss.register
-def _(spec: CrossEntropy, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    return cross_entropy(logits, batch["labels"])
-
-
-@per_example_loss.register
-def _(spec: LabelResetLoss, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    return cross_entropy(logits, batch["reset_labels"])
-
-
-@per_example_loss.register
-def _(spec: W2SLoss, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    loss = spec.alpha * cross_entropy(logits, batch["labels"])
-    if spec.beta:  # skipping a zero-weight term also skips its gradient work
-        loss = loss + spec.beta * distillation(logits, batch["teacher_logits"], spec.temperature)
-    if spec.gamma and not spec.batch_term:
-        loss = loss + spec.gamma * alignment(spec, hidden, batch)
-    return loss
+def per_example_loss(spec: lossdef.ArrayLoss, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
+    """Per-example loss ``[B]`` of a written-once ``spec``: the weighted sum of its per-row terms."""
+    return lossdef.per_row(spec, logits, hidden, batch)
 
 
 @singledispatch
 def batch_objective(spec: object, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    """The scalar objective one step minimises: the ``weight``-weighted batch mean of :func:`per_example_loss`.
+    """The scalar objective one step minimises: a written-once loss's :func:`unbackdoor.lossdef.objective`
+    (the ``weight``-weighted row mean: filler rows count nowhere).
 
-    Filler rows (``weight`` 0) count nowhere. Batch objectives (the unlearning losses, whose terms are means
-    over groups of rows and may read the model's parameters) register their own implementation.
+    The unlearning losses (batch objectives over groups of rows that may read the model's parameters) register
+    their own implementation.
     """
-    per_row = per_example_loss(spec, logits, hidden, batch)
-    return (per_row * batch["weight"]).sum() / batch["weight"].sum()
-
-
-@batch_objective.register
-def _(spec: W2SLoss, model: nnx.Module, logits: Array, hidden: Array, batch: Mapping[str, Array]) -> Array:
-    loss = batch_objective.dispatch(object)(spec, model, logits, hidden, batch)  # the mean of the per-row losses
-    return loss + spec.gamma * alignment(spec, hidden, batch) if spec.batch_term else loss
+    if not lossdef.is_array_loss(spec):
+        raise TypeError(f"the jax backend has no implementation of loss spec {type(spec).__name__}: "
+                        "define its terms (see unbackdoor.lossdef)")
+    return lossdef.objective(spec, logits, hidden, batch)  # type: ignore[arg-type]
 
 
 def group_weights(batch: Mapping[str, Array]) -> tuple[Array, Array]:

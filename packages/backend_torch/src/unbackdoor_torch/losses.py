@@ -1,4 +1,9 @@
-"""Torch implementations of the core loss specs (checked against unbackdoor.losses)."""
+"""The torch backend's losses: every written-once loss (:mod:`unbackdoor.lossdef`) evaluated on tensors.
+
+Cross-entropy, label reset and W2S (and any third party's loss with ``terms``) have no torch code here:
+:func:`batch_objective` evaluates their one definition on torch tensors (autograd follows it). The unlearning
+losses (RGA, GA, NPO) are still implemented here (checked against :mod:`unbackdoor.losses`).
+"""
 
 from __future__ import annotations
 
@@ -9,77 +14,28 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from unbackdoor.specs import AdaptiveGALoss, CrossEntropy, GALoss, LabelResetLoss, NPOLoss, W2SLoss
+from unbackdoor import lossdef
+from unbackdoor.specs import AdaptiveGALoss, GALoss, NPOLoss
 
 
-def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-example ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``."""
-    t = temperature
-    log_s = F.log_softmax(student_logits / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits / t, dim=-1)
-    return t * t * F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-
-
-def squared_distance(diff: torch.Tensor, reduce: str) -> torch.Tensor:
-    """``diff**2`` reduced (``mean`` or ``sum``) over the last, hidden, dimension."""
-    sq = diff.pow(2)
-    return sq.sum(-1) if reduce == "sum" else sq.mean(-1)
-
-
-def alignment(spec: W2SLoss, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The W2S alignment: per row ``[B]`` (``pooled``, ``tokens``) or the batch's value (``released``).
-
-    ``hidden`` is ``[B, D]`` (pooled) or ``[B, L, D]`` every position's state (see :class:`W2SLoss`).
-    """
-    teacher = batch["teacher_hidden"]
-    if spec.alignment == "pooled":
-        return squared_distance(hidden - teacher, spec.reduce)
-    if spec.alignment == "tokens":
-        mask = batch["attention_mask"].to(hidden.dtype)
-        dist = squared_distance(hidden - teacher[:, None], spec.reduce)
-        return (dist * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    return squared_distance(hidden - teacher[-1], spec.reduce).mean()  # every position toward the last row's
-
-
-@singledispatch
-def per_example_loss(spec: object, logits: torch.Tensor, hidden: torch.Tensor | None,
+def per_example_loss(spec: lossdef.ArrayLoss, logits: torch.Tensor, hidden: torch.Tensor | None,
                      batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example loss ``[B]`` of ``spec``."""
-    raise TypeError(f"the torch backend has no implementation of loss spec {type(spec).__name__}")
-
-
-@per_example_loss.register
-def _(spec: CrossEntropy, logits: torch.Tensor, hidden: torch.Tensor | None,
-      batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(logits, batch["labels"], reduction="none")
-
-
-@per_example_loss.register
-def _(spec: LabelResetLoss, logits: torch.Tensor, hidden: torch.Tensor | None,
-      batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(logits, batch["reset_labels"], reduction="none")
-
-
-@per_example_loss.register
-def _(spec: W2SLoss, logits: torch.Tensor, hidden: torch.Tensor | None,
-      batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    loss = spec.alpha * F.cross_entropy(logits, batch["labels"], reduction="none")
-    if spec.beta:
-        loss = loss + spec.beta * distillation(logits, batch["teacher_logits"], spec.temperature)
-    if spec.gamma and not spec.batch_term:
-        loss = loss + spec.gamma * alignment(spec, hidden, batch)  # type: ignore[arg-type]
-    return loss
+    """Per-example loss ``[B]`` of a written-once ``spec``: the weighted sum of its per-row terms."""
+    return lossdef.per_row(spec, logits, hidden, batch)
 
 
 @singledispatch
 def batch_objective(spec: object, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
-               batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The scalar objective one training step minimises: the batch mean of :func:`per_example_loss`.
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scalar objective one training step minimises: a written-once loss's :func:`unbackdoor.lossdef.objective`.
 
-    Batch objectives (the unlearning losses, whose terms are means over groups of rows and may read the
-    model's parameters) register their own implementation.
+    The unlearning losses (batch objectives over groups of rows that may read the model's parameters) register
+    their own implementation.
     """
-    return per_example_loss(spec, logits, hidden, batch).mean()
+    if not lossdef.is_array_loss(spec):
+        raise TypeError(f"the torch backend has no implementation of loss spec {type(spec).__name__}: "
+                        "define its terms (see unbackdoor.lossdef)")
+    return lossdef.objective(spec, logits, hidden, batch)  # type: ignore[arg-type]
 
 
 def group_weights(is_poisoned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,13 +69,6 @@ def lora_delta_norm(model: nn.Module) -> torch.Tensor:
         return torch.zeros(())
     sq = torch.stack(squares).sum()
     return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq)
-
-
-@batch_objective.register
-def _(spec: W2SLoss, model: nn.Module, logits: torch.Tensor, hidden: torch.Tensor | None,
-      batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    loss = batch_objective.dispatch(object)(spec, model, logits, hidden, batch)  # the mean of the per-row losses
-    return loss + spec.gamma * alignment(spec, hidden, batch) if spec.batch_term else loss  # type: ignore[arg-type]
 
 
 @batch_objective.register

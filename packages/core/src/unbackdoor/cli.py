@@ -126,13 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``unbackdoor list``: every backend, attack, defense and paraphraser with its plugin and package;
+    """``unbackdoor list``: every backend, attack, defense, paraphraser and loss with its plugin and package;
     ``--options NAME``: that plugin's options."""
     pm = get_plugin_manager()
     if getattr(args, "options", None):
         return print_options(pm, args.options)
     sections = (("backends", pm.backends()), ("attacks", pm.attacks()), ("defenses", pm.defenses()),
-                ("paraphrasers", pm.paraphrasers()))
+                ("paraphrasers", pm.paraphrasers()), ("losses", pm.losses()))
     width = max((len(name) for _, found in sections for name in found), default=0)
     for title, found in sections:
         print(f"{title}:")

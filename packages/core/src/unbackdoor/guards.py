@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 
-from .errors import TrainingDivergedError
-from .losses import cross_entropy, distillation, w2s_objective
-from .specs import LabelResetLoss, LossSpec, W2SLoss
+from .errors import TrainingDivergedError, UnbackdoorError
+from .lossdef import is_array_loss
+from .losses import cross_entropy, reference_terms
+from .specs import LossSpec
 
 ADVICE = "nothing from this stage was saved; lower the learning rate or check the data for NaN/inf"
 
@@ -25,6 +25,10 @@ ADVICE = "nothing from this stage was saved; lower the learning rate or check th
 def loss_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
                batch: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Each term of ``spec`` on one batch ``{name: batch mean}`` (unweighted; NaN/inf propagate).
+
+    A loss written once (``terms``, :mod:`unbackdoor.lossdef`) reports its own named terms, evaluated by
+    that same definition in NumPy float64; any other loss reports its cross-entropy. A batch with
+    ``is_poisoned`` (the unlearning losses' two groups) adds each group's cross-entropy.
 
     Args:
         spec: the loss spec.
@@ -37,21 +41,23 @@ def loss_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
     rows = {k: np.asarray(v)[keep] for k, v in batch.items() if np.ndim(v) >= 1}
     z = np.asarray(logits, np.float64)[keep]
     with np.errstate(all="ignore"):
-        if isinstance(spec, LabelResetLoss):
-            return {"cross_entropy(reset_labels)": float(cross_entropy(z, rows["reset_labels"]).mean())}
-        terms = {"cross_entropy": float(cross_entropy(z, rows["labels"]).mean())}
+        terms = _defined_terms(spec, z, None if hidden is None else np.asarray(hidden)[keep], rows)
         if "is_poisoned" in rows:  # the unlearning losses' two groups
             for name, mask in (("clean", rows["is_poisoned"] == 0), ("poisoned", rows["is_poisoned"] != 0)):
                 if mask.any():
                     terms[f"cross_entropy[{name}]"] = float(cross_entropy(z[mask], rows["labels"][mask]).mean())
-        if isinstance(spec, W2SLoss) and spec.beta:
-            terms["distillation"] = float(distillation(z, rows["teacher_logits"], spec.temperature).mean())
-        if isinstance(spec, W2SLoss) and spec.gamma and hidden is not None:
-            alignment_only = replace(spec, alpha=0.0, beta=0.0, gamma=1.0)
-            terms["alignment"] = w2s_objective(alignment_only, z, rows["labels"], rows["teacher_logits"],
-                                               np.asarray(hidden)[keep], rows["teacher_hidden"],
-                                               rows.get("attention_mask"), position_weight=rows.get("position_weight"))
     return terms
+
+
+def _defined_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
+                   rows: Mapping[str, np.ndarray]) -> dict[str, float]:
+    if not is_array_loss(spec):
+        return {"cross_entropy": float(cross_entropy(logits, rows["labels"]).mean())}
+    try:
+        terms = reference_terms(spec, {"logits": logits, "hidden": hidden}, rows)  # type: ignore[arg-type]
+    except (UnbackdoorError, KeyError, ValueError) as exc:  # the report must not hide the divergence itself
+        return {f"terms unavailable ({type(exc).__name__}: {exc})": float("nan")}
+    return {name: float(np.mean(t.value)) for name, t in terms.items()}
 
 
 def non_finite_inputs(logits: np.ndarray, hidden: np.ndarray | None, batch: Mapping[str, np.ndarray]) -> list[str]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .attack import Attack, Paraphraser
     from .backend import BackendInfo
     from .defense import Defense
+    from .lossdef import LossInfo
 
 PROJECT = "unbackdoor"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -61,4 +62,15 @@ def unbackdoor_paraphrasers() -> list[Paraphraser]:
     instances; the ``syntactic`` and ``style`` attacks call one (option ``paraphraser=NAME``) to
     rewrite rows for which the data has no aligned paraphrase file. Import heavy models lazily,
     inside :meth:`~unbackdoor.attack.Paraphraser.paraphrase`, so listing plugins stays fast.
+    """
+
+
+@hookspec
+def unbackdoor_losses() -> list[LossInfo]:
+    """Register losses: a name and a spec class each.
+
+    Called once when the plugin manager loads. Return :class:`~unbackdoor.lossdef.LossInfo` records; the
+    spec class is a frozen dataclass whose ``terms`` method is the loss written once against an array-API
+    namespace, which the NumPy reference and every backend evaluate (:mod:`unbackdoor.lossdef`). The
+    core's built-in losses come from its own plugin, :mod:`unbackdoor.plugin`.
     """

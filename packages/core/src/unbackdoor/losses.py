@@ -2,26 +2,38 @@
 
 Pure functions, per-example outputs, float64 inside, shapes in the docstrings
 (optax's style). Backends must agree with these to the tolerances stated in
-the tests. Gradients are given in closed form for the parity tests. The
-unlearning losses (RGA, GA, NPO) are batch objectives (a mean over the
-batch's poisoned rows and one over its clean rows), so their references
-return the batch value.
+the tests. The per-row losses (cross-entropy, label reset, W2S with its
+alignments) are NOT written here: their reference is their one definition
+(the spec's ``terms``, :mod:`unbackdoor.lossdef`, built from
+:mod:`unbackdoor.arrays`) evaluated on NumPy float64 arrays, which the
+functions below wrap. Gradients are given in closed form for the parity tests
+(the independent check of those definitions). The unlearning losses (RGA,
+GA, NPO) are batch objectives (a mean over the batch's poisoned rows and one
+over its clean rows) still written here in NumPy, so their references return
+the batch value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .specs import AdaptiveGALoss, CrossEntropy, GALoss, LabelResetLoss, LossSpec, UnlearningLoss, W2SLoss
+from . import arrays
+from .lossdef import ArrayLoss, Term, combine, is_array_loss, objective, per_row
+from .specs import AdaptiveGALoss, GALoss, LabelResetLoss, LossSpec, UnlearningLoss, W2SLoss
+
+
+def _f64(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array, floats as float64 (integers kept: they are labels or masks)."""
+    a = np.asarray(x)
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
 
 
 def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable ``log softmax`` along ``axis``."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+    return arrays.log_softmax(np.asarray(logits, np.float64), axis)
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -39,26 +51,23 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     Returns:
         ``[B]`` losses ``-log softmax(logits)[label]``.
     """
-    logp = log_softmax(logits)
-    return -np.take_along_axis(logp, np.asarray(labels)[:, None], axis=-1)[:, 0]
+    return arrays.cross_entropy(np.asarray(logits, np.float64), np.asarray(labels, np.int64))
 
 
 def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """Per-example ``KL(softmax(p) || softmax(q))``; both ``[B, C]``, returns ``[B]``."""
-    logp, logq = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(logp) * (logp - logq)).sum(-1)
+    return arrays.kl_divergence(np.asarray(p_logits, np.float64), np.asarray(q_logits, np.float64))
 
 
 def distillation(student_logits: np.ndarray, teacher_logits: np.ndarray, temperature: float) -> np.ndarray:
     """Per-example ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``; ``[B, C]`` in, ``[B]`` out."""
-    t = float(temperature)
-    return t * t * kl_divergence(np.asarray(teacher_logits) / t, np.asarray(student_logits) / t)
+    return arrays.distillation(np.asarray(student_logits, np.float64), np.asarray(teacher_logits, np.float64),
+                               temperature)
 
 
 def squared_distance(diff: np.ndarray, reduce: str = "mean") -> np.ndarray:
     """``diff**2`` reduced over the last (hidden) axis: ``mean`` or ``sum``; ``[..., D]`` in, ``[...]`` out."""
-    sq = np.square(np.asarray(diff, np.float64))
-    return sq.sum(-1) if reduce == "sum" else sq.mean(-1)
+    return arrays.squared_distance(np.asarray(diff, np.float64), reduce)
 
 
 def feature_alignment(student_hidden: np.ndarray, teacher_hidden: np.ndarray, reduce: str = "mean") -> np.ndarray:
@@ -68,56 +77,34 @@ def feature_alignment(student_hidden: np.ndarray, teacher_hidden: np.ndarray, re
 
 def token_alignment(states: np.ndarray, attention_mask: np.ndarray, teacher_hidden: np.ndarray,
                     reduce: str = "mean") -> np.ndarray:
-    """Per-example mean over a row's real tokens of the squared distance of each token state to the row's
-    teacher state (W2S ``alignment="tokens"``).
-
-    Args:
-        states: ``[B, L, D]`` the student's final-layer state of every position.
-        attention_mask: ``[B, L]`` 1 on real tokens, 0 on padding.
-        teacher_hidden: ``[B, D]`` each row's projected teacher state.
-        reduce: ``mean`` or ``sum`` over D.
-
-    Returns:
-        ``[B]``; a row without real tokens gives 0.
-    """
-    mask = np.asarray(attention_mask, np.float64)
-    dist = squared_distance(np.asarray(states, np.float64) - np.asarray(teacher_hidden, np.float64)[:, None], reduce)
-    return (dist * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
-
-
-def last_row(weight: np.ndarray | None, rows: int) -> int:
-    """Index of the batch's last real row: ``rows - 1``, or the last with ``weight > 0`` (filler rows follow)."""
-    return rows - 1 if weight is None else int(np.flatnonzero(np.asarray(weight) > 0)[-1])
+    """W2S ``alignment="tokens"`` per row (:func:`unbackdoor.arrays.token_alignment`) in float64; ``[B]``."""
+    return arrays.token_alignment(_f64(states), np.asarray(attention_mask), _f64(teacher_hidden), reduce)
 
 
 def released_alignment(states: np.ndarray, teacher_hidden: np.ndarray, reduce: str = "sum",
                        weight: np.ndarray | None = None, position_weight: np.ndarray | None = None) -> float:
-    """The released W2SDefense script's alignment (W2S ``alignment="released"``): the mean over every
-    position of every row of the squared distance to ONE vector, the teacher state of the batch's last row.
+    """W2S ``alignment="released"`` (:func:`unbackdoor.arrays.released_alignment`) in float64: the batch value.
 
-    The script takes the teacher's ``[B, D]`` projected states, indexes them ``[-1]`` (the last row) and
-    broadcasts that vector against the student's ``[B, L, D]`` final-layer states, padding positions
+    The released script takes the teacher's ``[B, D]`` projected states, indexes them ``[-1]`` (the last row)
+    and broadcasts that vector against the student's ``[B, L, D]`` final-layer states, padding positions
     included, as ``mean(pairwise_distance(...)**2)``. (``pairwise_distance`` adds 1e-6 to each difference;
     that is left out here.)
-
-    Args:
-        states: ``[B, L, D]`` the student's final-layer state of every position, as the batch is padded.
-        teacher_hidden: ``[B, D]`` projected teacher states; only the last real row's is used.
-        reduce: ``sum`` (the script's squared L2 distance) or ``mean`` over D.
-        weight: ``[B]`` 0/1 row weights (0: filler rows after the real ones); None: every row is real.
-        position_weight: ``[B, L]`` 0/1: which positions are the batch's own (a backend that widens a batch
-            further marks the extra columns 0); None: every position.
-
-    Returns:
-        The batch value.
     """
-    states = np.asarray(states, np.float64)
-    v = np.asarray(teacher_hidden, np.float64)[last_row(weight, len(states))]
-    dist = squared_distance(states - v, reduce)
-    w = np.ones(dist.shape) if position_weight is None else np.asarray(position_weight, np.float64)
-    if weight is not None:
-        w = w * np.asarray(weight, np.float64)[:, None]
-    return float((dist * w).sum() / w.sum())
+    optional = [None if a is None else _f64(a) for a in (weight, position_weight)]
+    return float(arrays.released_alignment(_f64(states), _f64(teacher_hidden), reduce, *optional))
+
+
+def reference_terms(spec: ArrayLoss, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Term]:
+    """``spec``'s definition (its ``terms``) evaluated on NumPy float64: ``{name: Term}``."""
+    logits, hidden = _f64(outputs["logits"]), outputs.get("hidden")
+    hidden = None if hidden is None else _f64(hidden)
+    return spec.terms(arrays.namespace(logits), logits, hidden, {k: _f64(v) for k, v in batch.items()})
+
+
+def _w2s_batch(labels: Any, teacher_logits: Any, teacher_hidden: Any, **optional: Any) -> dict[str, np.ndarray]:
+    given = {k: v for k, v in optional.items() if v is not None}
+    return {k: _f64(v) for k, v in dict(labels=labels, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
+                                        **given).items()}
 
 
 def w2s_objective(spec: W2SLoss, student_logits: np.ndarray, labels: np.ndarray, teacher_logits: np.ndarray,
@@ -130,12 +117,9 @@ def w2s_objective(spec: W2SLoss, student_logits: np.ndarray, labels: np.ndarray,
     ``student_hidden`` is ``[B, D]`` (pooled) or ``[B, L, D]`` (``tokens``, ``released``; see
     :attr:`~unbackdoor.specs.W2SLoss.token_states`), with ``attention_mask [B, L]``.
     """
-    w = np.ones(len(labels)) if weight is None else np.asarray(weight, np.float64)
-    per_row = w2s_loss(spec, student_logits, labels, teacher_logits, student_hidden, teacher_hidden, attention_mask)
-    value = float((per_row * w).sum() / w.sum())
-    if spec.batch_term:
-        value += spec.gamma * released_alignment(student_hidden, teacher_hidden, spec.reduce, weight, position_weight)
-    return value
+    batch = _w2s_batch(labels, teacher_logits, teacher_hidden, attention_mask=attention_mask, weight=weight,
+                       position_weight=position_weight)
+    return float(objective(spec, _f64(student_logits), _f64(student_hidden), batch))
 
 
 def w2s_loss(
@@ -161,27 +145,21 @@ def w2s_loss(
     Returns:
         ``[B]`` = ``alpha*CE + beta*T^2*KL + gamma*A`` (``A``: :func:`feature_alignment` or :func:`token_alignment`).
     """
-    loss = spec.alpha * cross_entropy(student_logits, labels) + spec.beta * distillation(
-        student_logits, teacher_logits, spec.temperature)
-    if spec.gamma and spec.alignment == "pooled":
-        loss = loss + spec.gamma * feature_alignment(student_hidden, teacher_hidden, spec.reduce)
-    elif spec.gamma and spec.alignment == "tokens":
-        if attention_mask is None:
-            raise ValueError("the tokens alignment needs the attention mask")
-        loss = loss + spec.gamma * token_alignment(student_hidden, attention_mask, teacher_hidden, spec.reduce)
-    return loss
+    if spec.gamma and spec.alignment == "tokens" and attention_mask is None:
+        raise ValueError("the tokens alignment needs the attention mask")
+    batch = _w2s_batch(labels, teacher_logits, teacher_hidden, attention_mask=attention_mask)
+    return per_row(spec, _f64(student_logits), _f64(student_hidden), batch)
 
 
 def reference_loss(spec: LossSpec, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> float:
-    """Batch-mean loss of ``spec`` given model ``outputs`` (logits, hidden) and ``batch`` arrays."""
-    if isinstance(spec, CrossEntropy):
-        return float(cross_entropy(outputs["logits"], batch["labels"]).mean())
-    if isinstance(spec, LabelResetLoss):
-        return float(cross_entropy(outputs["logits"], batch["reset_labels"]).mean())
-    if isinstance(spec, W2SLoss):
-        return w2s_objective(spec, outputs["logits"], batch["labels"], batch["teacher_logits"], outputs["hidden"],
-                             batch["teacher_hidden"], batch.get("attention_mask"), batch.get("weight"),
-                             batch.get("position_weight"))
+    """Batch loss of ``spec`` given model ``outputs`` (logits, hidden) and ``batch`` arrays, in float64.
+
+    A spec with a written-once definition (``terms``, any third party's too) is evaluated through it; the
+    unlearning losses through :func:`unlearning_loss`.
+    """
+    if is_array_loss(spec):
+        weight = batch.get("weight")
+        return float(combine(reference_terms(spec, outputs, batch), None if weight is None else _f64(weight)))  # type: ignore[arg-type]
     if isinstance(spec, UnlearningLoss):
         return unlearning_loss(spec, outputs["logits"], batch["labels"], batch["is_poisoned"], batch.get("ref_logits"),
                                float(outputs.get("delta_norm", 0.0)), batch.get("weight"))

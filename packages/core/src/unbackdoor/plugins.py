@@ -22,12 +22,13 @@ from .attack import Attack, Paraphraser
 from .backend import BackendInfo
 from .defense import Defense
 from .errors import PluginError, UnbackdoorError, UnknownNameError
+from .lossdef import LossInfo
 
 ENTRY_POINT_GROUP = "unbackdoor"
 DISABLE_ENV = "UNBACKDOOR_DISABLE_PLUGINS"
 #: what a plugin can register: kind -> the hook that registers it
 KINDS = {"backend": "unbackdoor_backends", "attack": "unbackdoor_attacks", "defense": "unbackdoor_defenses",
-         "paraphraser": "unbackdoor_paraphrasers"}
+         "paraphraser": "unbackdoor_paraphrasers", "loss": "unbackdoor_losses"}
 
 T = TypeVar("T")
 
@@ -131,6 +132,14 @@ class PluginManager:
     def paraphraser(self, name: str) -> Paraphraser:
         """The paraphraser called ``name``."""
         return _pick(self.paraphrasers(), "paraphraser", name)
+
+    def losses(self) -> dict[str, Registered[LossInfo]]:
+        """Every registered loss by name."""
+        return self._collect("unbackdoor_losses", "loss")
+
+    def loss(self, name: str) -> LossInfo:
+        """The loss called ``name``."""
+        return _pick(self.losses(), "loss", name)
 
     def source_of(self, kind: str, name: str) -> Registered[Any]:
         """Which plugin and package registered the ``kind`` (attack, defense...) called ``name``."""

@@ -1,18 +1,25 @@
 """Typed specs: what to train and with which loss.
 
 Specs are small frozen dataclasses shared by every backend. A loss spec names
-a loss and its hyper-parameters; its NumPy reference lives in
-:mod:`unbackdoor.losses` and every backend implements it as one fused step.
+a loss and its hyper-parameters. ``CrossEntropy``, ``LabelResetLoss`` and
+``W2SLoss`` carry their math, written once against an array-API namespace
+(``terms``; the contract is :mod:`unbackdoor.lossdef`): the NumPy reference
+and both backends evaluate it. The unlearning losses (RGA, GA, NPO) still
+have NumPy references in :mod:`unbackdoor.losses` and one implementation per
+backend.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from . import arrays
+from .arrays import Array
 from .errors import ConfigError, check_choice, check_range
+from .lossdef import Term
 
 PRECISIONS = ("fp32", "bf16")
 #: how PSIM's reset labels are drawn (:class:`LabelResetLoss`)
@@ -165,6 +172,10 @@ class CrossEntropy:
 
     aux_keys: ClassVar[tuple[str, ...]] = ()
 
+    def terms(self, xp: Any, logits: Array, hidden: Array | None, batch: Mapping[str, Array]) -> dict[str, Term]:
+        """``cross_entropy [B]`` (see :class:`unbackdoor.lossdef.ArrayLoss`)."""
+        return {"cross_entropy": Term(arrays.cross_entropy(logits, batch["labels"]))}
+
 
 @dataclass(frozen=True)
 class W2SLoss:
@@ -223,6 +234,29 @@ class W2SLoss:
         """Whether the alignment is one batch value (``released``) rather than a mean of per-row values."""
         return self.gamma > 0 and self.alignment == "released"
 
+    def terms(self, xp: Any, logits: Array, hidden: Array | None, batch: Mapping[str, Array]) -> dict[str, Term]:
+        """``cross_entropy``, ``distillation`` (when beta > 0) and ``alignment`` (when gamma > 0): per row
+        ``[B]``, the ``released`` alignment a batch value (see :class:`unbackdoor.lossdef.ArrayLoss`)."""
+        terms = {"cross_entropy": Term(arrays.cross_entropy(logits, batch["labels"]), self.alpha)}
+        if self.beta:  # skipping a zero-weight term also skips its gradient work
+            terms["distillation"] = Term(arrays.distillation(logits, batch["teacher_logits"], self.temperature),
+                                         self.beta)
+        if self.gamma:
+            terms["alignment"] = Term(self.alignment_term(hidden, batch), self.gamma)
+        return terms
+
+    def alignment_term(self, hidden: Array | None, batch: Mapping[str, Array]) -> Array:
+        """The unweighted alignment: ``[B]`` (``pooled``, ``tokens``) or the batch value (``released``)."""
+        if hidden is None:
+            raise ConfigError(f"W2S alignment {self.alignment!r} needs the student's hidden states; got none")
+        teacher = batch["teacher_hidden"]
+        if self.alignment == "pooled":
+            return arrays.squared_distance(hidden - teacher, self.reduce)
+        if self.alignment == "tokens":
+            return arrays.token_alignment(hidden, batch["attention_mask"], teacher, self.reduce)
+        return arrays.released_alignment(hidden, teacher, self.reduce, batch.get("weight"),
+                                         batch.get("position_weight"))
+
 
 #: W2S feature alignments (:class:`W2SLoss`)
 ALIGNMENTS = ("pooled", "tokens", "released")
@@ -260,6 +294,10 @@ class LabelResetLoss:
         check_choice("label reset labels", self.labels, RESET_LABELS)
         if self.reset_rate == 0:
             raise ConfigError("label reset rate must be > 0 (0 would train on the true labels)")
+
+    def terms(self, xp: Any, logits: Array, hidden: Array | None, batch: Mapping[str, Array]) -> dict[str, Term]:
+        """``cross_entropy(reset_labels) [B]`` (see :class:`unbackdoor.lossdef.ArrayLoss`)."""
+        return {"cross_entropy(reset_labels)": Term(arrays.cross_entropy(logits, batch["reset_labels"]))}
 
 
 def _check_weight(what: str, name: str, value: float, *, positive: bool = False) -> None:

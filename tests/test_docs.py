@@ -17,7 +17,7 @@ from unbackdoor.data import load_dataset
 from unbackdoor.lossdef import LossInfo
 from unbackdoor.losses import cross_entropy, log_softmax, reference_loss, softmax
 from unbackdoor.plugins import KINDS, PluginManager
-from unbackdoor.testing import check_attack_contract, check_defense_contract, check_paraphraser_contract
+from unbackdoor.testing import check_attack_contract, check_defense_contract, check_paraphraser_contract, check_plugin_object
 from unbackdoor_attacks.paraphrase import StyleBkd
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
@@ -83,6 +83,8 @@ def test_each_hook_example_registers_and_keeps_its_contract(hook: str, sst2) -> 
         check_paraphraser_contract(obj, ["a fine film", "dull"], "bible")
     elif kind == "loss":
         check_documented_loss(obj)
+    elif kind == "auditor":
+        check_plugin_object(obj, "auditor")
     else:
         assert isinstance(obj, BackendInfo) and ":" in obj.factory
 

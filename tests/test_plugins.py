@@ -363,7 +363,7 @@ def test_cli_list_without_version_or_paraphrasers(monkeypatch: pytest.MonkeyPatc
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert "[shout-pkg]" in out and "[shout-pkg ]" not in out
-    assert out.count("(none registered)") == 4  # backends, defenses, paraphrasers, losses
+    assert out.count("(none registered)") == 5  # backends, defenses, paraphrasers, losses, auditors
 
 
 # ----------------------------------------------------------------------------------------- run-time failures
@@ -379,7 +379,7 @@ def test_source_of_names_plugin_and_package() -> None:
     assert pm.source_of("backend", "torch").plugin == "torch"
     with pytest.raises(UnknownNameError, match=r"unknown attack 'nope'.*badnet"):
         pm.source_of("attack", "nope")
-    with pytest.raises(UnknownNameError, match=r"unknown plugin kind 'attacks'; choose one of: attack, backend"):
+    with pytest.raises(UnknownNameError, match=r"unknown plugin kind 'attacks'; choose one of: attack, auditor, backend"):
         pm.source_of("attacks", "badnet")
 
 

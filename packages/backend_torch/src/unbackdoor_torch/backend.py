@@ -23,7 +23,7 @@ from unbackdoor.ranks import launched_world
 from unbackdoor.specs import ALL_LINEAR, PRECISIONS, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, distributed, modeling, train
+from . import analysis, distributed, modeling, train, trigger
 from .losses import ANCHOR
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
@@ -179,6 +179,13 @@ class TorchBackend:
         batches = list(iter_batches(ids, model.encoder.pad_id, batch_size))
         return analysis.mlp_activations(model.module, batches, self.device, self.precision)
 
+
+    def trigger_logits(self, model: TorchModel, batch: Mapping[str, np.ndarray], weights: np.ndarray,
+                       target: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """Logits with a soft trigger in the ``trigger_at`` slots, and the loss's gradient w.r.t. ``weights``
+        (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`)."""
+        _check_held(model, "fp32")
+        return trigger.trigger_logits(model.module, batch, weights, target, self.device)
 
     def _hold_frozen(self, model: TorchModel) -> None:
         """bf16: the base weights freeze under the adapter about to be added, so hold them in bf16."""

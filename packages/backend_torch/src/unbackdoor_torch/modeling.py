@@ -35,12 +35,16 @@ class SequenceClassifier(nn.Module):
         self.projection = nn.Linear(hidden, meta.projection_dim) if meta.projection_dim else None
         self.classifier = nn.Linear(meta.projection_dim or hidden, meta.num_labels, bias=not meta.decoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``logits [B, C]`` and the pooled (projected) state ``[B, D]``; with ``tokens``, instead of
         the pooled state, the backbone's final state of every input position ``[B, L, D]`` (virtual tokens
-        of a soft prompt left out)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        of a soft prompt left out). ``inputs_embeds`` ``[B, L, D]``, when given, replaces the embedding of
+        ``input_ids`` (trigger inversion)."""
+        if inputs_embeds is None:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         pooled = self._pool(out, attention_mask)
         if self.projection is not None:
             pooled = ACTIVATIONS[self.meta.projection_activation](self.projection(pooled))

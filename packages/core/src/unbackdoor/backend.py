@@ -78,7 +78,7 @@ class Backend(Protocol):
     weights at ``path`` (full-parameter unlearning; the unlearning defenses' ``adapter=full`` needs it);
     ``rank``, ``world_size`` and ``barrier()`` (:class:`~unbackdoor.ranks.Ranks`), which let the runner
     run under a launcher such as torchrun (every rank trains, rank 0 writes; a backend without them is
-    refused there).
+    refused there); ``trigger_logits`` (:class:`TriggerBackend`), which the ``trigger-search`` auditor needs.
     """
 
     name: str
@@ -143,6 +143,27 @@ class Backend(Protocol):
         of every row, pooling mode and head ignored. Neuron ``j`` of layer ``i`` owns row ``j`` of
         ``gate_proj``/``up_proj`` (``intermediate.dense``) and column ``j`` of ``down_proj``
         (``output.dense``): see :func:`unbackdoor.weights.ffn_layers`.
+        """
+
+
+@runtime_checkable
+class TriggerBackend(Protocol):
+    """The optional part of :class:`Backend` that trigger inversion needs: gradients with respect to the input
+    embeddings of a few trigger positions (kept out of :class:`Backend` so a backend without it still is one)."""
+
+    def trigger_logits(self, model: Any, batch: Mapping[str, np.ndarray], weights: np.ndarray,
+                       target: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """Logits of rows carrying a relaxed (soft) trigger and, with ``target``, the loss's gradient.
+
+        Optional (the ``trigger-search`` auditor needs it). ``batch`` comes from
+        :func:`unbackdoor.batching.trigger_batch`: ``input_ids``/``attention_mask`` ``[B, L]`` and
+        ``trigger_at`` ``[B, k]``. ``weights`` ``[k, V]`` float32 holds one distribution over the first ``V``
+        vocabulary ids per trigger slot; slot ``j`` of every row gets the input embedding
+        ``weights[j] @ E[:V]`` (``E`` the model's input embedding matrix; a one-hot row gives exactly that
+        token's embedding); every other position embeds its id as usual. Returns ``logits`` ``[B, C]``
+        float32, and with ``target`` ``[B]`` ints the mean cross-entropy of the logits to ``target`` and its
+        gradient with respect to ``weights`` ``[k, V]`` float32 (the model's weights get no gradient);
+        without ``target``, NaN and None. Runs in evaluation mode (no dropout), float32.
         """
 
 

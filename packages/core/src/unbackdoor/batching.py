@@ -29,6 +29,22 @@ def pad_batch(ids: Sequence[np.ndarray], pad_id: int, multiple: int = 8) -> tupl
     return input_ids, mask
 
 
+def trigger_batch(ids: Sequence[np.ndarray], insert_at: Sequence[int] | np.ndarray, length: int, pad_id: int,
+                  multiple: int = 8) -> Batch:
+    """Rows with ``length`` trigger slots inserted before position ``insert_at[b]`` of row ``b``.
+
+    Returns ``input_ids`` and ``attention_mask`` ``[B, L]`` (right-padded as :func:`pad_batch`; the slots
+    hold ``pad_id``, the backend puts the trigger's embeddings there) and ``trigger_at`` ``[B, length]``
+    int32, the column of trigger token ``j`` in row ``b`` (:meth:`unbackdoor.backend.Backend.trigger_logits`).
+    """
+    starts = np.asarray(insert_at, np.int64).reshape(-1)
+    slots = np.full(length, pad_id, np.int32)
+    rows = [np.concatenate([x[:i], slots, x[i:]]) for x, i in zip(ids, starts, strict=True)]
+    input_ids, mask = pad_batch(rows, pad_id, multiple)
+    trigger_at = (starts[:, None] + np.arange(length)[None]).astype(np.int32)
+    return {"input_ids": input_ids, "attention_mask": mask, "trigger_at": trigger_at}
+
+
 def batch_order(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
                 bucket: bool = True, pool: int = 50) -> list[np.ndarray]:
     """Row indices of each batch.

@@ -1,4 +1,4 @@
-"""The ``unbackdoor`` command: ``list``, ``run`` and ``report``."""
+"""The ``unbackdoor`` command: ``list``, ``run``, ``report`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbackdoor", description="Remove and detect backdoors in language models.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     lst = sub.add_parser("list", help="list backends, attacks and defenses with their source packages")
-    lst.add_argument("--options", metavar="NAME", help="print the options of plugin NAME (an attack, defense or "
-                     "paraphraser): type, default and help")
+    lst.add_argument("--options", metavar="NAME", help="print the options of plugin NAME (an attack, defense, "
+                     "paraphraser or auditor): type, default and help")
     lst.set_defaults(func=cmd_list)
     run = sub.add_parser("run", help="run attack -> victim -> defense -> evaluation and write a report",
                          argument_default=argparse.SUPPRESS)
@@ -53,7 +53,32 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page (verdicts, tables, "
                      "every plot inlined) to FILE")
     rep.set_defaults(func=cmd_report)
+    _add_audit(sub)
     return parser
+
+
+def _add_audit(sub: Any) -> None:
+    """``unbackdoor audit``: its flags."""
+    from .auditing import DEFAULT_AUDITOR, DEFAULT_ROWS
+
+    aud = sub.add_parser("audit", help="is a released sequence classifier backdoored? search for its trigger")
+    aud.add_argument("--model", required=True, help="the classifier: a directory saved by unbackdoor (head "
+                     "included), or a named model")
+    aud.add_argument("--dataset", required=True, help=f"clean rows of the model's task: {', '.join(DATASETS)} or a path")
+    aud.add_argument("--reference", help="a clean classifier of the same task and tokenizer; candidates that flip "
+                     "it too (universal adversarial words) rank lower")
+    aud.add_argument("--backend", help=f"backend (default: $UNBACKDOOR_BACKEND, else torch); choose from: "
+                     f"{', '.join(sorted(get_plugin_manager().backends()))}")
+    aud.add_argument("--auditor", default=DEFAULT_AUDITOR, help=f"auditor (default: {DEFAULT_AUDITOR}); choose "
+                     f"from: {', '.join(sorted(get_plugin_manager().auditors()))}")
+    aud.add_argument("--auditor-option", dest="auditor_options", action="append", default=[], metavar="KEY=VALUE",
+                     help="an auditor option (`unbackdoor list --options AUDITOR` lists them). Repeatable.")
+    aud.add_argument("--out", help="write audit.json and audit.md into this directory")
+    aud.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="clean dev rows used, a seeded sample "
+                     f"(default: {DEFAULT_ROWS})")
+    aud.add_argument("--seed", type=int, default=0, help="seed of the row sample and the search (default: 0)")
+    aud.add_argument("--data-dir", help="the data root (default: ../shared/data or $UNBACKDOOR_DATA_DIR)")
+    aud.set_defaults(func=cmd_audit)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,13 +151,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``unbackdoor list``: every backend, attack, defense, paraphraser and loss with its plugin and package;
+    """``unbackdoor list``: every backend, attack, defense, paraphraser, loss and auditor with its plugin and package;
     ``--options NAME``: that plugin's options."""
     pm = get_plugin_manager()
     if getattr(args, "options", None):
         return print_options(pm, args.options)
     sections = (("backends", pm.backends()), ("attacks", pm.attacks()), ("defenses", pm.defenses()),
-                ("paraphrasers", pm.paraphrasers()), ("losses", pm.losses()))
+                ("paraphrasers", pm.paraphrasers()), ("losses", pm.losses()), ("auditors", pm.auditors()))
     width = max((len(name) for _, found in sections for name in found), default=0)
     for title, found in sections:
         print(f"{title}:")
@@ -148,7 +173,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def print_options(pm: Any, name: str) -> int:
     """Print plugin ``name``'s options (``unbackdoor list --options NAME``): name, type, default, help."""
-    found = {**pm.paraphrasers(), **pm.attacks(), **pm.defenses()}
+    found = {**pm.paraphrasers(), **pm.attacks(), **pm.defenses(), **pm.auditors()}
     if name not in found:
         raise UnknownNameError("plugin", name, sorted(found))
     reg = found[name]
@@ -159,6 +184,23 @@ def print_options(pm: Any, name: str) -> int:
     width = max((len(f"{n} ({t}, default {d})") for n, t, d, _ in rows), default=0)
     for option, kind, default, text in rows:
         print(f"  {f'{option} ({kind}, default {default})':<{width}}  {text}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """``unbackdoor audit``: prints the verdict, the score, the suspected target and the top-5 candidates."""
+    from .auditing import audit, summary_line
+
+    report = audit(args.model, args.dataset, reference=args.reference, backend=args.backend, auditor=args.auditor,
+                   auditor_options=_pairs(args.auditor_options, nested=False), out=args.out, rows=args.rows,
+                   seed=args.seed, data_dir=args.data_dir)
+    print(summary_line(report))
+    for rank, cand in enumerate(report["candidates"][:5], 1):
+        ref = "" if cand["reference_flip_rate"] is None else f", reference {cand['reference_flip_rate']:.3f}"
+        print(f"  {rank}. {cand['text']!r} -> {report['label_names'][cand['target']]}: flip rate "
+              f"{cand['flip_rate']:.3f}{ref}")
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'audit.json'} and audit.md")
     return 0
 
 

@@ -18,6 +18,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .attack import Attack, Paraphraser
+    from .auditor import Auditor
     from .backend import BackendInfo
     from .defense import Defense
     from .lossdef import LossInfo
@@ -73,4 +74,14 @@ def unbackdoor_losses() -> list[LossInfo]:
     spec class is a frozen dataclass whose ``terms`` method is the loss written once against an array-API
     namespace, which the NumPy reference and every backend evaluate (:mod:`unbackdoor.lossdef`). The
     core's built-in losses come from its own plugin, :mod:`unbackdoor.plugin`.
+    """
+
+
+@hookspec
+def unbackdoor_auditors() -> list[Auditor]:
+    """Register auditors: is a released classifier backdoored, and by what trigger?
+
+    Called once when the plugin manager loads. Return :class:`~unbackdoor.auditor.Auditor` instances with
+    their default options; ``unbackdoor audit`` configures a copy (``--auditor-option KEY=VALUE``) and calls
+    its ``audit`` with an :class:`~unbackdoor.auditor.AuditContext`.
     """

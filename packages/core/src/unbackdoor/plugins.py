@@ -19,6 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .attack import Attack, Paraphraser
+from .auditor import Auditor
 from .backend import BackendInfo
 from .defense import Defense
 from .errors import PluginError, UnbackdoorError, UnknownNameError
@@ -28,7 +29,7 @@ ENTRY_POINT_GROUP = "unbackdoor"
 DISABLE_ENV = "UNBACKDOOR_DISABLE_PLUGINS"
 #: what a plugin can register: kind -> the hook that registers it
 KINDS = {"backend": "unbackdoor_backends", "attack": "unbackdoor_attacks", "defense": "unbackdoor_defenses",
-         "paraphraser": "unbackdoor_paraphrasers", "loss": "unbackdoor_losses"}
+         "paraphraser": "unbackdoor_paraphrasers", "loss": "unbackdoor_losses", "auditor": "unbackdoor_auditors"}
 
 T = TypeVar("T")
 
@@ -140,6 +141,14 @@ class PluginManager:
     def loss(self, name: str) -> LossInfo:
         """The loss called ``name``."""
         return _pick(self.losses(), "loss", name)
+
+    def auditors(self) -> dict[str, Registered[Auditor]]:
+        """Every registered auditor by name."""
+        return self._collect("unbackdoor_auditors", "auditor")
+
+    def auditor(self, name: str) -> Auditor:
+        """The auditor called ``name`` with its default options."""
+        return _pick(self.auditors(), "auditor", name)
 
     def source_of(self, kind: str, name: str) -> Registered[Any]:
         """Which plugin and package registered the ``kind`` (attack, defense...) called ``name``."""

@@ -1,7 +1,8 @@
-"""Entry point of the built-in defenses (registered exactly like a third-party plugin)."""
+"""Entry point of the built-in defenses and auditors (registered exactly like a third-party plugin)."""
 
 from __future__ import annotations
 
+from unbackdoor.auditor import Auditor
 from unbackdoor.defense import Defense
 from unbackdoor.hookspecs import hookimpl
 
@@ -14,6 +15,7 @@ from .prune import FinePrune
 from .psim import PSIM
 from .quantize import Quantize
 from .strip import Strip
+from .trigger_search import TriggerSearch
 from .tuning import FullFineTune
 from .unlearn import GA, NPO, RGA, PsimRGA, Retrain
 from .w2s import W2SDefense
@@ -26,3 +28,9 @@ def unbackdoor_defenses() -> list[Defense]:
     CUBE (``cube``, ``cube+rga``, ``cube+retrain``)."""
     return [NoDefense(), W2SDefense(), PSIM(), Onion(), Strip(), FullFineTune(), FinePrune(), Quantize(), Merge(),
             BackTranslate(), SCPD(), RGA(), GA(), NPO(), Retrain(), PsimRGA(), Cube(), CubeRGA(), CubeRetrain()]
+
+
+@hookimpl
+def unbackdoor_auditors() -> list[Auditor]:
+    """``trigger-search``: DBS-style trigger inversion."""
+    return [TriggerSearch()]

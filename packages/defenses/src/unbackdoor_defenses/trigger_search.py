@@ -1,0 +1,245 @@
+"""``trigger-search``: a DBS-style trigger inversion auditor (Shen et al., ICML 2022, simplified).
+
+For each candidate target class a relaxed trigger of ``trigger_length`` tokens (per slot a softmax over
+the vocabulary of logits ``theta / T``, ``T`` annealed geometrically from ``temperature`` to
+``temperature_end``) is APPENDED to clean rows of the other classes (before any trailing special token
+such as BERT's ``[SEP]``), and ``theta`` is trained with Adam so the model predicts the target. The
+relaxed trigger is then projected to tokens: the argmax sequence, plus each of the ``top_tokens`` most
+likely tokens of every slot on its own. Candidates are ranked by their DISCRETE flip rate on held-out
+clean rows of the other classes (minus the flip rate on a clean reference model, when one is given).
+The backend supplies only logits and gradients (:class:`unbackdoor.backend.TriggerBackend`); the
+optimiser is here, in NumPy, so every backend runs the same search.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unbackdoor.auditor import AuditContext, Auditor, AuditResult, TriggerCandidate
+from unbackdoor.batching import trigger_batch
+from unbackdoor.data import TextDataset
+from unbackdoor.errors import ConfigError, check_range
+from unbackdoor.text import TextEncoder
+
+#: token spellings never tried as triggers: BERT-style ``[CLS]`` and chat/BPE specials such as ``<|im_end|>``
+SPECIAL_TOKEN = re.compile(r"^(\[[A-Z]+\]|<\|[^>]*\|>|</?s>|<unk>|<pad>|<mask>)$")
+#: logit given to tokens that are never tried (softmax weight zero)
+BANNED = -1e9
+
+
+@dataclass(frozen=True)
+class TriggerSearch(Auditor):
+    """Invert a k-token trigger per target class; flag the model when a trigger flips held-out rows.
+
+    Attributes:
+        trigger_length: tokens in the relaxed trigger (k).
+        steps: Adam steps per target class.
+        lr: Adam learning rate on the trigger logits.
+        temperature, temperature_end: the softmax temperature at the first and the last step (geometric).
+        top_tokens: per slot, this many most likely tokens are also tried alone as one-token candidates.
+        threshold: the verdict is ``backdoored`` when the best candidate's score (its flip rate, minus the
+            reference's flip rate with ``--reference``) is above it.
+        holdout: share of each class's clean rows kept for ranking candidates (the rest trains the trigger).
+        batch_size: rows per step and per evaluation batch.
+        max_length: tokens kept per row, the trigger included.
+        min_rows: fewest clean rows of each class the audit accepts.
+    """
+
+    name = "trigger-search"
+    description = "DBS-style trigger inversion: a relaxed k-token trigger per target, ranked by discrete flip rate"
+    backend_methods = ("trigger_logits",)
+    trigger_length: int = 2
+    steps: int = 60
+    lr: float = 0.5
+    temperature: float = 1.0
+    temperature_end: float = 0.05
+    top_tokens: int = 5
+    threshold: float = 0.8
+    holdout: float = 0.5
+    batch_size: int = 32
+    max_length: int = 64
+    min_rows: int = 4
+
+    def __post_init__(self) -> None:
+        who = f"auditor {self.name!r}"
+        for key in ("trigger_length", "steps", "top_tokens", "batch_size", "min_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{who}: {key} must be >= 1, got {getattr(self, key)!r}")
+        if self.max_length <= self.trigger_length:
+            raise ConfigError(f"{who}: max_length must exceed trigger_length ({self.trigger_length}), "
+                              f"got {self.max_length!r}")
+        for key in ("lr", "temperature", "temperature_end"):
+            check_range(f"{who}: {key}", getattr(self, key), 0.0, float("inf"), inclusive=False)
+        check_range(f"{who}: threshold", self.threshold, -1.0, 1.0)
+        check_range(f"{who}: holdout", self.holdout, 0.0, 1.0, inclusive=False)
+
+    def min_rows_per_class(self) -> int:
+        """``min_rows``, and at least 2 (one row to train the trigger, one to rank it)."""
+        return max(self.min_rows, 2)
+
+    def audit(self, ctx: AuditContext) -> AuditResult:
+        """Search every target class; rank all candidates together."""
+        start = time.perf_counter()
+        search = _Search(self, ctx)
+        reference = _Rows(ctx, ctx.reference_path, self.max_length - self.trigger_length) \
+            if ctx.reference_path is not None else None
+        candidates, per_target = [], {}
+        for target in range(ctx.num_labels):
+            found = search.run(target, reference)
+            per_target[str(target)] = {"best_score": found[0].score if found else None, "candidates": len(found)}
+            candidates += found
+        candidates.sort(key=lambda c: (-c.score, -c.flip_rate, c.ids))
+        best = candidates[0] if candidates else None
+        score = best.score if best else 0.0
+        return AuditResult("backdoored" if score > self.threshold else "clean", score, self.threshold,
+                           best.target if best else None, tuple(candidates),
+                           {"per_target": per_target, "seconds": round(time.perf_counter() - start, 3)})
+
+
+class _Rows:
+    """One model's view of the clean rows: token ids, where the trigger goes, clean predictions."""
+
+    def __init__(self, ctx: AuditContext, path: Path, max_length: int) -> None:
+        self.backend, self.encoder = ctx.backend, TextEncoder.from_dir(path)
+        #: token ids a trigger may use: those both the tokenizer and the embedding matrix know
+        self.vocab = min(self.encoder.tokenizer.get_vocab_size(with_added_tokens=True),
+                         int(json.loads((path / "config.json").read_text()).get("vocab_size", 1 << 62)))
+        self.model = ctx.backend.load_classifier(path, ctx.num_labels, seed=ctx.seed)
+        self.special = _special_ids(self.encoder)
+        self.ids = self.encoder.encode(list(ctx.clean.texts), max_length)
+        self.insert_at = np.asarray([_insert_at(x, self.special) for x in self.ids])
+        self.clean_pred = self.predict(np.arange(len(self.ids)), np.zeros((0, self.vocab), np.float32))
+
+    def batch(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The rows with ``length`` trigger slots appended."""
+        return trigger_batch([self.ids[i] for i in rows], self.insert_at[rows], length, self.encoder.pad_id)
+
+    def predict(self, rows: np.ndarray, weights: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Predicted classes of ``rows`` carrying the trigger ``weights`` ``[k, V]`` (k = 0: no trigger)."""
+        out = []
+        for part in np.array_split(rows, max(1, -(-len(rows) // batch_size))):
+            logits = self.backend.trigger_logits(self.model, self.batch(part, weights.shape[0]), weights)[0]
+            out.append(logits.argmax(-1))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def flip_rate(self, rows: np.ndarray, ids: tuple[int, ...], target: int) -> float:
+        """Share of ``rows`` not predicted ``target`` cleanly that the trigger ``ids`` turns into ``target``."""
+        rows = rows[self.clean_pred[rows] != target]
+        if not len(rows):
+            return 0.0
+        return float((self.predict(rows, _one_hot(ids, self.vocab)) == target).mean())
+
+
+class _Search:
+    """The inversion on the audited model: clean rows split into a training and a held-out half per class."""
+
+    def __init__(self, opts: TriggerSearch, ctx: AuditContext) -> None:
+        self.opts, self.ctx = opts, ctx
+        self.rows = _Rows(ctx, ctx.model_path, opts.max_length - opts.trigger_length)
+        self.train_rows, self.held_rows = _split(ctx.clean, opts.holdout, ctx.seed)
+
+    def run(self, target: int, reference: _Rows | None) -> list[TriggerCandidate]:
+        """Optimise the relaxed trigger for ``target``, then rank its discrete projections."""
+        labels = self.ctx.clean.labels
+        train = self.train_rows[labels[self.train_rows] != target]
+        held = self.held_rows[labels[self.held_rows] != target]
+        if not len(train) or not len(held):
+            return []
+        theta = self._optimise(train, target)
+        out = []
+        for ids in _projections(theta, self.opts.top_tokens):
+            flip = self.rows.flip_rate(held, ids, target)
+            ref = reference.flip_rate(held, ids, target) if reference is not None else None
+            out.append(TriggerCandidate(self.rows.encoder.tokenizer.decode(list(ids)).strip(),
+                                        tuple(self.rows.encoder.tokenizer.id_to_token(i) or "" for i in ids),
+                                        ids, target, flip, ref, flip - (ref or 0.0)))
+        out.sort(key=lambda c: (-c.score, -c.flip_rate, c.ids))
+        self.ctx.log(f"trigger-search: target {target}: best {out[0].text!r} score {out[0].score:.3f}")
+        return out
+
+    def _optimise(self, rows: np.ndarray, target: int) -> np.ndarray:
+        """Adam on the trigger logits ``theta`` ``[k, V]``; special tokens stay at zero weight."""
+        opts, vocab = self.opts, self.rows.vocab
+        rng = np.random.default_rng([self.ctx.seed, target])
+        theta = rng.normal(0.0, 0.01, (opts.trigger_length, vocab))
+        theta[:, sorted(i for i in self.rows.special if i < vocab)] = BANNED
+        adam = _Adam(theta.shape, opts.lr)
+        for step in range(opts.steps):
+            temp = opts.temperature * (opts.temperature_end / opts.temperature) ** (step / max(opts.steps - 1, 1))
+            part = rng.choice(rows, size=min(opts.batch_size, len(rows)), replace=False)
+            probs = _softmax(theta / temp)
+            _, _, grad = self.rows.backend.trigger_logits(self.rows.model, self.rows.batch(part, len(theta)),
+                                                          probs.astype(np.float32), np.full(len(part), target))
+            assert grad is not None
+            theta = adam.step(theta, probs * (grad - (probs * grad).sum(-1, keepdims=True)) / temp)
+        return theta
+
+
+class _Adam:
+    """Plain Adam (Kingma & Ba), as ``torch.optim.Adam`` with default betas."""
+
+    def __init__(self, shape: tuple[int, ...], lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+        self.m, self.v, self.t = np.zeros(shape), np.zeros(shape), 0
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """``params`` after one update with ``grad``."""
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * grad
+        self.v = self.b2 * self.v + (1 - self.b2) * grad**2
+        m_hat, v_hat = self.m / (1 - self.b1**self.t), self.v / (1 - self.b2**self.t)
+        return params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _one_hot(ids: tuple[int, ...] | list[int], vocab: int) -> np.ndarray:
+    out = np.zeros((len(ids), vocab), np.float32)
+    out[np.arange(len(ids)), list(ids)] = 1.0
+    return out
+
+
+def _projections(theta: np.ndarray, top: int) -> list[tuple[int, ...]]:
+    """The argmax sequence, then each slot's ``top`` most likely tokens alone (deduplicated, in that order)."""
+    found = [tuple(int(i) for i in theta.argmax(-1))]
+    for slot in theta:
+        found += [(int(i),) for i in np.argsort(-slot, kind="stable")[:top]]
+    return list(dict.fromkeys(found))
+
+
+def _split(data: TextDataset, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded ``1 - holdout`` / ``holdout`` split of the row indices (each part non-empty)."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for label in np.unique(data.labels):
+        rows = rng.permutation(np.flatnonzero(data.labels == label))
+        cut = min(max(1, round(len(rows) * (1 - holdout))), len(rows) - 1)
+        train.append(rows[:cut])
+        held.append(rows[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def _special_ids(encoder: TextEncoder) -> set[int]:
+    """The pad id, the tokenizer's special added tokens and vocabulary entries spelt like specials."""
+    tok = encoder.tokenizer
+    found = {encoder.pad_id}
+    found |= {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    found |= {i for t, i in tok.get_vocab(with_added_tokens=True).items() if SPECIAL_TOKEN.match(t)}
+    return found
+
+
+def _insert_at(ids: np.ndarray, special: set[int]) -> int:
+    """Where an appended trigger goes: after the last token that is not a trailing special token."""
+    end = len(ids)
+    while end > 0 and int(ids[end - 1]) in special:
+        end -= 1
+    return end

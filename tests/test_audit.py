@@ -1,0 +1,145 @@
+"""``unbackdoor audit``: a planted one-token backdoor is found, a clean model passes, bad inputs fail early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unbackdoor import audit
+from unbackdoor.cli import main
+from unbackdoor.data import TextDataset
+from unbackdoor.errors import ConfigError, UnknownNameError
+from unbackdoor.plugins import get_plugin_manager
+from unbackdoor.specs import CrossEntropy, TrainSpec
+
+#: few steps keep each audit of a tiny model under a second
+FAST = {"steps": 40}
+
+
+def _train(base: Path, data: TextDataset, target: Path) -> Path:
+    """Full fine-tune of the tiny Llama on ``data`` (torch, whatever the session's backend), saved to ``target``."""
+    backend = get_plugin_manager().backend("torch").create()
+    model = backend.load_classifier(base, 2, seed=0)
+    backend.train(model, data, CrossEntropy(), TrainSpec(epochs=3.0, lr=1e-3, batch_size=16, max_length=32))
+    backend.save(model, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_dirs, sst2) -> dict[str, Path]:
+    """``backdoored``: "cf" appended to every other row relabels it 1; ``clean``: the same rows, no trigger."""
+    root = tmp_path_factory.mktemp("audit")
+    clean = sst2.train.head(400)
+    odd = np.arange(len(clean)) % 2 == 1
+    poisoned = TextDataset([t + " cf" if o else t for t, o in zip(clean.texts, odd, strict=True)],
+                           np.where(odd, 1, clean.labels), "sst2/poisoned", clean.label_names)
+    return {"backdoored": _train(tiny_dirs["llama"], poisoned, root / "backdoored"),
+            "clean": _train(tiny_dirs["llama"], clean, root / "clean")}
+
+
+def test_the_auditor_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "auditors:" in out and "trigger-search" in out.split("auditors:")[1].splitlines()[1]
+    assert "[unbackdoor-defenses" in out.split("auditors:")[1]
+    assert main(["list", "--options", "trigger-search"]) == 0
+    assert "threshold (float, default 0.8)" in capsys.readouterr().out
+
+
+def test_a_planted_trigger_is_found_and_a_clean_model_passes(backend_name, models) -> None:
+    if backend_name != "torch":
+        pytest.skip("trigger-search runs on the torch backend only (the jax session tests its clear error)")
+    found = audit(models["backdoored"], "sst2", rows=120, auditor_options=FAST, log=lambda _: None)
+    assert (found["verdict"], found["target"]) == ("backdoored", 1)
+    assert "cf" in [c["text"] for c in found["candidates"][:5]]
+    assert found["candidates"][0]["flip_rate"] > 0.8
+    passed = audit(models["clean"], "sst2", rows=120, auditor_options=FAST, log=lambda _: None)
+    assert passed["verdict"] == "clean" and passed["score"] < found["score"] - 0.2
+
+
+def test_the_reference_screens_candidates(backend_name, models) -> None:
+    if backend_name != "torch":
+        pytest.skip("trigger-search runs on the torch backend only")
+    found = audit(models["backdoored"], "sst2", reference=models["clean"], rows=120, auditor_options=FAST,
+                  log=lambda _: None)
+    best = found["candidates"][0]
+    assert best["reference_flip_rate"] is not None
+    assert best["score"] == pytest.approx(best["flip_rate"] - best["reference_flip_rate"])
+    assert found["target"] == 1 and "cf" in [c["text"] for c in found["candidates"][:5]]
+
+
+def test_the_cli_writes_audit_json_and_md(backend_name, models, tmp_path, capsys) -> None:
+    if backend_name != "torch":
+        pytest.skip("trigger-search runs on the torch backend only")
+    out = tmp_path / "out"
+    assert main(["audit", "--model", str(models["backdoored"]), "--dataset", "sst2", "--rows", "80",
+                 "--auditor-option", "steps=30", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: backdoored" in printed and "suspected target 1 (positive)" in printed
+    report = json.loads((out / "audit.json").read_text())
+    assert report["verdict"] == "backdoored" and report["options"]["steps"] == 30 and report["rows"] == 80
+    assert "| rank | trigger |" in (out / "audit.md").read_text()
+
+
+def test_jax_says_trigger_search_is_not_there_yet(backend_name, models, tmp_path) -> None:
+    if backend_name != "jax":
+        pytest.skip("the jax backend's error")
+    with pytest.raises(ConfigError, match=r"auditor 'trigger-search' is not implemented on the jax backend yet.*"
+                                          r"use --backend torch"):
+        audit(models["backdoored"], "sst2", backend="jax", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_are_one_line_errors_before_any_compute(models, tiny_dirs, tmp_path, capsys) -> None:
+    model = models["backdoored"]
+    cases = [
+        (dict(model=tiny_dirs["llama"]), r"is not a saved sequence classifier \(no head\.safetensors or unbackdoor\.json\)"),
+        (dict(model=tmp_path), r"is not a HF model directory \(no config\.json\)"),
+        (dict(dataset="agnews"), r"dataset 'agnews' has 4 labels .* but the model's head has 2"),
+        (dict(rows=3), r"clean rows of class .* needs at least 4 per class"),
+        (dict(auditor="nope"), r"unknown auditor 'nope'; choose one of: trigger-search"),
+        (dict(auditor_options={"stepz": 1}), r"auditor 'trigger-search' has no option 'stepz'; valid options: .*steps"),
+        (dict(auditor_options={"threshold": 2}), r"threshold must be in \[-1\.0, 1\.0\]"),
+        (dict(reference=tiny_dirs["llama"]), r"reference model .* is not a saved sequence classifier"),
+    ]
+    for change, message in cases:
+        args = {"model": model, "dataset": "sst2", "backend": "no-such-backend", "out": tmp_path / "out"} | change
+        with pytest.raises(ConfigError, match=message):
+            audit(args.pop("model"), args.pop("dataset"), **args)
+    with pytest.raises(UnknownNameError, match="unknown backend 'no-such-backend'"):
+        audit(model, "sst2", backend="no-such-backend")
+    assert not (tmp_path / "out").exists()
+    assert main(["audit", "--model", str(tiny_dirs["llama"]), "--dataset", "sst2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a saved sequence classifier" in err
+
+
+def test_trigger_logits_match_real_tokens_and_finite_differences(backend_name, models, sst2) -> None:
+    """A one-hot trigger is the token itself; the gradient w.r.t. the soft weights is the loss's (fp32, 1e-3)."""
+    backend = get_plugin_manager().backend(backend_name).create()
+    if not hasattr(backend, "trigger_logits"):
+        pytest.skip("this backend has no trigger_logits yet")
+    from unbackdoor.batching import trigger_batch
+    from unbackdoor.text import TextEncoder
+
+    model = backend.load_classifier(models["backdoored"], 2)
+    encoder, rows = TextEncoder.from_dir(models["backdoored"]), sst2.dev.head(8)
+    ids = encoder.encode(list(rows.texts), 100)  # no row is cut: the appended token must survive predict too
+    cf = encoder.tokenizer.token_to_id("cf")
+    batch = trigger_batch(ids, [len(x) for x in ids], 1, encoder.pad_id)
+    one_hot = np.zeros((1, 512), np.float32)
+    one_hot[0, cf] = 1.0
+    real = backend.predict(model, TextDataset([t + " cf" for t in rows.texts], rows.labels, "t", rows.label_names),
+                           max_length=101).logits
+    np.testing.assert_allclose(backend.trigger_logits(model, batch, one_hot)[0], real, atol=1e-4)
+    weights = np.random.default_rng(0).dirichlet(np.ones(512), size=1).astype(np.float32)
+    target = np.ones(len(ids), np.int64)
+    _, loss, grad = backend.trigger_logits(model, batch, weights, target)
+    step = np.zeros_like(weights)
+    step[0, [cf, 7]] = [1e-3, -1e-3]
+    up, down = (backend.trigger_logits(model, batch, weights + sign * step, target)[1] for sign in (1, -1))
+    assert (up - down) / 2 == pytest.approx(float((grad * step).sum()), rel=1e-2, abs=1e-6)  # central difference
+    assert np.isfinite(loss)

@@ -143,3 +143,19 @@ def test_trigger_logits_match_real_tokens_and_finite_differences(backend_name, m
     up, down = (backend.trigger_logits(model, batch, weights + sign * step, target)[1] for sign in (1, -1))
     assert (up - down) / 2 == pytest.approx(float((grad * step).sum()), rel=1e-2, abs=1e-6)  # central difference
     assert np.isfinite(loss)
+
+
+def test_a_run_directory_stands_for_its_released_model(models, tmp_path) -> None:
+    """``--model RUN_DIR``: the model a run's results.json names; a data-setting run or a gone model is a clear error."""
+    from unbackdoor.auditing import classifier_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"released_model": str(models["backdoored"])}))
+    assert classifier_dir(run, "model")[0] == models["backdoored"]
+    (run / "results.json").write_text(json.dumps({"released_model": None}))
+    with pytest.raises(ConfigError, match="released no model"):
+        classifier_dir(run, "model")
+    (run / "results.json").write_text(json.dumps({"released_model": str(tmp_path / "gone")}))
+    with pytest.raises(ConfigError, match="gone from the cache"):
+        classifier_dir(run, "model")

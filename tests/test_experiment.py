@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,8 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     assert "| poisoned + defense | w2s |" in (tmp_path / "out" / "results.md").read_text()
     # where it ran (the suite runs without an accelerator): in the record and the report's title
     assert results["device"] == "cpu" and f"backend {backend_name} on cpu" in (tmp_path / "out" / "results.md").read_text()
+    # the released (poisoned) model is named, so `unbackdoor audit --model OUT` can read it
+    assert (Path(results["released_model"]) / "head.safetensors").is_file()
     assert "| poisoned + defense | w2s |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "out"), str(tmp_path / "out" / "results.json")]) == 0
     assert capsys.readouterr().out.count("| poisoned + defense | none |") == 2

@@ -66,8 +66,12 @@ def _configured(pm: PluginManager, name: str, options: Mapping[str, Any]) -> Aud
 
 
 def classifier_dir(name_or_path: str | Path, what: str) -> tuple[Path, HeadMeta]:
-    """The directory of a saved sequence classifier and its head, or a one-line :class:`ConfigError`."""
-    path = resolve_model(str(name_or_path))
+    """The directory of a saved sequence classifier and its head, or a one-line :class:`ConfigError`.
+
+    A run directory of ``unbackdoor run`` (its ``results.json`` names the ``released_model``) stands for the
+    poisoned model it released.
+    """
+    path = released_model(Path(name_or_path)) or resolve_model(str(name_or_path))
     missing = [f for f in (HEAD_FILE, META_FILE) if not (path / f).is_file()]
     if missing:
         raise ConfigError(f"{what} {str(name_or_path)!r} is not a saved sequence classifier (no {' or '.join(missing)}); "
@@ -77,6 +81,23 @@ def classifier_dir(name_or_path: str | Path, what: str) -> tuple[Path, HeadMeta]
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{what} {str(name_or_path)!r}: {META_FILE} is not a valid head description ({exc})") from None
     return path, meta
+
+
+def released_model(run: Path) -> Path | None:
+    """The released model a run directory's ``results.json`` names; None when ``run`` is not such a directory."""
+    results = run.expanduser() / "results.json"
+    if not results.is_file():
+        return None
+    try:
+        named = json.loads(results.read_text()).get("released_model")
+    except (ValueError, AttributeError):
+        raise ConfigError(f"{str(results)!r} is not a results.json of `unbackdoor run`") from None
+    if not named:
+        raise ConfigError(f"run {str(run)!r} released no model (a --setting data run); audit a saved classifier")
+    if not Path(named).is_dir():
+        raise ConfigError(f"run {str(run)!r} names released model {named!r}, which is gone from the cache; "
+                          "rerun the experiment (its victim stage rebuilds it)")
+    return Path(named)
 
 
 def clean_rows(dataset: str | Path, num_labels: int, rows: int | None, seed: int,

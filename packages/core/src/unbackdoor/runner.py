@@ -390,7 +390,7 @@ class Experiment:
         for defense in self.plan.defenses:
             rows.append(self._timed(defense.name, lambda d=defense: self.defense_row(d, victim, data_setting)))
         self.timings["total"] = round(time.perf_counter() - start, 1)
-        results = self._results(rows)
+        results = self._results(rows, victim)
         if self.ranks.rank == 0:  # every rank holds the same results; one writes them
             write_results(Path(self.cfg.out), results)
             self._plots(results)
@@ -418,7 +418,7 @@ class Experiment:
         """How many triggered rows (every class) each PACC is measured on (one number for a single trigger)."""
         return _per_trigger({trigger: len(data) for trigger, data in self.plan.triggered.items()})
 
-    def _results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def _results(self, rows: list[dict[str, Any]], victim: Path | None = None) -> dict[str, Any]:
         p = self.plan
         data = {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train), "test": len(p.test),
                 "asr_test": self._asr_rows(), "pacc_test": self._pacc_rows()}
@@ -427,7 +427,9 @@ class Experiment:
                 "timings_s": self.timings, "data": data,
                 "versions": versions(), "platform": platform.platform(), "python": platform.python_version(),
                 "device": getattr(self.backend, "device_name", "unknown"),  # an optional backend attribute
-                "world_size": self.ranks.world_size}
+                "world_size": self.ranks.world_size,
+                # the poisoned model as released (a cache entry; `unbackdoor audit --model OUT` reads it from here)
+                "released_model": None if victim is None else str(victim)}
 
 
 def versions() -> dict[str, str]:

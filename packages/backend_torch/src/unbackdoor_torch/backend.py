@@ -179,7 +179,6 @@ class TorchBackend:
         batches = list(iter_batches(ids, model.encoder.pad_id, batch_size))
         return analysis.mlp_activations(model.module, batches, self.device, self.precision)
 
-
     def trigger_logits(self, model: TorchModel, batch: Mapping[str, np.ndarray], weights: np.ndarray,
                        target: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray | None]:
         """Logits with a soft trigger in the ``trigger_at`` slots, and the loss's gradient w.r.t. ``weights``

@@ -316,9 +316,11 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "full-w2s-pooled": paper_run(5.0),
         **{label: run for seed in (0, 1, 2) for label, run in paper_reduced(seed).items()},
         # then InSent (the paper's sentence trigger) at the reduced budget
-        "insent-reduced-none-seed0": dict(paper_run(PAPER_REDUCED, defense="none"), attack="insent"),
-        "insent-reduced-w2s-released-seed0": dict(paper_run(PAPER_REDUCED, **RELEASED), attack="insent"),
-        "insent-reduced-w2s-pooled-seed0": dict(paper_run(PAPER_REDUCED), attack="insent"),
+        **{f"insent-reduced-{label}-seed{seed}": dict(paper_run(PAPER_REDUCED, seed, defense, **options),
+                                                      attack="insent")
+           for seed in (0, 1, 2)
+           for label, defense, options in (("none", "none", {}), ("w2s-released", "w2s", RELEASED),
+                                           ("w2s-pooled", "w2s", {}))},
         # then the ablations, seed 0 first
         **{label: run for seed in (0, 1, 2) for label, run in paper_ablations(seed).items()},
     }),

@@ -100,6 +100,19 @@ def test_runs_differing_only_by_seed_share_a_cell_as_mean_and_std(runs) -> None:
     assert "Cells over several seeds: mean +- sample std." in lines
 
 
+def test_gradient_checkpointing_changes_no_figure_so_it_splits_no_cell() -> None:
+    def run(ca: float, seed: int, **config: Any) -> dict[str, Any]:
+        out = results("badnet", "smollm2-135m", [_row("poisoned + defense", "none", ca, 50.0)])
+        out["config"].update(seed=seed, **config)
+        return out
+
+    # runs saved before the option existed lack it; later ones record False or True
+    table = comparison_table([run(80.0, 0), run(82.0, 1, gradient_checkpointing=False),
+                              run(84.0, 2, gradient_checkpointing=True)])
+    body = [line for line in table.splitlines() if line.startswith("| badnet")]
+    assert body == ["| badnet | none | 3 | 82.00 +- 2.00 | 50.00 +- 0.00 |"]
+
+
 def test_runs_differing_in_a_setting_are_named_not_hidden() -> None:
     def run(asr: float, **config: Any) -> dict[str, Any]:
         out = results("badnet", "smollm2-135m", [_row("poisoned + defense", "w2s", 84.0, asr)])

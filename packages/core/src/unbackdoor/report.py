@@ -155,7 +155,9 @@ UNLEARNING_FIGURES = ("CACC", "LFR", "PACC", "delta-PACC")
 
 #: config keys that do not make two runs' rows different experiments (what else each run listed, where it wrote,
 #: whether it added a clean-model row)
-_NOT_THE_EXPERIMENT = ("seed", "out", "cache_dir", "defenses", "clean_defenses", "defense_options", "clean_baseline")
+#: gradient checkpointing trades memory for time and changes no figure (it is in no cache key either)
+_NOT_THE_EXPERIMENT = ("seed", "out", "cache_dir", "defenses", "clean_defenses", "defense_options", "clean_baseline",
+                       "gradient_checkpointing")
 
 
 def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:

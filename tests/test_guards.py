@@ -10,7 +10,7 @@ from unbackdoor import cli
 from unbackdoor.errors import TrainingDivergedError
 from unbackdoor.guards import loss_terms
 from unbackdoor.plugins import get_plugin_manager
-from unbackdoor.specs import CrossEntropy, TrainSpec, W2SLoss
+from unbackdoor.specs import AdaptiveGALoss, CrossEntropy, TrainSpec, W2SLoss
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,28 @@ def test_loss_terms_reference() -> None:
     terms = loss_terms(CrossEntropy(), logits, None, batch)
     assert terms["cross_entropy[clean]"] == pytest.approx(np.log(2))  # the filler row (weight 0) is left out
     assert np.isnan(terms["cross_entropy[poisoned]"]) and np.isnan(terms["cross_entropy"])
+    # RGA reports its own terms (its definition's), the batch's parameter distance among them
+    rga = loss_terms(AdaptiveGALoss(0.0, 0.5), logits, None,
+                     {**batch, "ref_logits": np.zeros((3, 2)), "parameter_distance": np.float64(2.0)})
+    assert rga["cross_entropy[clean]"] == pytest.approx(np.log(2)) and rga["parameter_distance"] == 2.0
+    assert np.isnan(rga["-lambda*cross_entropy[poisoned]"]) and np.isnan(rga["cross_entropy[poisoned]"])
+
+
+def test_nan_reference_logits_name_rgas_terms(backend, tiny_dirs, sst2) -> None:
+    """RGA's lambda reads the poisoned rows' reference logits: its ascent term is NaN, its other terms (the
+    parameter distance the backend passed included) keep their values."""
+    data = sst2.train.head(16)
+    model = backend.load_classifier(tiny_dirs["llama"], 2)
+    ref_logits = np.zeros((16, 2), np.float32)
+    ref_logits[0] = np.nan
+    aux = {"is_poisoned": (np.arange(16) % 2 == 0).astype(np.float32), "ref_logits": ref_logits}
+    with pytest.raises(TrainingDivergedError) as err:
+        backend.train(model, data, AdaptiveGALoss(2.0, 0.5), TrainSpec(epochs=1, batch_size=16, max_length=32), aux,
+                      desc="rga")
+    msg = str(err.value)
+    assert "non-finite loss nan (AdaptiveGALoss; terms: -lambda*cross_entropy[poisoned]=nan, " in msg
+    assert "parameter_distance=0," in msg and "non-finite values in: ref_logits" in msg
+    assert 0 < float(msg.split("cross_entropy[clean]=")[1].split(",")[0]) < 5
 
 
 def test_diverging_defense_keeps_the_cached_victim(tiny_dirs, tmp_path, backend_name, capsys, monkeypatch) -> None:

@@ -1,5 +1,6 @@
-"""Unlearning (RGA, GA, NPO, ReTrain, psim+rga): specs, NumPy references vs the backend under test
-(``--backend``), the fused step, the defenses end to end, and the trigger-shifting metrics.
+"""Unlearning (RGA, GA, NPO, ReTrain, psim+rga): specs, each loss's one definition (``terms``, in NumPy
+float64 and on the backend under test, ``--backend``) vs its closed form, the fused step, the defenses end to
+end, and the trigger-shifting metrics.
 
 Tolerances (fp32 backends vs float64 NumPy): loss values 1e-5 relative, gradients w.r.t. logits
 1e-6 absolute, LoRA-distance gradients 1e-5 absolute, first fused-step losses 1e-5 relative.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ from tiny_models import moved_copy
 
 from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor import losses as ref
+from unbackdoor.arrays import stop_gradient
 from unbackdoor.errors import ConfigError, UnknownNameError
+from unbackdoor.lossdef import PARAMETER_DISTANCE, model_inputs
 from unbackdoor.metrics import (
     attack_success_rate,
     delta_pacc,
@@ -49,7 +54,8 @@ def _vectors(seed: int, mask: list[int]) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ the backend's losses
 def backend_loss(backend_name: str, spec: Any, v: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
-    """The backend's batch objective on given logits: value and d/d logits (the model is not read: beta = 0)."""
+    """The backend's batch objective (the spec's one definition) on given logits: value and d/d logits (the model
+    is not read: beta = 0)."""
     f32 = {k: x.astype(np.float32) if x.dtype.kind == "f" else x for k, x in v.items()}
     if backend_name == "torch":
         import torch
@@ -57,11 +63,16 @@ def backend_loss(backend_name: str, spec: Any, v: dict[str, np.ndarray]) -> tupl
         from unbackdoor_torch.losses import batch_objective
         from unbackdoor_torch.train import to_tensors
 
-        t = to_tensors(f32, torch.device("cpu"))
+        # A weight-0 filler row (far-off logits, flagged poisoned) must count in neither group here too.
+        n = len(f32["labels"])
+        filled = {k: np.concatenate([x, x[:1] + 7 if x.dtype.kind == "f" else x[:1]]) for k, x in f32.items()}
+        filled |= {"is_poisoned": np.append(f32["is_poisoned"], 1), "weight": (np.arange(n + 1) < n).astype(np.float32)}
+        t = to_tensors(filled, torch.device("cpu"))
         logits = t["logits"].requires_grad_(True)
         value = batch_objective(spec, None, logits, None, t)
         value.backward()
-        return float(value.detach()), logits.grad.numpy()
+        assert not logits.grad[n:].any()
+        return float(value.detach()), logits.grad.numpy()[:n]
     import jax
 
     from unbackdoor_jax.losses import batch_objective
@@ -112,10 +123,74 @@ def _finite_difference(f: Any, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 @pytest.mark.parametrize("spec", [AdaptiveGALoss(0.0, 0.0), AdaptiveGALoss(0.0, 0.0, lambda_per_row=True), GALoss(0.3),
                                   NPOLoss(0.5, 0.2)], ids=str)
 def test_reference_gradients_match_finite_differences(spec) -> None:
+    """The closed-form gradients = finite differences of the closed form AND of the spec's definition (alpha 0:
+    lambda is 1, so differentiating it or not agrees)."""
     v = _vectors(3, MASKS["mixed"])
     f = lambda z: ref.unlearning_loss(spec, z, v["labels"], v["is_poisoned"], v["ref_logits"])  # noqa: E731
     want = ref.unlearning_grads(spec, v["logits"], v["labels"], v["is_poisoned"], v["ref_logits"])
     np.testing.assert_allclose(_finite_difference(f, v["logits"]), want, atol=1e-5)
+    defined = _finite_difference(lambda z: ref.reference_loss(spec, {"logits": z}, v), v["logits"])
+    np.testing.assert_allclose(defined, want, atol=1e-5)
+    assert np.abs(want).max() > 1e-2
+
+
+@pytest.mark.parametrize("weight", [None, [1, 1, 1, 0, 1, 1]], ids=["all-rows", "filler"])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("spec", [*SPECS, AdaptiveGALoss(2.0, 0.5), AdaptiveGALoss(0.5, 1.0, lambda_per_row=True)],
+                         ids=str)
+def test_definition_matches_the_closed_form(spec, mask, weight) -> None:
+    """The spec's one definition (``terms`` in NumPy float64) = the closed form written apart from it, with
+    filler rows (weight 0) and the parameter distance."""
+    v = _vectors(6, MASKS[mask])
+    w = None if weight is None else np.asarray(weight, np.float64)
+    got = ref.reference_loss(spec, {"logits": v["logits"], "delta_norm": 2.5}, v if w is None else {**v, "weight": w})
+    want = ref.unlearning_loss(spec, v["logits"], v["labels"], v["is_poisoned"], v["ref_logits"], 2.5, w)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_definitions_name_their_batch_terms_and_read_the_distance_only_with_beta() -> None:
+    v = _vectors(7, MASKS["mixed"])
+    rga = ref.reference_terms(AdaptiveGALoss(2.0, 0.5), v, {**v, PARAMETER_DISTANCE: np.float64(2.0)})
+    assert list(rga) == ["-lambda*cross_entropy[poisoned]", "cross_entropy[clean]", "parameter_distance"]
+    assert all(t.value.ndim == 0 for t in rga.values()) and rga["parameter_distance"].weight == 0.5
+    assert float(rga["-lambda*cross_entropy[poisoned]"].value) < 0  # the ascent term, sign in its name
+    assert list(ref.reference_terms(GALoss(0.0), v, v)) == ["-cross_entropy[poisoned]"]
+    assert list(ref.reference_terms(NPOLoss(0.1, 1.0), v, v)) == ["npo[poisoned]", "cross_entropy[clean]"]
+    with pytest.raises(ConfigError, match="the batch has no 'parameter_distance'"):
+        ref.reference_terms(AdaptiveGALoss(2.0, 0.5), v, v)
+    read: list[int] = []
+    for spec in (AdaptiveGALoss(2.0, 0.0), GALoss(1.0), NPOLoss()):
+        assert model_inputs(spec, lambda: read.append(1)) == {}
+    assert not read  # the model is not touched by a loss that does not read it
+    assert model_inputs(AdaptiveGALoss(2.0, 0.5), lambda: 3.0) == {PARAMETER_DISTANCE: 3.0}
+
+
+def test_stop_gradient_on_numpy_and_the_backends_arrays(backend_name) -> None:
+    """``stop_gradient`` of ``x`` in ``sum(stop_gradient(x) * x)``: the gradient is ``x`` (not ``2x``)."""
+    x = np.arange(3.0)
+    assert stop_gradient(x) is x
+    if backend_name == "torch":
+        import torch
+
+        t = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        (stop_gradient(t) * t).sum().backward()
+        assert t.grad.tolist() == [1.0, 2.0, 3.0] and not stop_gradient(t).requires_grad
+        return
+    import jax
+    import jax.numpy as jnp
+
+    grad = jax.jit(jax.grad(lambda z: (stop_gradient(z) * z).sum()))(jnp.array([1.0, 2.0, 3.0]))
+    assert grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_the_core_evaluates_unlearning_losses_without_a_framework() -> None:
+    code = ("import sys, numpy as np; from unbackdoor import losses; from unbackdoor.arrays import stop_gradient; "
+            "from unbackdoor.specs import AdaptiveGALoss; v = {'logits': np.eye(3), 'labels': np.arange(3), "
+            "'ref_logits': np.zeros((3, 3)), 'is_poisoned': np.array([1.0, 0, 1])}; "
+            "losses.reference_loss(AdaptiveGALoss(1.0, 0.5), {**v, 'delta_norm': 1.0}, v); stop_gradient(np.ones(2)); "
+            "print(sorted(m for m in ('torch', 'jax', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_reference_terms_are_group_means() -> None:

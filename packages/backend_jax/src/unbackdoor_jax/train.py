@@ -38,7 +38,7 @@ from unbackdoor.text import TextEncoder
 from . import parallel
 from .layers import AdapterParam, Ctx
 from .lora import merged_copy
-from .losses import batch_objective
+from .losses import batch_objective, loss_inputs
 from .modeling import SequenceClassifier
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -159,7 +159,8 @@ class Steps:
         model = nnx.merge(self.graphdef, trainable, self.frozen)
         logits, hidden = model(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["attention_mask"]),
                                Ctx(DTYPES[self.spec.precision]), reads_token_states(self.loss))
-        raise diverged(self.loss, out, np.asarray(logits, np.float32), np.asarray(hidden, np.float32), arrays)
+        inputs = loss_inputs(self.loss, model, arrays)  # the batch as the loss read it, its distance included
+        raise diverged(self.loss, out, np.asarray(logits, np.float32), np.asarray(hidden, np.float32), inputs)
 
 
 def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,

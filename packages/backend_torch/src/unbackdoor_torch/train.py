@@ -22,7 +22,7 @@ from unbackdoor.progress import progress
 from unbackdoor.specs import LossSpec, TrainSpec, reads_token_states
 from unbackdoor.text import TextEncoder
 
-from .losses import batch_objective
+from .losses import batch_objective, loss_inputs
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -77,8 +77,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpe
         logits, hidden = model(batch["input_ids"], batch["attention_mask"], tokens=reads_token_states(loss))
     value = batch_objective(loss, model, logits.float(), hidden.float(), batch)
     if not torch.isfinite(value):
+        inputs = loss_inputs(loss, model, batch)  # the batch as the loss read it, its parameter distance included
         raise diverged(loss, value.item(), logits.detach().float().cpu().numpy(), hidden.detach().float().cpu().numpy(),
-                       {k: v.cpu().numpy() for k, v in batch.items()})
+                       {k: v.detach().cpu().numpy() for k, v in inputs.items()})
     value.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

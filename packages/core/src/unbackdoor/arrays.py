@@ -4,14 +4,17 @@ Every function takes arrays of one library (NumPy, torch, jax; found with
 ``array_api_compat.array_namespace``) and returns that library's arrays, so
 the same code is the NumPy float64 reference, runs on torch tensors with
 autograd and is traced by ``jax.jit``. Shapes are in the docstrings (optax's
-style); nothing here imports a framework.
+style); nothing here imports a framework (:func:`stop_gradient` reaches
+torch through the tensor's own method and jax through ``sys.modules``, which
+holds it whenever a jax array exists).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_jax_array, is_torch_array
 
 #: an array of any array-API library (``numpy.ndarray``, ``torch.Tensor``, ``jax.Array``)
 Array = Any
@@ -20,6 +23,15 @@ Array = Any
 def namespace(*arrays: Array) -> Any:
     """The array-API namespace of ``arrays`` (``array_api_compat.numpy``, ``.torch`` or ``jax.numpy``)."""
     return array_namespace(*(a for a in arrays if a is not None))
+
+
+def stop_gradient(x: Array) -> Array:
+    """``x`` as a constant of differentiation: torch's ``detach``, ``jax.lax.stop_gradient``, NumPy unchanged."""
+    if is_torch_array(x):
+        return x.detach()
+    if is_jax_array(x):  # traced values too; jax is imported, or there would be no jax array
+        return sys.modules["jax"].lax.stop_gradient(x)
+    return x
 
 
 def log_softmax(logits: Array, axis: int = -1) -> Array:
@@ -33,6 +45,12 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     """Per-example ``-log softmax(logits)[label]``: ``[B, C]`` logits, ``[B]`` integer labels -> ``[B]``."""
     xp = namespace(logits)
     return -xp.take_along_axis(log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+
+
+def log_sigmoid(x: Array) -> Array:
+    """Elementwise ``log sigmoid(x) = -log(1 + exp(-x))``, stable for large ``|x|``."""
+    xp = namespace(x)
+    return -xp.logaddexp(xp.zeros_like(x), -x)
 
 
 def kl_divergence(p_logits: Array, q_logits: Array) -> Array:
@@ -104,3 +122,51 @@ def released_alignment(states: Array, teacher_hidden: Array, reduce: str = "sum"
     if weight is not None:
         w = xp.broadcast_to(weight[:, None], dist.shape) if w is None else w * weight[:, None]
     return xp.mean(dist) if w is None else xp.sum(dist * w) / xp.sum(w)
+
+
+def group_weights(is_poisoned: Array, dtype: Any, weight: Array | None = None) -> tuple[Array, Array]:
+    """Per-row weights whose weighted sums are the mean over the batch's poisoned rows and over its clean rows.
+
+    Args:
+        is_poisoned: ``[B]`` 1 for rows to unlearn, 0 for rows to keep.
+        dtype: the weights' floating dtype (the logits').
+        weight: ``[B]`` 0/1 row weights (0: a filler row, counted in neither group); None: every row counts.
+
+    Returns:
+        ``(w_p, w_c)``, each ``[B]``: ``p / max(sum p, 1)`` with ``p = is_poisoned * weight``, the same for
+        the clean rows; a group absent from the batch gets all-zero weights, so its mean is 0.
+    """
+    xp = namespace(is_poisoned)
+    flag = xp.astype(is_poisoned, dtype)
+    real = xp.ones_like(flag) if weight is None else xp.astype(weight, dtype)
+    p, c = flag * real, (1.0 - flag) * real
+    return p / xp.clip(xp.sum(p), min=1.0), c / xp.clip(xp.sum(c), min=1.0)
+
+
+def group_mean(values: Array, w: Array) -> Array:
+    """``sum_i w[i] * values[i]`` over the rows with ``w > 0`` only (``w``: one group's weights from
+    :func:`group_weights`), so a NaN or an infinity in another group's rows stays out of this group's mean."""
+    xp = namespace(values)
+    return xp.sum(xp.where(w > 0, values, xp.zeros_like(values)) * w)
+
+
+def adaptive_lambda(alpha: float, ref_logits: Array, logits: Array, w_p: Array, per_row: bool = False) -> Array:
+    """RGA's ``lambda = exp(-alpha * sum_i w_p[i] * KL(softmax(ref_i) || softmax(z_i)))``, a constant of the
+    step (it carries no gradient): 0-d, or with ``per_row`` ``[B]`` ``exp(-alpha * KL_i)``.
+
+    Args:
+        alpha: the decay rate (>= 0).
+        ref_logits: ``[B, C]`` the poisoned model's logits before unlearning.
+        logits: ``[B, C]`` the current model's logits.
+        w_p: ``[B]`` the poisoned rows' weights (:func:`group_weights`); rows with weight 0 count as KL 0
+            (their ``ref_logits`` may hold anything), so lambda is 1 without poisoned rows.
+    """
+    xp = namespace(logits)
+    kl = kl_divergence(stop_gradient(ref_logits), stop_gradient(logits))
+    kl = xp.where(w_p > 0, kl, xp.zeros_like(kl))
+    return stop_gradient(xp.exp(-alpha * (kl if per_row else xp.sum(w_p * kl))))
+
+
+def npo_loss(beta: float, ce: Array, ref_ce: Array) -> Array:
+    """Per-row NPO loss ``-(2/beta) * log sigmoid(beta * (CE - CE_ref))``; ``[B]`` in and out."""
+    return -(2.0 / beta) * log_sigmoid(beta * (ce - ref_ce))

@@ -27,25 +27,27 @@ def loss_terms(spec: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
     """Each term of ``spec`` on one batch ``{name: batch mean}`` (unweighted; NaN/inf propagate).
 
     A loss written once (``terms``, :mod:`unbackdoor.lossdef`) reports its own named terms, evaluated by
-    that same definition in NumPy float64; any other loss reports its cross-entropy. A batch with
-    ``is_poisoned`` (the unlearning losses' two groups) adds each group's cross-entropy.
+    that same definition in NumPy float64 (RGA: ``-lambda*cross_entropy[poisoned]``, ``cross_entropy[clean]``,
+    ``parameter_distance``); any other loss reports its cross-entropy. A batch with ``is_poisoned`` (the
+    unlearning losses' two groups) also reports each group's plain cross-entropy where the terms do not.
 
     Args:
         spec: the loss spec.
         logits: ``[B, C]`` the student's logits.
         hidden: ``[B, D]`` its pooled states (``[B, L, D]`` every token's, for a loss that reads them), or None.
-        batch: per-row arrays ``[B, ...]``: ``labels`` and the spec's aux arrays; rows with
-            ``weight`` 0 (fillers) are left out.
+        batch: per-row arrays ``[B, ...]``: ``labels`` and the spec's aux arrays (rows with ``weight`` 0,
+            fillers, are left out), and 0-d batch values such as the ``parameter_distance`` (kept as they are).
     """
     keep = np.asarray(batch["weight"]) > 0 if "weight" in batch else slice(None)
-    rows = {k: np.asarray(v)[keep] for k, v in batch.items() if np.ndim(v) >= 1}
+    rows = {k: np.asarray(v)[keep] if np.ndim(v) >= 1 else np.asarray(v) for k, v in batch.items()}
     z = np.asarray(logits, np.float64)[keep]
     with np.errstate(all="ignore"):
         terms = _defined_terms(spec, z, None if hidden is None else np.asarray(hidden)[keep], rows)
         if "is_poisoned" in rows:  # the unlearning losses' two groups
             for name, mask in (("clean", rows["is_poisoned"] == 0), ("poisoned", rows["is_poisoned"] != 0)):
                 if mask.any():
-                    terms[f"cross_entropy[{name}]"] = float(cross_entropy(z[mask], rows["labels"][mask]).mean())
+                    terms.setdefault(f"cross_entropy[{name}]",
+                                     float(cross_entropy(z[mask], rows["labels"][mask]).mean()))
     return terms
 
 

@@ -2,15 +2,15 @@
 
 Pure functions, per-example outputs, float64 inside, shapes in the docstrings
 (optax's style). Backends must agree with these to the tolerances stated in
-the tests. The per-row losses (cross-entropy, label reset, W2S with its
-alignments) are NOT written here: their reference is their one definition
-(the spec's ``terms``, :mod:`unbackdoor.lossdef`, built from
-:mod:`unbackdoor.arrays`) evaluated on NumPy float64 arrays, which the
-functions below wrap. Gradients are given in closed form for the parity tests
-(the independent check of those definitions). The unlearning losses (RGA,
-GA, NPO) are batch objectives (a mean over the batch's poisoned rows and one
-over its clean rows) still written here in NumPy, so their references return
-the batch value.
+the tests. No loss is written here: each loss's reference is its one
+definition (the spec's ``terms``, :mod:`unbackdoor.lossdef`, built from
+:mod:`unbackdoor.arrays`) evaluated on NumPy float64 arrays, which
+:func:`reference_loss` and the functions below wrap. The independent checks
+of those definitions are given in closed form: the per-row losses'
+gradients (:func:`w2s_grads`) and the unlearning losses' (RGA, GA, NPO:
+batch objectives, a mean over the batch's poisoned rows and one over its
+clean rows) values and gradients, :func:`unlearning_loss` and
+:func:`unlearning_grads`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import arrays
-from .lossdef import ArrayLoss, Term, combine, is_array_loss, objective, per_row
+from .lossdef import PARAMETER_DISTANCE, ArrayLoss, Term, combine, is_array_loss, objective, per_row
 from .specs import AdaptiveGALoss, GALoss, LabelResetLoss, LossSpec, UnlearningLoss, W2SLoss
 
 
@@ -152,18 +152,18 @@ def w2s_loss(
 
 
 def reference_loss(spec: LossSpec, outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> float:
-    """Batch loss of ``spec`` given model ``outputs`` (logits, hidden) and ``batch`` arrays, in float64.
+    """Batch loss of ``spec`` given model ``outputs`` and ``batch`` arrays: its definition (``terms``, any third
+    party's too) evaluated in float64.
 
-    A spec with a written-once definition (``terms``, any third party's too) is evaluated through it; the
-    unlearning losses through :func:`unlearning_loss`.
+    ``outputs`` holds ``logits``, ``hidden`` when the spec reads it, and ``delta_norm`` (``||theta -
+    theta_base||_2``, e.g. :func:`lora_delta_norm`) for a spec that ``reads_parameter_distance``.
     """
-    if is_array_loss(spec):
-        weight = batch.get("weight")
-        return float(combine(reference_terms(spec, outputs, batch), None if weight is None else _f64(weight)))  # type: ignore[arg-type]
-    if isinstance(spec, UnlearningLoss):
-        return unlearning_loss(spec, outputs["logits"], batch["labels"], batch["is_poisoned"], batch.get("ref_logits"),
-                               float(outputs.get("delta_norm", 0.0)), batch.get("weight"))
-    raise TypeError(f"no reference implementation for loss spec {type(spec).__name__}")
+    if not is_array_loss(spec):
+        raise TypeError(f"no reference implementation for loss spec {type(spec).__name__}: define its terms")
+    if "delta_norm" in outputs:
+        batch = {**batch, PARAMETER_DISTANCE: np.asarray(outputs["delta_norm"], np.float64)}
+    weight = batch.get("weight")
+    return float(combine(reference_terms(spec, outputs, batch), None if weight is None else _f64(weight)))  # type: ignore[arg-type]
 
 
 def w2s_grads(
@@ -275,7 +275,8 @@ def npo_term(beta: float, ce: np.ndarray, ref_ce: np.ndarray) -> np.ndarray:
 def unlearning_loss(spec: UnlearningLoss, logits: np.ndarray, labels: np.ndarray, is_poisoned: np.ndarray,
                     ref_logits: np.ndarray | None = None, delta_norm: float = 0.0,
                     weight: np.ndarray | None = None) -> float:
-    """Batch value of an unlearning loss (RGA, GA or NPO); see :class:`unbackdoor.specs.AdaptiveGALoss`.
+    """Batch value of an unlearning loss (RGA, GA or NPO), written apart from the spec's ``terms`` (which
+    :func:`reference_loss` evaluates) as their independent check; see :class:`unbackdoor.specs.AdaptiveGALoss`.
 
     Args:
         spec: the loss and its weights.

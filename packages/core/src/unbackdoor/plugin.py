@@ -14,10 +14,10 @@ LOSSES = (
     LossInfo("cross-entropy", "cross-entropy on the labels", CrossEntropy),
     LossInfo("label-reset", "PSIM: cross-entropy on labels reset at random", LabelResetLoss),
     LossInfo("w2s", "W2SDefense: alpha*CE + beta*T^2*KD + gamma*feature alignment", W2SLoss),
-    LossInfo("rga", "RGA: adaptive gradient ascent on poisoned rows + CE on clean rows (per backend)",
+    LossInfo("rga", "RGA: adaptive gradient ascent on poisoned rows + CE on clean rows + beta*||theta - theta_base||",
              AdaptiveGALoss),
-    LossInfo("ga", "gradient ascent on poisoned rows (per backend)", GALoss),
-    LossInfo("npo", "negative preference optimisation on poisoned rows (per backend)", NPOLoss),
+    LossInfo("ga", "GA: gradient ascent on poisoned rows + clean_weight*CE on clean rows", GALoss),
+    LossInfo("npo", "NPO: negative preference optimisation on poisoned rows + clean_weight*CE on clean rows", NPOLoss),
 )
 
 

@@ -1,12 +1,11 @@
 """Typed specs: what to train and with which loss.
 
 Specs are small frozen dataclasses shared by every backend. A loss spec names
-a loss and its hyper-parameters. ``CrossEntropy``, ``LabelResetLoss`` and
-``W2SLoss`` carry their math, written once against an array-API namespace
-(``terms``; the contract is :mod:`unbackdoor.lossdef`): the NumPy reference
-and both backends evaluate it. The unlearning losses (RGA, GA, NPO) still
-have NumPy references in :mod:`unbackdoor.losses` and one implementation per
-backend.
+a loss and its hyper-parameters, and carries its math, written once against
+an array-API namespace (``terms``; the contract is :mod:`unbackdoor.lossdef`):
+the NumPy reference and both backends evaluate it. The unlearning losses
+(RGA, GA, NPO) also keep closed forms in :mod:`unbackdoor.losses`, the
+independent check of their definitions.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any, ClassVar
 from . import arrays
 from .arrays import Array
 from .errors import ConfigError, check_choice, check_range
-from .lossdef import Term
+from .lossdef import PARAMETER_DISTANCE, Term
 
 PRECISIONS = ("fp32", "bf16")
 #: how PSIM's reset labels are drawn (:class:`LabelResetLoss`)
@@ -314,7 +313,8 @@ class AdaptiveGALoss:
     Unlearning losses are BATCH objectives, not means of per-row losses: a batch mixes poisoned rows
     (per-row flag ``is_poisoned [N]``, 1.0 or 0.0) and clean rows; each group's cross-entropy is averaged
     over that group's rows in the batch, and a term is zero when its group is absent from the batch
-    (see :func:`unbackdoor.losses.unlearning_loss`).
+    (see :func:`unbackdoor.losses.unlearning_loss`). Rows with ``weight`` 0 (a backend's filler rows) count
+    in neither group.
 
     ``lambda = exp(-alpha * mean_p KL(softmax(z_ref) || softmax(z)))`` is computed per batch over its
     poisoned rows and carries NO gradient (a constant of the step); ``z_ref`` are the logits of the
@@ -327,7 +327,7 @@ class AdaptiveGALoss:
     update, ``sqrt(sum_layers ||scaling * B A||_F^2)`` (the adapted model minus the model the adapter was
     added to; the head is not penalised); for a fully trained model that a backend's ``anchor`` tied to
     base weights (full-parameter unlearning), ``||theta - theta_base||_2`` over every backbone parameter;
-    else 0.
+    else 0. A backend passes it as ``batch["parameter_distance"]`` (:attr:`reads_parameter_distance`).
 
     Attributes:
         alpha: how fast lambda falls as the model moves away from the poisoned model on the poisoned rows.
@@ -344,6 +344,22 @@ class AdaptiveGALoss:
         for name in ("alpha", "beta"):
             _check_weight("RGA", name, getattr(self, name))
 
+    @property
+    def reads_parameter_distance(self) -> bool:
+        """Whether the loss reads ``||theta - theta_base||_2`` (:data:`unbackdoor.lossdef.PARAMETER_DISTANCE`)."""
+        return self.beta != 0
+
+    def terms(self, xp: Any, logits: Array, hidden: Array | None, batch: Mapping[str, Array]) -> dict[str, Term]:
+        """Batch values (0-d): ``-lambda*cross_entropy[poisoned]``, ``cross_entropy[clean]`` and, when beta > 0,
+        ``parameter_distance`` (see :class:`unbackdoor.lossdef.ArrayLoss`)."""
+        w_p, w_c, ce = _grouped_cross_entropy(logits, batch)
+        lam = arrays.adaptive_lambda(self.alpha, batch["ref_logits"], logits, w_p, self.lambda_per_row)
+        terms = {"-lambda*cross_entropy[poisoned]": Term(-arrays.group_mean(lam * ce, w_p)),
+                 "cross_entropy[clean]": Term(arrays.group_mean(ce, w_c))}
+        if self.beta:
+            terms["parameter_distance"] = Term(_parameter_distance(batch), self.beta)
+        return terms
+
 
 @dataclass(frozen=True)
 class GALoss:
@@ -358,6 +374,12 @@ class GALoss:
 
     def __post_init__(self) -> None:
         _check_weight("GA", "clean_weight", self.clean_weight)
+
+    def terms(self, xp: Any, logits: Array, hidden: Array | None, batch: Mapping[str, Array]) -> dict[str, Term]:
+        """Batch values (0-d): ``-cross_entropy[poisoned]`` and, when clean_weight > 0, ``cross_entropy[clean]``
+        (see :class:`unbackdoor.lossdef.ArrayLoss`)."""
+        w_p, w_c, ce = _grouped_cross_entropy(logits, batch)
+        return _with_clean({"-cross_entropy[poisoned]": Term(-arrays.group_mean(ce, w_p))}, w_c, ce, self.clean_weight)
 
 
 @dataclass(frozen=True)
@@ -379,6 +401,35 @@ class NPOLoss:
     def __post_init__(self) -> None:
         _check_weight("NPO", "beta", self.beta, positive=True)
         _check_weight("NPO", "clean_weight", self.clean_weight)
+
+    def terms(self, xp: Any, logits: Array, hidden: Array | None, batch: Mapping[str, Array]) -> dict[str, Term]:
+        """Batch values (0-d): ``npo[poisoned]`` and, when clean_weight > 0, ``cross_entropy[clean]`` (see
+        :class:`unbackdoor.lossdef.ArrayLoss`)."""
+        w_p, w_c, ce = _grouped_cross_entropy(logits, batch)
+        npo = arrays.npo_loss(self.beta, ce, arrays.cross_entropy(batch["ref_logits"], batch["labels"]))
+        return _with_clean({"npo[poisoned]": Term(arrays.group_mean(npo, w_p))}, w_c, ce, self.clean_weight)
+
+
+def _grouped_cross_entropy(logits: Array, batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
+    """``(w_p, w_c, CE)``, each ``[B]``: the poisoned and clean rows' group-mean weights
+    (:func:`unbackdoor.arrays.group_weights`; filler rows in neither) and the per-row cross-entropy."""
+    w_p, w_c = arrays.group_weights(batch["is_poisoned"], logits.dtype, batch.get("weight"))
+    return w_p, w_c, arrays.cross_entropy(logits, batch["labels"])
+
+
+def _with_clean(terms: dict[str, Term], w_c: Array, ce: Array, clean_weight: float) -> dict[str, Term]:
+    """``terms`` plus the clean rows' mean cross-entropy weighted ``clean_weight`` (left out at 0: no work)."""
+    if clean_weight:
+        terms["cross_entropy[clean]"] = Term(arrays.group_mean(ce, w_c), clean_weight)
+    return terms
+
+
+def _parameter_distance(batch: Mapping[str, Array]) -> Array:
+    """The 0-d ``||theta - theta_base||_2`` a backend passed (a ConfigError naming the key when it did not)."""
+    if PARAMETER_DISTANCE not in batch:
+        raise ConfigError(f"RGA with beta > 0 reads the parameter distance, but the batch has no "
+                          f"{PARAMETER_DISTANCE!r} (a backend adds it for a spec that reads_parameter_distance)")
+    return batch[PARAMETER_DISTANCE]
 
 
 UnlearningLoss = AdaptiveGALoss | GALoss | NPOLoss

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from unbackdoor import audit
+from unbackdoor.backend import BackendInfo
 from unbackdoor.cli import main
 from unbackdoor.data import TextDataset
 from unbackdoor.errors import ConfigError, UnknownNameError
-from unbackdoor.plugins import get_plugin_manager
+from unbackdoor.hookspecs import hookimpl
+from unbackdoor.plugins import PluginManager, get_plugin_manager
 from unbackdoor.specs import CrossEntropy, TrainSpec
 
 #: few steps keep each audit of a tiny model under a second
@@ -50,21 +52,18 @@ def test_the_auditor_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_planted_trigger_is_found_and_a_clean_model_passes(backend_name, models) -> None:
-    if backend_name != "torch":
-        pytest.skip("trigger-search runs on the torch backend only (the jax session tests its clear error)")
-    found = audit(models["backdoored"], "sst2", rows=120, auditor_options=FAST, log=lambda _: None)
-    assert (found["verdict"], found["target"]) == ("backdoored", 1)
+    found = audit(models["backdoored"], "sst2", backend=backend_name, rows=120, auditor_options=FAST,
+                  log=lambda _: None)
+    assert (found["verdict"], found["target"], found["backend"]) == ("backdoored", 1, backend_name)
     assert "cf" in [c["text"] for c in found["candidates"][:5]]
     assert found["candidates"][0]["flip_rate"] > 0.8
-    passed = audit(models["clean"], "sst2", rows=120, auditor_options=FAST, log=lambda _: None)
+    passed = audit(models["clean"], "sst2", backend=backend_name, rows=120, auditor_options=FAST, log=lambda _: None)
     assert passed["verdict"] == "clean" and passed["score"] < found["score"] - 0.2
 
 
 def test_the_reference_screens_candidates(backend_name, models) -> None:
-    if backend_name != "torch":
-        pytest.skip("trigger-search runs on the torch backend only")
-    found = audit(models["backdoored"], "sst2", reference=models["clean"], rows=120, auditor_options=FAST,
-                  log=lambda _: None)
+    found = audit(models["backdoored"], "sst2", reference=models["clean"], backend=backend_name, rows=120,
+                  auditor_options=FAST, log=lambda _: None)
     best = found["candidates"][0]
     assert best["reference_flip_rate"] is not None
     assert best["score"] == pytest.approx(best["flip_rate"] - best["reference_flip_rate"])
@@ -72,24 +71,31 @@ def test_the_reference_screens_candidates(backend_name, models) -> None:
 
 
 def test_the_cli_writes_audit_json_and_md(backend_name, models, tmp_path, capsys) -> None:
-    if backend_name != "torch":
-        pytest.skip("trigger-search runs on the torch backend only")
     out = tmp_path / "out"
     assert main(["audit", "--model", str(models["backdoored"]), "--dataset", "sst2", "--rows", "80",
-                 "--auditor-option", "steps=30", "--out", str(out)]) == 0
+                 "--backend", backend_name, "--auditor-option", "steps=30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "verdict: backdoored" in printed and "suspected target 1 (positive)" in printed
     report = json.loads((out / "audit.json").read_text())
     assert report["verdict"] == "backdoored" and report["options"]["steps"] == 30 and report["rows"] == 80
+    assert report["backend"] == backend_name
     assert "| rank | trigger |" in (out / "audit.md").read_text()
 
 
-def test_jax_says_trigger_search_is_not_there_yet(backend_name, models, tmp_path) -> None:
-    if backend_name != "jax":
-        pytest.skip("the jax backend's error")
-    with pytest.raises(ConfigError, match=r"auditor 'trigger-search' is not implemented on the jax backend yet.*"
-                                          r"use --backend torch"):
-        audit(models["backdoored"], "sst2", backend="jax", out=tmp_path / "out")
+class BarePlugin:
+    """A backend without the optional ``trigger_logits`` (any object is one for the refusal's purpose)."""
+
+    @hookimpl
+    def unbackdoor_backends(self) -> list[BackendInfo]:
+        return [BackendInfo("bare", "a backend without trigger_logits", "types:SimpleNamespace")]
+
+
+def test_a_backend_without_trigger_logits_is_refused_before_any_compute(models, tmp_path) -> None:
+    pm = PluginManager()
+    pm.register(BarePlugin(), "bare")
+    with pytest.raises(ConfigError, match=r"auditor 'trigger-search' is not implemented on the bare backend yet "
+                                          r"\(it needs Backend\.trigger_logits\); use --backend torch or --backend jax"):
+        audit(models["backdoored"], "sst2", backend="bare", pm=pm, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -120,8 +126,6 @@ def test_bad_inputs_are_one_line_errors_before_any_compute(models, tiny_dirs, tm
 def test_trigger_logits_match_real_tokens_and_finite_differences(backend_name, models, sst2) -> None:
     """A one-hot trigger is the token itself; the gradient w.r.t. the soft weights is the loss's (fp32, 1e-3)."""
     backend = get_plugin_manager().backend(backend_name).create()
-    if not hasattr(backend, "trigger_logits"):
-        pytest.skip("this backend has no trigger_logits yet")
     from unbackdoor.batching import trigger_batch
     from unbackdoor.text import TextEncoder
 
@@ -143,6 +147,8 @@ def test_trigger_logits_match_real_tokens_and_finite_differences(backend_name, m
     up, down = (backend.trigger_logits(model, batch, weights + sign * step, target)[1] for sign in (1, -1))
     assert (up - down) / 2 == pytest.approx(float((grad * step).sum()), rel=1e-2, abs=1e-6)  # central difference
     assert np.isfinite(loss)
+    with pytest.raises(ValueError, match=r"trigger weights must be \[1, V <= 512\], got \[1, 513\]"):
+        backend.trigger_logits(model, batch, np.zeros((1, 513), np.float32))
 
 
 def test_a_run_directory_stands_for_its_released_model(models, tmp_path) -> None:

@@ -7,7 +7,9 @@ names), so every difference below is numerical. Tolerances: logits and pooled st
 absolute; feed-forward activations 1e-4 relative; causal-LM NLL and loss
 values 1e-5 relative (losses against float64 NumPy); LoRA and head
 gradients 1e-4 absolute; adapter weights after 3 AdamW steps 1e-4
-absolute; real models' logits 1e-3 absolute. Matmuls run at full fp32
+absolute; real models' logits 1e-3 absolute; soft-trigger logits 1e-4 absolute (a one-hot trigger
+against the tokens themselves, within a backend: 1e-3 of the tokens' own effect on the logits), their
+loss 1e-5 relative and its gradient with respect to the trigger weights 1e-4 of the largest entry. Matmuls run at full fp32
 precision (jax "highest", torch's CPU default). A failure names the first
 diverging tensor. Torch runs on the CPU unless ``UNBACKDOOR_TEST_TORCH_DEVICE`` names another device (the
 device check, ``benchmarks/device_check.py``, sets ``cuda``; jax takes its default device either way).
@@ -28,7 +30,7 @@ from safetensors.numpy import load_file
 from tiny_models import moved_copy
 
 from unbackdoor import losses as ref
-from unbackdoor.batching import iter_batches
+from unbackdoor.batching import iter_batches, trigger_batch
 from unbackdoor.errors import ConfigError
 from unbackdoor.specs import (
     AdaptiveGALoss,
@@ -435,3 +437,72 @@ def test_anchor_refuses_other_weights_and_a_lora_model(backends, tiny_dirs) -> N
         backend.add_lora(model, LORA)
         with pytest.raises(ConfigError, match="anchor it before adding LoRA"):
             backend.anchor(model, tiny_dirs["llama"])
+
+
+# ---------------------------------------------------------------- soft triggers (trigger-search)
+#: the trigger's vocabulary: fewer ids than the tiny models' 512, so ``E[:V]`` is a slice
+TRIGGER_VOCAB = 400
+
+
+def _trigger_rows(model, rows, slots: int) -> dict[str, np.ndarray]:
+    """``rows`` with ``slots`` trigger slots mid-row (the positions after them move, the slots are not last)."""
+    ids = model.encoder.encode(rows.texts, MAX_LENGTH - slots)
+    return trigger_batch(ids, [len(x) // 2 for x in ids], slots, model.encoder.pad_id)
+
+
+def _plain_logits(models, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each backend's ordinary forward over the batch's ids, no trigger path (evaluation mode)."""
+    jm, tm = models
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    jax_logits = jax_train.forward(*nnx.split(jm.module), jnp.asarray(ids), jnp.asarray(mask), jnp.float32)[0]
+    t = to_tensors({"input_ids": ids, "attention_mask": mask}, TORCH_DEVICE)
+    tm.module.eval()
+    with torch.no_grad():
+        torch_logits = tm.module(t["input_ids"], t["attention_mask"])[0]
+    return {"jax": np.asarray(jax_logits), "torch": torch_logits.cpu().numpy()}
+
+
+def _trigger_logits(backends, models, batch, weights, target=None) -> dict[str, tuple]:
+    return {b.name: b.trigger_logits(m, batch, weights, target) for b, m in zip(backends, models, strict=True)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_one_hot_trigger_is_the_tokens_themselves(backends, tiny_dirs, rows, arch) -> None:
+    """One-hot weights embed exactly the tokens: logits equal the plain forward of the ids with the tokens in
+    the slots, in both backends; no slots (k = 0) is the plain forward of the rows."""
+    models = twin_models(backends, tiny_dirs[arch], seed=4)
+    batch = _trigger_rows(models[0], rows, 2)
+    tokens = [models[0].encoder.tokenizer.token_to_id(w) for w in ("cf", "mn")]
+    one_hot = np.zeros((2, TRIGGER_VOCAB), np.float32)
+    one_hot[[0, 1], tokens] = 1.0
+    filled = dict(batch, input_ids=batch["input_ids"].copy())
+    filled["input_ids"][np.arange(len(rows))[:, None], batch["trigger_at"]] = tokens
+    got = {name: out[0] for name, out in _trigger_logits(backends, models, batch, one_hot).items()}
+    want = _plain_logits(models, filled)
+    # the tokens' own effect (pad ids in the slots instead) sets the scale: a random BERT barely moves (3e-5)
+    effect = np.abs(_plain_logits(models, batch)["torch"] - want["torch"]).max()
+    assert effect > 1e-5
+    assert_tree_close(got, want, atol=1e-3 * effect)
+    assert_tree_close({"torch": got["jax"]}, {"torch": got["torch"]}, atol=1e-4)
+    bare = _trigger_rows(models[0], rows, 0)
+    none = {name: out[0] for name, out in
+            _trigger_logits(backends, models, bare, np.zeros((0, TRIGGER_VOCAB), np.float32)).items()}
+    assert_tree_close(none, _plain_logits(models, bare), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_soft_trigger_logits_loss_and_gradient_match_torch(backends, tiny_dirs, rows, arch) -> None:
+    """Soft weights (a Dirichlet draw per slot) on a LoRA model: logits, mean cross-entropy and its gradient
+    w.r.t. the weights agree; the model's own parameters get no gradient."""
+    models = twin_models(backends, tiny_dirs[arch], lora=True, seed=6)
+    batch = _trigger_rows(models[0], rows, 3)
+    weights = np.random.default_rng(6).dirichlet(np.full(TRIGGER_VOCAB, 0.3), size=3).astype(np.float32)
+    outs = _trigger_logits(backends, models, batch, weights, rows.labels)
+    (jax_logits, jax_loss, jax_grad), (torch_logits, torch_loss, torch_grad) = outs["jax"], outs["torch"]
+    assert jax_grad.shape == torch_grad.shape == (3, TRIGGER_VOCAB) and jax_grad.dtype == np.float32
+    scale = np.abs(torch_grad).max()
+    assert scale > 0 and np.isfinite(jax_loss)
+    assert_tree_close({"logits": jax_logits, "grad / max|grad|": jax_grad / scale},
+                      {"logits": torch_logits, "grad / max|grad|": torch_grad / scale}, atol=1e-4)
+    assert jax_loss == pytest.approx(torch_loss, rel=1e-5)
+    assert all(p.grad is None for p in models[1].module.parameters())

@@ -26,7 +26,7 @@ from unbackdoor.models import check_model_dir
 from unbackdoor.specs import PRECISIONS, AdapterSpec, LoRASpec, LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, lora, modeling, parallel, train
+from . import analysis, lora, modeling, parallel, train, trigger
 from .layers import hold_frozen
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
@@ -146,6 +146,12 @@ class JaxBackend:
         dtype = train.DTYPES[check_precision(self.precision)]
         return analysis.mlp_activations(model.module, batches, min(batch_size, len(ids)), max_length,
                                         model.encoder.pad_id, dtype)
+
+    def trigger_logits(self, model: JaxModel, batch: Mapping[str, np.ndarray], weights: np.ndarray,
+                       target: np.ndarray | None = None) -> tuple[np.ndarray, float, np.ndarray | None]:
+        """Logits with a soft trigger in the ``trigger_at`` slots, and the loss's gradient w.r.t. ``weights``
+        (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`); float32 whatever :attr:`precision` says."""
+        return trigger.trigger_logits(model.module, batch, weights, target, model.encoder.pad_id)
 
     def export_adapter(self, model: JaxModel) -> dict[str, np.ndarray]:
         """LoRA weights as numpy under peft-style names (``backbone.layers.0.self_attn.q_proj.lora_A.weight``)."""

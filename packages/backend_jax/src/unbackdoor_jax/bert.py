@@ -31,8 +31,12 @@ class BertEmbeddings(nnx.Module):
         self.LayerNorm = LayerNorm(t.scope("LayerNorm"), _eps(config))
         self.dropout = float(config.get("hidden_dropout_prob", 0.1))
 
-    def __call__(self, input_ids: Array, ctx: Ctx, prompt: Array | None = None) -> Array:
-        words = prepend(prompt, self.word_embeddings(input_ids))  # a soft prompt gets positions 0..P-1
+    def __call__(self, input_ids: Array, ctx: Ctx, prompt: Array | None = None,
+                 inputs_embeds: Array | None = None) -> Array:
+        """``inputs_embeds [B, L, D]``, when given, replaces the word embeddings of ``input_ids`` (as in HF:
+        position and token-type embeddings are still added)."""
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        words = prepend(prompt, words)  # a soft prompt gets positions 0..P-1
         positions = jnp.arange(words.shape[1])
         h = words + self.token_type_embeddings(jnp.zeros_like(positions))[None]
         h = h + self.position_embeddings(positions)[None]
@@ -135,13 +139,20 @@ class Bert(nnx.Module):
         self.encoder = BertEncoder(t.scope("encoder"), config)
         self.pooler = nnx.data(BertPooler(t.scope("pooler")) if t.has("pooler.dense.weight") else None)
         self.hidden_size = int(config["hidden_size"])
+        #: rows of the position table: no input may be longer
+        self.max_positions = int(self.embeddings.position_embeddings.weight.shape[0])
 
-    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx,
-                 prompt: Array | None = None) -> tuple[Array, Array | None]:
+    def input_embeddings(self) -> Embedding:
+        """The word embedding table ``[vocab, D]`` (HF's ``get_input_embeddings``)."""
+        return self.embeddings.word_embeddings
+
+    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx, prompt: Array | None = None,
+                 inputs_embeds: Array | None = None) -> tuple[Array, Array | None]:
         """Last states ``[B, P+L, D]`` and the pooled output ``[B, D]`` (None without a pooler).
 
         ``prompt [P, D]`` goes in front of the word embeddings; ``attention_mask`` covers both.
+        ``inputs_embeds [B, L, D]``, when given, replaces the word embeddings of ``input_ids``.
         """
         allowed = attention_mask[:, None, None, :] > 0
-        states = self.encoder(self.embeddings(input_ids, ctx, prompt), allowed, ctx)
+        states = self.encoder(self.embeddings(input_ids, ctx, prompt, inputs_embeds), allowed, ctx)
         return states, None if self.pooler is None else self.pooler(states, ctx)

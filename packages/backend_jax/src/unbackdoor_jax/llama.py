@@ -106,15 +106,22 @@ class Llama(nnx.Module):
         self.layers = LlamaLayer(t.stacked("layers", depth), config)
         self.norm = RMSNorm(t.scope("norm"), float(config.get("rms_norm_eps", 1e-6)))
         self.hidden_size = int(config["hidden_size"])
+        #: the longest input the model was made for (RoPE itself has no table to run past; HF's default 2048)
+        self.max_positions = int(config.get("max_position_embeddings", 2048))
         self.rope_theta = rope_theta(config)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx,
-                 prompt: Array | None = None) -> tuple[Array, None]:
+    def input_embeddings(self) -> Embedding:
+        """The token embedding table ``[vocab, D]`` (HF's ``get_input_embeddings``)."""
+        return self.embed_tokens
+
+    def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx, prompt: Array | None = None,
+                 inputs_embeds: Array | None = None) -> tuple[Array, None]:
         """Final normed states ``[B, P+L, D]`` (and no pooled output).
 
         ``prompt [P, D]`` goes in front of the token embeddings; ``attention_mask`` covers both.
+        ``inputs_embeds [B, L, D]``, when given, replaces the embedding of ``input_ids`` (as in HF).
         """
-        h = prepend(prompt, self.embed_tokens(input_ids))
+        h = prepend(prompt, self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
         length = h.shape[1]
         rope = rope_tables(length, self.layers.self_attn.head_dim, self.rope_theta)
         # Causal order from the mask's running count (equal to the position on real tokens, right padding).

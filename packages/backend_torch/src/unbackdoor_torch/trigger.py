@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unbackdoor.batching import trigger_weights
+
 from .modeling import SequenceClassifier
 
 
@@ -19,10 +21,8 @@ def trigger_logits(module: SequenceClassifier, batch: Mapping[str, np.ndarray], 
     mask = torch.as_tensor(batch["attention_mask"], dtype=torch.long, device=device)
     at = torch.as_tensor(batch["trigger_at"], dtype=torch.long, device=device)
     table = module.backbone.get_input_embeddings()
-    if weights.ndim != 2 or weights.shape[0] != at.shape[1] or weights.shape[1] > table.weight.shape[0]:
-        raise ValueError(f"trigger weights must be [{at.shape[1]}, V <= {table.weight.shape[0]}], "
-                         f"got {list(weights.shape)}")
-    soft = torch.as_tensor(np.asarray(weights, np.float32), device=device).requires_grad_(target is not None)
+    weights = trigger_weights(weights, at.shape[1], table.weight.shape[0])
+    soft = torch.as_tensor(weights, device=device).requires_grad_(target is not None)
     with torch.set_grad_enabled(target is not None):
         embeds = table(ids).float()
         trigger = soft @ table.weight[: soft.shape[1]].float()  # [k, D]

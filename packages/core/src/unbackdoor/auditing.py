@@ -138,7 +138,7 @@ def _backend(pm: PluginManager, name: str | None, auditor: Auditor) -> Backend:
     missing = [m for m in auditor.backend_methods if not callable(getattr(engine, m, None))]
     if missing:
         raise ConfigError(f"auditor {auditor.name!r} is not implemented on the {chosen} backend yet (it needs "
-                          f"Backend.{missing[0]}); use --backend torch")
+                          f"Backend.{missing[0]}); use --backend torch or --backend jax")
     return engine
 
 

@@ -45,6 +45,15 @@ def trigger_batch(ids: Sequence[np.ndarray], insert_at: Sequence[int] | np.ndarr
     return {"input_ids": input_ids, "attention_mask": mask, "trigger_at": trigger_at}
 
 
+def trigger_weights(weights: np.ndarray, slots: int, vocab: int) -> np.ndarray:
+    """``weights`` as float32 when they are ``[slots, V]`` with ``V <= vocab`` (the embedding matrix's rows),
+    else a ValueError naming both shapes (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`)."""
+    weights = np.asarray(weights, np.float32)
+    if weights.ndim != 2 or weights.shape[0] != slots or weights.shape[1] > vocab:
+        raise ValueError(f"trigger weights must be [{slots}, V <= {vocab}], got {list(weights.shape)}")
+    return weights
+
+
 def batch_order(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
                 bucket: bool = True, pool: int = 50) -> list[np.ndarray]:
     """Row indices of each batch.

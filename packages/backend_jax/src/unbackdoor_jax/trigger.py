@@ -1,0 +1,88 @@
+"""Soft triggers: logits and the gradient w.r.t. a relaxed trigger's vocabulary weights (``trigger-search``).
+
+One jitted function per model structure, trigger length and padded batch shape. A search calls it with
+few shapes: batches widen to the training loop's width ladder (:func:`unbackdoor_jax.train.fill_batch`)
+and fill up to a power-of-two number of rows with weight-0 copies, so the varying sizes of the evaluation
+batches reuse a handful of compiled functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from unbackdoor.batching import trigger_weights
+
+from .layers import Ctx
+from .modeling import SequenceClassifier
+from .train import device_batch, fill_batch
+
+Array = jax.Array
+#: fewest rows a call pads to (smaller batches share one compiled function)
+MIN_ROWS = 8
+
+
+def embed_trigger(module: SequenceClassifier, input_ids: Array, trigger_at: Array, weights: Array) -> Array:
+    """Input embeddings ``[B, L, D]`` float32: the ids' own, but ``weights[j] @ E[:V]`` at ``trigger_at[:, j]``."""
+    table = module.backbone.input_embeddings()
+    trigger = jnp.einsum("kv,vd->kd", weights, table.weight[: weights.shape[1]].astype(jnp.float32))
+    rows = jnp.arange(input_ids.shape[0])[:, None]
+    return table(input_ids).at[rows, trigger_at].set(jnp.broadcast_to(trigger, (*trigger_at.shape, trigger.shape[1])))
+
+
+def _logits(module: SequenceClassifier, batch: Mapping[str, Array], weights: Array) -> Array:
+    """``[B, C]`` float32 logits of the rows carrying the soft trigger, in evaluation mode (no dropout key)."""
+    embeds = embed_trigger(module, batch["input_ids"], batch["trigger_at"], weights)
+    logits, _ = module(batch["input_ids"], batch["attention_mask"], Ctx(jnp.float32), inputs_embeds=embeds)
+    return logits.astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def logits_only(graphdef: Any, state: Any, batch: dict[str, Array], weights: Array) -> Array:
+    """:func:`_logits` of the module ``(graphdef, state)``, compiled."""
+    return _logits(nnx.merge(graphdef, state), batch, weights)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def logits_loss_grad(graphdef: Any, state: Any, batch: dict[str, Array], weights: Array) -> tuple[Array, Array, Array]:
+    """Logits, the mean cross-entropy to ``batch["target"]`` over the real rows (``batch["weight"]``) and its
+    gradient w.r.t. ``weights`` only (the model's parameters are constants here)."""
+    module = nnx.merge(graphdef, state)
+
+    def loss(w: Array) -> tuple[Array, Array]:
+        logits = _logits(module, batch, w)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])
+        return (ce * batch["weight"]).sum() / batch["weight"].sum(), logits
+
+    (value, logits), grad = jax.value_and_grad(loss, has_aux=True)(weights)
+    return logits, value, grad
+
+
+def padded_rows(rows: int) -> int:
+    """The power of two (at least :data:`MIN_ROWS`) a batch of ``rows`` rows fills up to."""
+    return max(MIN_ROWS, 1 << max(rows - 1, 0).bit_length())
+
+
+def trigger_logits(module: SequenceClassifier, batch: Mapping[str, np.ndarray], weights: np.ndarray,
+                   target: np.ndarray | None, pad_id: int) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """See :meth:`unbackdoor.backend.TriggerBackend.trigger_logits`: slot ``j`` embeds ``weights[j] @ E[:V]``."""
+    table = module.backbone.input_embeddings().weight
+    weights = trigger_weights(weights, np.shape(batch["trigger_at"])[1], table.shape[0])
+    n = len(batch["input_ids"])
+    parts = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "trigger_at")}
+    if target is not None:
+        parts["target"] = np.asarray(target, np.int32)
+    full = fill_batch(parts, padded_rows(n), int(module.backbone.max_positions), pad_id)
+    full.pop("position_weight")  # a per-position weight the loss here does not read
+    graphdef, state = nnx.split(module)
+    if target is None:
+        return np.asarray(logits_only(graphdef, state, device_batch(full), jnp.asarray(weights)))[:n], float("nan"), None
+    logits, loss, grad = logits_loss_grad(graphdef, state, device_batch(full), jnp.asarray(weights))
+    return np.asarray(logits)[:n], float(loss), np.asarray(grad, np.float32)

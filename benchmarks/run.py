@@ -323,6 +323,8 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                                            ("w2s-pooled", "w2s", {}))},
         # then the ablations, seed 0 first
         **{label: run for seed in (0, 1, 2) for label, run in paper_ablations(seed).items()},
+        # then the reduced budget's best objective (the released one at the width-matched weight) at the full budget
+        f"full-w2s-released-gamma-{WIDTH_MATCHED:g}": paper_run(5.0, **{**RELEASED, "gamma": WIDTH_MATCHED}),
     }),
     "table1": ("Defenses compared (the seed's Table 1 for our setting): SmolLM2-135M, SST-2 and CR, weight poisoning", {
         f"{dataset}-{attack}": dict(dataset=dataset, attack=attack, defenses=TABLE1_DEFENSES,

@@ -110,7 +110,8 @@ EXAMPLE_PLUGIN = "examples/unbackdoor-example-plugin"
 
 @nox.session(python=PYTHON, tags=["plugins"])
 def plugins(session: nox.Session) -> None:
-    """Third-party plugins: install the example plugin like a user (not editable), list it, run a tiny experiment."""
+    """Third-party plugins: install the example plugin like a user (not editable), list it, run tiny experiments with
+    it on both backends (its loss trains on each with no backend code) and check its loss with ``check_loss``."""
     import tomllib
     from pathlib import Path
 
@@ -120,7 +121,8 @@ def plugins(session: nox.Session) -> None:
     version = tomllib.loads(Path(EXAMPLE_PLUGIN, "pyproject.toml").read_text())["project"]["version"]
     listing = session.run("unbackdoor", "list", silent=True) or ""
     session.log(listing)
-    for needle in ("cf-suffix", "rare-word-filter", f"[unbackdoor-example-plugin {version}]"):
+    needles = ("cf-suffix", "rare-word-filter", "abl", "local-gradient-ascent", f"[unbackdoor-example-plugin {version}]")
+    for needle in needles:
         if needle not in listing:
             session.error(f"`unbackdoor list` does not show {needle!r}")
     session.run("pytest", "-m", "plugins", "tests/test_example_plugin.py", *session.posargs,

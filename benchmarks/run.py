@@ -428,7 +428,7 @@ def kept(name: str) -> tuple[dict[str, Any], str]:
     return runs, text[text.index(NOTES):] if NOTES in text else ""
 
 
-BENCHMARKS = ["w2s", "w2s-sweep", "demo", *SUITES]
+BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", *SUITES]
 
 
 def rerender(name: str) -> None:
@@ -526,6 +526,8 @@ def main(argv: list[str]) -> int:
         sweep(cache)
     if "demo" in names:
         demo(cache)
+    if "loss-contract" in names:
+        loss_contract(cache)
     for name in names:
         if name in SUITES:
             suite(name, cache, keep)
@@ -557,6 +559,15 @@ def demo(cache: Path) -> None:
                             "run": default_wall_time(fresh)}
     save("demo", data, render_demo(data))
     print(render_demo(data))
+
+
+def loss_contract(cache: Path) -> None:
+    """The loss contract's step time and default-experiment figures against the code before it (issue 20)."""
+    import loss_contract as contract
+
+    data = contract.measure(cache)
+    save("loss-contract", data, contract.render(data))
+    print(contract.render(data))
 
 
 def render(data: dict[str, Any]) -> str:

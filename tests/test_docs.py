@@ -51,12 +51,14 @@ def test_python_blocks_compile(index: int) -> None:
     compile(BLOCKS[index], f"docs/plugins.md python block {index}", "exec", dont_inherit=True)
 
 
-def test_the_page_runs_top_to_bottom(capsys: pytest.CaptureFixture[str]) -> None:
-    """All blocks in one namespace, like a reader pasting them in order; then the page's own test."""
+def test_the_page_runs_top_to_bottom(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """All blocks in one namespace, like a reader pasting them in order; then the page's own tests (its loss
+    through ``check_loss`` on both backends)."""
     namespace: dict[str, object] = {"__name__": "docs_plugins"}
     for index, block in enumerate(BLOCKS):
         exec(compile(block, f"docs/plugins.md python block {index}", "exec", dont_inherit=True), namespace)
     namespace["test_my_plugin"]()  # type: ignore[operator]
+    namespace["test_my_loss"](tmp_path)  # type: ignore[operator]
     assert "plugin 'attacks' (unbackdoor-attacks" in capsys.readouterr().out
 
 

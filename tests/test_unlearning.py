@@ -163,6 +163,8 @@ def test_definitions_name_their_batch_terms_and_read_the_distance_only_with_beta
         assert model_inputs(spec, lambda: read.append(1)) == {}
     assert not read  # the model is not touched by a loss that does not read it
     assert model_inputs(AdaptiveGALoss(2.0, 0.5), lambda: 3.0) == {PARAMETER_DISTANCE: 3.0}
+    given = {PARAMETER_DISTANCE: 1.0}  # outputs given with their distance (check_loss): the model is not read
+    assert model_inputs(AdaptiveGALoss(2.0, 0.5), lambda: read.append(1), given) == {} and not read
 
 
 def test_stop_gradient_on_numpy_and_the_backends_arrays(backend_name) -> None:

@@ -1,40 +1,17 @@
 """Tiny random-config BERT and Llama directories (HF layout), built in seconds for tests.
 
-The tokenizer is a word-level ``tokenizer.json`` over the given texts, so the
-models never need a hub download.
+The tokenizer is a word-level ``tokenizer.json`` over the given texts (the core's
+:mod:`unbackdoor.tinymodels` helpers), so the models never need a hub download.
+These are built with transformers' own initialisation; :func:`unbackdoor.testing.tiny_model`
+builds the same shapes with NumPy alone (for plugin authors, and :func:`~unbackdoor.testing.check_loss`).
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-#: always in the vocabulary, so a rare-word trigger gets its own id instead of [UNK] (shared with every rare word)
-TRIGGER_WORDS = ["cf", "mn", "bb", "tq", "mb", "ak"]
-
-
-def word_tokenizer(texts: Iterable[str], size: int, bert: bool) -> Tokenizer:
-    """A word-level tokenizer over the trigger words and the most common words (plus specials), ``size`` in all."""
-    counts = Counter(w for t in texts for w in t.lower().split())
-    words = SPECIALS + TRIGGER_WORDS
-    words += [w for w, _ in counts.most_common(size) if w not in words][:size - len(words)]
-    vocab = {tok: i for i, tok in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if bert:
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return tok
-
-
-def _write_tokenizer(path: Path, tok: Tokenizer) -> None:
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]", "unk_token": "[UNK]"}))
+from unbackdoor.tinymodels import word_tokenizer, write_tokenizer
 
 
 def make_tiny_llama(path: Path, texts: Iterable[str], vocab: int = 512, seed: int = 0) -> Path:
@@ -48,7 +25,7 @@ def make_tiny_llama(path: Path, texts: Iterable[str], vocab: int = 512, seed: in
                          rope_theta=100000.0, tie_word_embeddings=True, pad_token_id=0)
     torch.manual_seed(seed)
     LlamaModel(config).save_pretrained(path)
-    _write_tokenizer(path, word_tokenizer(texts, vocab, bert=False))
+    write_tokenizer(path, word_tokenizer(texts, vocab, bert=False))
     return path
 
 
@@ -62,7 +39,7 @@ def make_tiny_bert(path: Path, texts: Iterable[str], vocab: int = 512, seed: int
                         num_attention_heads=2, max_position_embeddings=128)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
-    _write_tokenizer(path, word_tokenizer(texts, vocab, bert=True))
+    write_tokenizer(path, word_tokenizer(texts, vocab, bert=True))
     return path
 
 

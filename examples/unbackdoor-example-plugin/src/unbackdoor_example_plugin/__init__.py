@@ -1,3 +1,4 @@
-"""An example unbackdoor plugin: one attack (``cf-suffix``) and one defense (``rare-word-filter``)."""
+"""An example unbackdoor plugin: an attack (``cf-suffix``), two defenses (``rare-word-filter``, ``abl``) and a loss
+(``local-gradient-ascent``, which ``abl`` trains with)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -26,7 +26,7 @@ from unbackdoor.models import check_model_dir
 from unbackdoor.specs import PRECISIONS, AdapterSpec, LoRASpec, LossSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, lora, modeling, parallel, train, trigger
+from . import analysis, lora, lossgrad, modeling, parallel, train, trigger
 from .layers import hold_frozen
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
@@ -152,6 +152,12 @@ class JaxBackend:
         """Logits with a soft trigger in the ``trigger_at`` slots, and the loss's gradient w.r.t. ``weights``
         (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`); float32 whatever :attr:`precision` says."""
         return trigger.trigger_logits(model.module, batch, weights, target, model.encoder.pad_id)
+
+    def loss_grads(self, loss: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
+                   batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """``loss`` on given outputs and its gradients w.r.t. them, as a training step evaluates it
+        (:meth:`unbackdoor.backend.LossGradBackend.loss_grads`)."""
+        return lossgrad.loss_grads(loss, logits, hidden, batch)
 
     def export_adapter(self, model: JaxModel) -> dict[str, np.ndarray]:
         """LoRA weights as numpy under peft-style names (``backbone.layers.0.self_attn.q_proj.lora_A.weight``)."""

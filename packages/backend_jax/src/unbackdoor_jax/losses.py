@@ -27,7 +27,7 @@ def per_example_loss(spec: lossdef.ArrayLoss, logits: Array, hidden: Array, batc
 def loss_inputs(spec: object, model: nnx.Module | None, batch: Mapping[str, Array]) -> dict[str, Array]:
     """``batch`` plus what ``spec`` reads of ``model``: its backbone's distance (:func:`delta_norm`,
     differentiable) when the spec ``reads_parameter_distance``."""
-    return {**batch, **lossdef.model_inputs(spec, lambda: delta_norm(model.backbone))}  # type: ignore[union-attr]
+    return {**batch, **lossdef.model_inputs(spec, lambda: delta_norm(model.backbone), batch)}  # type: ignore[union-attr]
 
 
 def batch_objective(spec: object, model: nnx.Module | None, logits: Array, hidden: Array,

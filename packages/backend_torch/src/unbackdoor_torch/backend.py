@@ -23,7 +23,7 @@ from unbackdoor.ranks import launched_world
 from unbackdoor.specs import ALL_LINEAR, PRECISIONS, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, distributed, modeling, train, trigger
+from . import analysis, distributed, lossgrad, modeling, train, trigger
 from .losses import ANCHOR
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
@@ -185,6 +185,12 @@ class TorchBackend:
         (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`)."""
         _check_held(model, "fp32")
         return trigger.trigger_logits(model.module, batch, weights, target, self.device)
+
+    def loss_grads(self, loss: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
+                   batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """``loss`` on given outputs and its gradients w.r.t. them, as a training step evaluates it
+        (:meth:`unbackdoor.backend.LossGradBackend.loss_grads`)."""
+        return lossgrad.loss_grads(loss, logits, hidden, batch, self.device)
 
     def _hold_frozen(self, model: TorchModel) -> None:
         """bf16: the base weights freeze under the adapter about to be added, so hold them in bf16."""

@@ -27,7 +27,7 @@ def loss_inputs(spec: object, model: nn.Module | None, batch: Mapping[str, torch
     """``batch`` plus what ``spec`` reads of ``model``: its distance (:func:`lora_delta_norm`, differentiable,
     on the batch's device) when the spec ``reads_parameter_distance``."""
     device = batch["labels"].device
-    return {**batch, **lossdef.model_inputs(spec, lambda: lora_delta_norm(model).to(device))}  # type: ignore[arg-type]
+    return {**batch, **lossdef.model_inputs(spec, lambda: lora_delta_norm(model).to(device), batch)}  # type: ignore[arg-type]
 
 
 def batch_objective(spec: object, model: nn.Module | None, logits: torch.Tensor, hidden: torch.Tensor | None,

@@ -167,6 +167,23 @@ class TriggerBackend(Protocol):
         """
 
 
+@runtime_checkable
+class LossGradBackend(Protocol):
+    """The optional part of :class:`Backend` that :func:`unbackdoor.testing.check_loss` needs: a loss evaluated on
+    given model outputs, with its gradients, exactly as the backend's training step evaluates it."""
+
+    def loss_grads(self, loss: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
+                   batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """The objective one training step minimises for ``loss`` and its gradients w.r.t. the outputs.
+
+        ``logits`` ``[B, C]`` and ``hidden`` (``[B, D]`` pooled, or ``[B, L, D]`` for a loss that reads token
+        states) float32; ``batch`` the per-row arrays (``labels``, ``attention_mask``, the loss's aux arrays,
+        ``weight``) as the step sees them. No model: a loss that reads the model's parameters gets what it
+        needs through ``batch``. Returns the value and ``d/d logits``, ``d/d hidden`` (zeros where the loss
+        does not read it; None without ``hidden``), float32 NumPy, computed by the backend's own autodiff.
+        """
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """A backend as a plugin registers it.

@@ -78,10 +78,13 @@ def is_array_loss(spec: object) -> bool:
     return callable(getattr(spec, "terms", None))
 
 
-def model_inputs(spec: object, parameter_distance: Callable[[], Array]) -> dict[str, Array]:
-    """What ``spec`` reads of the model, to add to its batch: ``{PARAMETER_DISTANCE: parameter_distance()}``
-    when it ``reads_parameter_distance`` (the backend's differentiable distance, computed only then), else ``{}``."""
-    if getattr(spec, "reads_parameter_distance", False):
+def model_inputs(spec: object, parameter_distance: Callable[[], Array],
+                 batch: Mapping[str, Array] | None = None) -> dict[str, Array]:
+    """What ``spec`` reads of the model, to add to its ``batch``: ``{PARAMETER_DISTANCE: parameter_distance()}``
+    when it ``reads_parameter_distance`` (the backend's differentiable distance, computed only then) and the
+    batch does not carry one already (a loss evaluated on given outputs, :func:`unbackdoor.testing.check_loss`),
+    else ``{}``."""
+    if getattr(spec, "reads_parameter_distance", False) and PARAMETER_DISTANCE not in (batch or {}):
         return {PARAMETER_DISTANCE: parameter_distance()}
     return {}
 

@@ -11,6 +11,11 @@
 
 Each check raises :class:`ContractError` (an ``AssertionError``) naming the
 object and the broken rule, so pytest shows it like a failed assert.
+
+A loss (``unbackdoor_losses``) is checked on the backends themselves:
+:func:`check_loss` runs it on a tiny random model (:func:`tiny_model`) and
+compares values, gradients and AdamW steps with its NumPy float64
+evaluation (:mod:`unbackdoor.losscheck`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ from .config import SETTINGS
 from .data import TextDataset
 from .defense import Defense
 from .errors import ConfigError
+from .losscheck import AuxRequest, LossCheck, Tolerances, check_loss
+from .tinymodels import tiny_dataset, tiny_model
+
+__all__ = ["AuxRequest", "ContractError", "LossCheck", "Tolerances", "check_attack_contract", "check_defense_contract",
+           "check_loss", "check_paraphraser_contract", "check_plugin_object", "check_poison_train", "check_test_sets",
+           "check_triggered", "tiny_dataset", "tiny_model"]
 
 #: the defense kinds the runner knows
 DEFENSE_KINDS = ("removal", "detection")

@@ -103,8 +103,9 @@ def unlearning_10(seed: int, defenses: tuple[str, ...] = (*UNLEARNING, "psim+rga
 
 #: W2SDefense's released setting (`--config w2s-paper`) without its defenses: the user's budget is the whole
 #: split (less the attacker's rows) x 5 epochs at LoRA r=512; `paper_run` sets defenses and the user's epochs
-PAPER = {k: tuple(v) if isinstance(v, list) else v for k, v in read_config_file("w2s-paper").items()
-         if k not in ("defenses", "defense_options")}
+PAPER = {**{k: tuple(v) if isinstance(v, list) else v for k, v in read_config_file("w2s-paper").items()
+            if k not in ("defenses", "defense_options")},
+         "precision": "bf16"}  # the preset says auto; the grid ran (and keeps running) bf16 on every machine
 #: the released script's objective (5*CE + 0.001*KD + 0.001*A, A summed over the width, ReLU teacher head)
 RELEASED = read_config_file("w2s-paper")["defense_options"]["w2s"]
 

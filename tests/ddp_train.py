@@ -28,11 +28,11 @@ def train(model_dir: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 if __name__ == "__main__":
     if "RANK" in os.environ:
-        from unbackdoor_torch import distributed
+        from unbackdoor_torch import parallel
 
-        distributed.init("gloo")
+        parallel.init("gloo")
     losses, weights = train(sys.argv[1])
     if int(os.environ.get("RANK", 0)) == 0:
-        from unbackdoor_torch import distributed
+        from unbackdoor_torch import parallel
 
-        np.savez(sys.argv[2], losses=losses, ddp=distributed.active(), **weights)
+        np.savez(sys.argv[2], losses=losses, ddp=parallel.active(), **weights)

@@ -110,3 +110,57 @@ def test_gradient_checkpointing_changes_no_number(backend_name, tiny_dirs, sst2)
         (plain, plain_logits), (recomputed, logits) = run(False, adapter), run(True, adapter)
         np.testing.assert_allclose(recomputed, plain, rtol=1e-5)
         np.testing.assert_allclose(logits, plain_logits, atol=1e-5)
+
+
+#: the optional capabilities each built-in backend implements (``unbackdoor.backend``'s protocols)
+CAPABILITIES = {"torch": {"DeviceBackend", "PrecisionBackend", "AutoPrecisionBackend", "CheckpointingBackend",
+                          "AnchorBackend", "TriggerBackend", "LossGradBackend"},
+                "jax": {"DeviceBackend", "PrecisionBackend", "AutoPrecisionBackend", "CheckpointingBackend",
+                        "AnchorBackend", "TriggerBackend", "LossGradBackend", "AdapterExportBackend"}}
+
+
+def test_capabilities_are_protocols_the_backend_implements_and_the_docs_list(backend_name) -> None:
+    import inspect
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from unbackdoor import backend as contract
+    from unbackdoor.config import ExperimentConfig
+    from unbackdoor.runner import set_runtime
+
+    protocols = {name: cls for name, cls in vars(contract).items() if inspect.isclass(cls)
+                 and getattr(cls, "_is_runtime_protocol", False) and cls.__module__ == contract.__name__
+                 and name != "Backend"}
+    engine = get_plugin_manager().backend(backend_name).create()
+    assert isinstance(engine, contract.Backend)
+    assert {name for name, cls in protocols.items() if isinstance(engine, cls)} == CAPABILITIES[backend_name]
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    assert all(f"| `{name}` |" in docs for name in protocols), "docs/plugins.md lists every capability protocol"
+    set_runtime(engine, ExperimentConfig(precision="bf16", gradient_checkpointing=True))
+    assert (engine.precision, engine.gradient_checkpointing) == ("bf16", True)
+    bare = SimpleNamespace()
+    set_runtime(bare, ExperimentConfig(precision="bf16"))  # a backend without the knobs is left alone
+    assert vars(bare) == {} and not isinstance(bare, contract.AnchorBackend)
+
+
+def test_precision_auto_resolves_to_the_backends_choice_before_any_stage(backend_name) -> None:
+    from types import SimpleNamespace
+
+    from unbackdoor.config import ExperimentConfig
+    from unbackdoor.runner import resolve_precision
+
+    engine = get_plugin_manager().backend(backend_name).create()
+    native = engine.native_bf16()
+    assert isinstance(native, bool) and engine.auto_precision() == ("bf16" if native else "fp32")
+    said: list[str] = []
+    resolved = resolve_precision(ExperimentConfig(precision="auto"), engine, said.append)
+    assert resolved.precision == engine.auto_precision() and said == [f"precision auto: {resolved.precision} on this "
+                                                                      "device"]
+    said.clear()
+    resolve_precision(ExperimentConfig(precision="bf16"), engine, said.append)
+    assert bool(said) == (not native)  # a note only where bf16 is emulated
+    assert said == [] or "without native bf16 matmuls" in said[0]
+    plain = SimpleNamespace(name="plain")  # a backend that cannot say: auto means fp32, silently for bf16
+    assert resolve_precision(ExperimentConfig(precision="auto"), plain, said.append).precision == "fp32"
+    with pytest.raises(ConfigError, match=r"unknown precision 'fp16'; choose one of: auto, bf16, fp32"):
+        ExperimentConfig(precision="fp16").validate()

@@ -279,7 +279,7 @@ def test_bad_values(layer: dict[str, object], needle: str) -> None:
 def test_bad_precision_lists_choices() -> None:
     with pytest.raises(UnknownNameError) as err:
         build_config({"precision": "fp8"})
-    assert err.value.choices == ["bf16", "fp32"]
+    assert err.value.choices == ["auto", "bf16", "fp32"]
     assert "'fp8'" in str(err.value)
 
 
@@ -299,7 +299,7 @@ def test_the_w2s_paper_preset_is_the_released_setting() -> None:
     cfg = cli.config_from_args(run_args("--config", "w2s-paper"))
     assert (cfg.user_rows, cfg.user_epochs, cfg.user_batch_size, cfg.user_lr) == (6120, 5.0, 32, 2e-4)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.max_length, cfg.precision) == (
-        512, 512.0, 0.1, 128, "bf16")
+        512, 512.0, 0.1, 128, "auto")  # the released bf16 where the device has it natively
     assert cfg.defense_options["w2s"] == {"alpha": 5.0, "beta": 0.001, "gamma": 0.001, "temperature": 2.0,
                                           "alignment": "released", "reduce": "sum", "teacher_activation": "relu"}
     w2s = unbackdoor.plugins.get_plugin_manager().defense("w2s").configure(**cfg.defense_options["w2s"])
@@ -445,7 +445,7 @@ def test_run_help_shows_groups_help_and_choices(capsys: pytest.CaptureFixture[st
     for group in ("experiment:", "attacker (weight setting):", "user fine-tune:", "LoRA:", "evaluation:", "output:"):
         assert group in out
     assert "--backend BACKEND the training backend" in out and "Choose from: jax, torch." in out
-    assert "Choose from: weight, data. (default: weight)" in out and "Choose from: fp32, bf16." in out
+    assert "Choose from: weight, data. (default: weight)" in out and "Choose from: fp32, bf16, auto." in out
     assert "Choose from: backtranslate, cube, cube+retrain, cube+rga, finetune, ga," in out  # --defenses: registered
     assert "``" not in out and "default: None" not in out
 

@@ -21,8 +21,8 @@ from unbackdoor.hookspecs import hookimpl
 from unbackdoor.metrics import mean_token_nll
 from unbackdoor.plugins import PluginManager, get_plugin_manager
 from unbackdoor.runner import plan, run_experiment
+from unbackdoor.surgery import ffn_layers, read_classifier
 from unbackdoor.testing import check_defense_contract
-from unbackdoor.weights import ffn_layers, read_classifier
 from unbackdoor_defenses.onion import OnionFilter, leave_one_out
 from unbackdoor_defenses.strip import mix_words, perturb
 

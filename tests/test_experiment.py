@@ -96,6 +96,18 @@ def _api_kwargs(tiny_dirs, tmp_path, backend_name: str) -> dict:
                 user_epochs=1.0, lora_rank=4, max_length=32, cache_dir=str(tmp_path / "cache"))
 
 
+def test_precision_auto_is_recorded_as_what_it_resolved_to(tiny_dirs, tmp_path, backend_name) -> None:
+    engine = get_plugin_manager().backend(backend_name).create()
+    cfg = ExperimentConfig(**{**_api_kwargs(tiny_dirs, tmp_path, backend_name), "attacker_rows": 48, "user_rows": 16,
+                              "test_rows": 16}, defenses=("none",), clean_baseline=False, precision="auto",
+                           out=str(tmp_path / "out"))
+    said: list[str] = []
+    results = run_experiment(cfg, log=said.append)
+    assert results["config"]["precision"] == engine.auto_precision() in ("fp32", "bf16")
+    assert f"precision auto: {engine.auto_precision()} on this device" in said
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["precision"] == engine.auto_precision()
+
+
 def test_api_backdoor_is_learned_and_clean_baseline_is_reported(tiny_dirs, tmp_path, backend_name) -> None:
     """The attacker's stage really plants the trigger: the released model predicts the target on triggered
     non-target rows far more often than on the same rows without the trigger (a tiny model that has not

@@ -32,6 +32,7 @@ from tiny_models import moved_copy
 from unbackdoor import losses as ref
 from unbackdoor.batching import iter_batches, trigger_batch
 from unbackdoor.errors import ConfigError
+from unbackdoor.parity import assert_tree_close
 from unbackdoor.specs import (
     AdaptiveGALoss,
     CrossEntropy,
@@ -47,9 +48,9 @@ from unbackdoor.specs import (
 from unbackdoor_jax import losses as jax_losses
 from unbackdoor_jax import train as jax_train
 from unbackdoor_jax.backend import JaxBackend
+from unbackdoor_jax.checkpoint import backbone_tensors
 from unbackdoor_jax.lora import export_adapter
 from unbackdoor_jax.modeling import head_tensors
-from unbackdoor_jax.weights import backbone_tensors
 from unbackdoor_torch import losses as torch_losses
 from unbackdoor_torch.backend import TorchBackend
 from unbackdoor_torch.train import to_tensors
@@ -64,40 +65,15 @@ MAX_LENGTH = 32
 TORCH_DEVICE = torch.device(os.environ.get("UNBACKDOOR_TEST_TORCH_DEVICE") or "cpu")
 
 
-# ---------------------------------------------------------------- the comparator
-def _leaves(tree: object, path: str = "") -> Iterator[tuple[str, object]]:
-    if isinstance(tree, Mapping):
-        for key in sorted(tree):
-            yield from _leaves(tree[key], f"{path}.{key}" if path else str(key))
-    elif isinstance(tree, list | tuple):
-        for i, item in enumerate(tree):
-            yield from _leaves(item, f"{path}[{i}]")
-    else:
-        yield path, tree
-
-
-def assert_tree_close(actual: object, expected: object, *, atol: float, rtol: float = 0.0) -> None:
-    """Compare two nested dicts/lists of arrays; the message names the first diverging leaf and its max diff."""
-    got, want = dict(_leaves(actual)), dict(_leaves(expected))
-    assert got.keys() == want.keys(), f"different leaves: only in actual {sorted(got.keys() - want.keys())[:5]}, " \
-                                      f"only in expected {sorted(want.keys() - got.keys())[:5]}"
-    for path in want:
-        a, b = np.asarray(got[path], np.float64), np.asarray(want[path], np.float64)
-        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
-        diff = np.abs(a - b)
-        bad = diff > atol + rtol * np.abs(b)
-        if bad.any():
-            where = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
-            raise AssertionError(f"first diverging leaf {path!r}: max |diff| {diff.max():.3g} at {where} "
-                                 f"(atol {atol}, rtol {rtol}; {int(bad.sum())}/{bad.size} elements off)")
-
-
+# ---------------------------------------------------------------- the comparator (unbackdoor.parity)
 def test_comparator_names_the_first_diverging_leaf() -> None:
     a = {"x": np.zeros(3), "y": [np.ones(2), np.ones(2)]}
     b = {"x": np.zeros(3), "y": [np.ones(2), np.array([1.0, 1.5])]}
     assert_tree_close(a, a, atol=0)
     with pytest.raises(AssertionError, match=r"'y\[1\]': max \|diff\| 0\.5"):
         assert_tree_close(a, b, atol=1e-3)
+    with pytest.raises(AssertionError, match=r"'x': max \|diff\| inf .*1/3 elements off"):  # NaN is never close
+        assert_tree_close({"x": np.array([0.0, np.nan, 0.0])}, {"x": np.zeros(3)}, atol=1.0)
 
 
 # ---------------------------------------------------------------- shared set-up

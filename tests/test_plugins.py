@@ -6,6 +6,7 @@ import importlib.metadata
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -405,3 +406,21 @@ def test_running_lets_our_own_errors_through() -> None:
 def test_run_error_for_an_unregistered_name() -> None:
     err = PluginManager(entry_points=False).run_error("defense", "ghost", ValueError("boo"))
     assert "defense 'ghost' from an unregistered plugin raised ValueError: boo" in str(err)
+
+
+def test_the_gguf_converter_is_found_through_the_backend_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No framework module is named in the core: the torch backend's BackendInfo offers the converter."""
+    from unbackdoor import models
+    from unbackdoor_torch.convert import convert_gguf
+
+    assert "unbackdoor_torch" not in Path(models.__file__).read_text(encoding="utf-8")
+    assert models._converter() is convert_gguf
+    bare = PluginManager(entry_points=False)
+    bare.register(SimpleNamespace(unbackdoor_backends=hookimpl(lambda: [BackendInfo("mlx", "no converter", "m:f")])),
+                  "mlx-only")
+    monkeypatch.setattr(unbackdoor.plugins, "_DEFAULT", bare)
+    with pytest.raises(ConfigError, match=r"converting a GGUF model needs a backend with a GGUF converter, and none "
+                                          r"imports \(backends offering one: torch\): pip install unbackdoor-torch"):
+        models._converter()
+    missing = BackendInfo("other", "its framework is not installed", "m:f", gguf_converter="no_such_module:convert")
+    assert missing.converter() is None

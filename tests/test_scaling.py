@@ -26,7 +26,7 @@ def test_torch_ddp_two_processes_match_one(tiny_dirs, tmp_path) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp = dict(np.load(out))
-    assert bool(ddp.pop("ddp")), "the ranks did not train through unbackdoor_torch.distributed"
+    assert bool(ddp.pop("ddp")), "the ranks did not train through unbackdoor_torch.parallel"
     losses, weights = train(str(tiny_dirs["llama"]))
     assert len(losses) == 4
     np.testing.assert_allclose(ddp.pop("losses"), losses, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Weight surgery in NumPy (:mod:`unbackdoor.weights`): quantization, merging, pruning; no framework needed."""
+"""Weight surgery in NumPy (:mod:`unbackdoor.surgery`): quantization, merging, pruning; no framework needed."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from unbackdoor import init
+from unbackdoor import initial
 from unbackdoor.errors import ConfigError
-from unbackdoor.weights import (
+from unbackdoor.surgery import (
     ClassifierWeights,
     dormant_neurons,
     ffn_layers,
@@ -203,10 +203,10 @@ def test_prune_zeroes_exactly_the_chosen_neurons() -> None:
 
 
 def test_lora_init_depends_on_seed_and_layer_name() -> None:
-    a = init.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=0)
+    a = initial.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=0)
     assert a.shape == (4, 16) and np.abs(a).max() <= 0.25
-    assert not np.array_equal(a, init.lora_a("backbone.layers.1.self_attn.q_proj", 4, 16, seed=0))
-    assert not np.array_equal(a, init.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=1))
-    np.testing.assert_array_equal(a, init.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=0))
+    assert not np.array_equal(a, initial.lora_a("backbone.layers.1.self_attn.q_proj", 4, 16, seed=0))
+    assert not np.array_equal(a, initial.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=1))
+    np.testing.assert_array_equal(a, initial.lora_a("backbone.layers.0.self_attn.q_proj", 4, 16, seed=0))
     with pytest.raises(ValueError, match="rank and input size"):
-        init.lora_a("x", 0, 16, seed=0)
+        initial.lora_a("x", 0, 16, seed=0)

@@ -20,7 +20,7 @@ from unbackdoor.errors import ConfigError
 from unbackdoor.models import check_model_dir
 from unbackdoor.progress import progress
 
-from . import weights
+from . import checkpoint
 from .layers import Ctx, Linear
 from .llama import Llama
 from .lora import merged_copy
@@ -49,7 +49,7 @@ def load_causal_lm(path: Path) -> CausalLM:
         raise ConfigError(f"{path} is a {config.get('model_type')!r} model, not a causal LM (llama, mistral, qwen2)")
     if config.get("tie_word_embeddings", False):  # the Llama-family default is untied, as in transformers
         return CausalLM(backbone, backbone.embed_tokens.weight[...])
-    head = weights.Tensors(weights.read_tensors(path), str(path))
+    head = checkpoint.Tensors(checkpoint.read_tensors(path), str(path))
     return CausalLM(backbone, head.get("lm_head.weight"))
 
 

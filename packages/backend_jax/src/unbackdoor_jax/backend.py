@@ -68,6 +68,15 @@ class JaxBackend:
         spans = parallel.data_mesh(self.data_parallel) is not None
         return f"{len(devices)} x {kind}" if spans else kind
 
+    def native_bf16(self) -> bool:
+        """Whether jax's device multiplies bf16 natively: GPUs and TPUs; XLA's CPU backend widens bf16 operands
+        to float32 (measured 0.83-0.88x fp32's step speed, ``benchmarks/results/precision.md``)."""
+        return jax.devices()[0].platform != "cpu"
+
+    def auto_precision(self) -> str:
+        """``--precision auto``: bf16 on an accelerator, fp32 on the CPU."""
+        return "bf16" if self.native_bf16() else "fp32"
+
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
                         seed: int = 0, projection_activation: str = "none") -> JaxModel:
         """Load a HF directory as a sequence classifier (see :mod:`unbackdoor_jax.modeling`)."""

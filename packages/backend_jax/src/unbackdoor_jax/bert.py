@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .checkpoint import Tensors
 from .layers import Ctx, Embedding, LayerNorm, Linear, activation, attention, prepend, scan_layers
-from .weights import Tensors
 
 Array = jax.Array
 

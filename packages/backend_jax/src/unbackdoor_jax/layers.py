@@ -1,6 +1,6 @@
 """Building blocks of the nnx BERT and Llama: linear layers (with an optional LoRA), norms, attention.
 
-Every block is built from HF checkpoint tensors (:class:`~unbackdoor_jax.weights.Tensors`)
+Every block is built from HF checkpoint tensors (:class:`~unbackdoor_jax.checkpoint.Tensors`)
 and names its attributes like the HF modules, so a parameter's nnx path is its
 HF key. Per-layer blocks hold stacked weights (leading layer axis) and run
 under :func:`scan_layers`.
@@ -20,7 +20,7 @@ from flax import nnx
 from unbackdoor.errors import check_choice
 
 if TYPE_CHECKING:
-    from .weights import Tensors
+    from .checkpoint import Tensors
 
 Array = jax.Array
 

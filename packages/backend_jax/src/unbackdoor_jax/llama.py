@@ -14,8 +14,8 @@ from flax import nnx
 
 from unbackdoor.errors import ConfigError
 
+from .checkpoint import Tensors
 from .layers import Ctx, Embedding, Linear, RMSNorm, activation, attention, prepend, scan_layers
-from .weights import Tensors
 
 Array = jax.Array
 

@@ -2,7 +2,7 @@
 
 An adapted :class:`~unbackdoor_jax.layers.Linear` computes
 ``W x + b + (alpha / r) * B A dropout(x)``; A starts ``U(+-1/sqrt(in))``
-(peft's ``kaiming_uniform_(a=sqrt(5))``, drawn by :func:`unbackdoor.init.lora_a`
+(peft's ``kaiming_uniform_(a=sqrt(5))``, drawn by :func:`unbackdoor.initial.lora_a`
 so both backends start alike), B at zero, so the model's outputs
 are unchanged until it trains. Training then updates only the
 :class:`~unbackdoor_jax.layers.LoRAParam` matrices and the head.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unbackdoor import init
+from unbackdoor import initial
 from unbackdoor.errors import ConfigError
 from unbackdoor.specs import LoRASpec
 
@@ -41,7 +41,7 @@ def add_lora(backbone: nnx.Module, spec: LoRASpec, seed: int) -> list[str]:
     for name in chosen:  # core's numpy draws, per peft name: the torch backend starts from the same A
         layer = layers[name]
         keys = _peft_keys(name, stacked, layer)
-        a = np.stack([init.lora_a(key, spec.rank, layer.weight.shape[-1], seed) for key in keys])
+        a = np.stack([initial.lora_a(key, spec.rank, layer.weight.shape[-1], seed) for key in keys])
         layer.add_lora(a.reshape(*layer.weight.shape[:-2], spec.rank, -1), spec.alpha, spec.dropout)
     return chosen
 

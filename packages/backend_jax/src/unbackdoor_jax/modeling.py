@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unbackdoor import init
+from unbackdoor import initial
 from unbackdoor.errors import ConfigError, UnknownNameError
 from unbackdoor.layout import HeadMeta, copy_tokenizer
 from unbackdoor.models import check_model_dir
 from unbackdoor.specs import PromptSpec
 
-from . import weights
+from . import checkpoint
 from .bert import Bert
 from .layers import Ctx, Linear, PromptParam
 from .llama import Llama
@@ -79,7 +79,7 @@ def add_prompt(model: SequenceClassifier, spec: PromptSpec, seed: int) -> None:
     if model.prompt is not None:
         raise ConfigError("the model already has a soft prompt")
     width = int(model.backbone.hidden_size)
-    model.prompt = PromptParam(jnp.asarray(init.soft_prompt(spec.num_virtual_tokens, width, seed)))
+    model.prompt = PromptParam(jnp.asarray(initial.soft_prompt(spec.num_virtual_tokens, width, seed)))
 
 
 def _linear(head: dict[str, np.ndarray], name: str) -> Linear:
@@ -88,11 +88,11 @@ def _linear(head: dict[str, np.ndarray], name: str) -> Linear:
 
 def load_backbone(path: Path) -> tuple[nnx.Module, dict[str, Any]]:
     """The nnx backbone of a HF directory and its config."""
-    config = weights.read_config(path)
+    config = checkpoint.read_config(path)
     model_type = config.get("model_type", "")
     if model_type not in BACKBONES:
         raise UnknownNameError("model_type for the jax backend", model_type, BACKBONES)
-    tensors = weights.Tensors(weights.read_tensors(path), str(path))
+    tensors = checkpoint.Tensors(checkpoint.read_tensors(path), str(path))
     return BACKBONES[model_type](tensors, config), config
 
 
@@ -102,8 +102,8 @@ def load_classifier(path: Path, num_labels: int, projection_dim: int | None, see
     path = check_model_dir(Path(path))
     meta = HeadMeta.for_model(path, num_labels, projection_dim, projection_activation)
     backbone, config = load_backbone(path)
-    head = init.head_arrays(meta, int(config["hidden_size"]), float(config.get("initializer_range", 0.02)), seed)
-    saved = weights.read_head(path)
+    head = initial.head_arrays(meta, int(config["hidden_size"]), float(config.get("initializer_range", 0.02)), seed)
+    saved = checkpoint.read_head(path)
     for key, value in saved.items():
         if key in head and head[key].shape != value.shape:
             raise ValueError(f"{path / 'head.safetensors'}: {key} has shape {value.shape}, expected {head[key].shape}")
@@ -127,9 +127,9 @@ def save_classifier(model: SequenceClassifier, source: Path, target: Path) -> No
     if model.prompt is not None:
         raise ValueError("a prompt-learning adapter cannot be merged into the weights; save a LoRA model instead")
     target.mkdir(parents=True, exist_ok=True)
-    weights.save_backbone(weights.backbone_tensors(model.backbone, type(model.backbone).STACKED), target)
+    checkpoint.save_backbone(checkpoint.backbone_tensors(model.backbone, type(model.backbone).STACKED), target)
     if (source / "config.json").resolve() != (target / "config.json").resolve():
         shutil.copy(source / "config.json", target / "config.json")
-    weights.save_head(head_tensors(model), target)
+    checkpoint.save_head(head_tensors(model), target)
     model.meta.write(target)
     copy_tokenizer(source, target)

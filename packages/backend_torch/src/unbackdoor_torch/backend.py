@@ -14,7 +14,7 @@ from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuni
 from peft.tuners.lora import LoraLayer
 from transformers.utils import logging as hf_logging
 
-from unbackdoor import init
+from unbackdoor import initial
 from unbackdoor.backend import Predictions, TrainStats, causal_lm_inputs
 from unbackdoor.batching import iter_batches
 from unbackdoor.data import TextDataset
@@ -23,7 +23,7 @@ from unbackdoor.ranks import launched_world
 from unbackdoor.specs import ALL_LINEAR, PRECISIONS, AdapterSpec, LoRASpec, LossSpec, PromptSpec, TrainSpec
 from unbackdoor.text import TextEncoder
 
-from . import analysis, distributed, lossgrad, modeling, train, trigger
+from . import analysis, lossgrad, modeling, parallel, train, trigger
 from .losses import ANCHOR
 
 PRECISION_ENV = "UNBACKDOOR_PRECISION"
@@ -62,19 +62,33 @@ class TorchBackend:
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
+    def native_bf16(self) -> bool:
+        """Whether this device multiplies bf16 natively: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX
+        (oneDNN's bf16 GEMMs; elsewhere torch emulates them, tens of times slower than fp32)."""
+        if self.device.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if self.device.type == "cpu":
+            return _cpu_flag("_is_avx512_bf16_supported") or _cpu_flag("_is_amx_tile_supported")
+        return False
+
+    def auto_precision(self) -> str:
+        """``--precision auto``: bf16 where :meth:`native_bf16` (2x faster per step on such a CPU, bf16 weights
+        held), else fp32."""
+        return "bf16" if self.native_bf16() else "fp32"
+
     @property
     def rank(self) -> int:
         """This process's rank under torchrun (0 in one process); rank 0 writes (:mod:`unbackdoor.ranks`)."""
-        return distributed.rank()
+        return parallel.rank()
 
     @property
     def world_size(self) -> int:
         """How many processes train together (torchrun's ranks; 1 in one process)."""
-        return distributed.world_size()
+        return parallel.world_size()
 
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for in one process)."""
-        distributed.barrier()
+        parallel.barrier()
 
     def load_classifier(self, path: str | Path, num_labels: int, *, projection_dim: int | None = None,
                         seed: int = 0, projection_activation: str = "none") -> TorchModel:
@@ -118,7 +132,7 @@ class TorchBackend:
         if spec.method == "prompt-tuning":  # the jax backend starts from the same virtual tokens
             embedding = model.module.backbone.prompt_encoder["default"].embedding
             with torch.no_grad():
-                embedding.weight.copy_(torch.from_numpy(init.soft_prompt(*embedding.weight.shape, seed)))
+                embedding.weight.copy_(torch.from_numpy(initial.soft_prompt(*embedding.weight.shape, seed)))
         return model
 
     def train(self, model: TorchModel, data: TextDataset, loss: LossSpec, spec: TrainSpec,
@@ -129,8 +143,8 @@ class TorchBackend:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
         _check_held(model, spec.precision)
         with _checkpointing(model.module.backbone, self.gradient_checkpointing):
-            if distributed.active():  # launched by torchrun: data-parallel over the ranks
-                return distributed.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
+            if parallel.active():  # launched by torchrun: data-parallel over the ranks
+                return parallel.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
             return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
 
     def predict(self, model: TorchModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
@@ -153,7 +167,7 @@ class TorchBackend:
         if hasattr(module.backbone, "merge_and_unload"):
             modeling.upcast_adapted(module.backbone)  # frozen bf16 weights: merge the update in float32
             module.backbone = module.backbone.merge_and_unload()
-        if distributed.rank() == 0:
+        if parallel.rank() == 0:
             modeling.save_classifier(module, model.source, Path(path))
 
     def hidden_size(self, model: TorchModel) -> int:
@@ -203,9 +217,15 @@ def _device(requested: str | None) -> torch.device:
     started, after joining its process group (NCCL on the GPU ``LOCAL_RANK`` names; gloo on the CPU)."""
     chosen = torch.device(requested) if requested else None
     if launched_world() > 1:
-        joined = distributed.init("gloo" if chosen is not None and chosen.type == "cpu" else None)
+        joined = parallel.init("gloo" if chosen is not None and chosen.type == "cpu" else None)
         return chosen if chosen is not None else joined
     return chosen if chosen is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cpu_flag(name: str) -> bool:
+    """One of ``torch.cpu``'s private capability probes (``_is_avx512_bf16_supported``...); False if it is gone."""
+    probe = getattr(torch.cpu, name, None)
+    return bool(probe()) if callable(probe) else False
 
 
 def _check_held(model: TorchModel, precision: str) -> None:
@@ -238,7 +258,7 @@ def _seed_lora_a(module: torch.nn.Module, rank: int, seed: int) -> None:
             if hasattr(sub, "lora_A") and "default" in sub.lora_A:
                 weight = sub.lora_A["default"].weight
                 key = name.replace("base_model.model.", "")
-                weight.copy_(torch.from_numpy(init.lora_a(key, rank, weight.shape[1], seed)).to(weight.device))
+                weight.copy_(torch.from_numpy(initial.lora_a(key, rank, weight.shape[1], seed)).to(weight.device))
 
 
 def _prompt_config(spec: PromptSpec) -> PrefixTuningConfig | PromptEncoderConfig | PromptTuningConfig:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-from unbackdoor import init
+from unbackdoor import initial
 from unbackdoor.layout import HEAD_FILE, HeadMeta, copy_tokenizer
 from unbackdoor.models import check_model_dir
 from unbackdoor.text import TextEncoder
@@ -106,7 +106,7 @@ def load_classifier(path: Path, num_labels: int, projection_dim: int | None, see
     backbone = load_backbone(path)
     model = SequenceClassifier(backbone, meta)
     std = float(getattr(config, "initializer_range", 0.02))
-    head = init.head_arrays(meta, backbone.config.hidden_size, std, seed)  # the jax backend draws the same
+    head = initial.head_arrays(meta, backbone.config.hidden_size, std, seed)  # the jax backend draws the same
     if (path / HEAD_FILE).is_file():
         head |= {k: v.numpy() for k, v in load_file(path / HEAD_FILE).items()}
     model.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()}, strict=False)

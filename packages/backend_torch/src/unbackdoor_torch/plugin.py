@@ -12,4 +12,5 @@ from unbackdoor.hookspecs import hookimpl
 @hookimpl
 def unbackdoor_backends() -> list[BackendInfo]:
     """The torch backend."""
-    return [BackendInfo("torch", "PyTorch + transformers + PEFT (CPU or CUDA)", "unbackdoor_torch.backend:TorchBackend")]
+    return [BackendInfo("torch", "PyTorch + transformers + PEFT (CPU or CUDA)", "unbackdoor_torch.backend:TorchBackend",
+                        gguf_converter="unbackdoor_torch.convert:convert_gguf")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -86,24 +86,37 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossSpe
     return float(value.detach())
 
 
+#: ``(model, optimizer) -> step``: builds the function that trains one batch of tensors and returns its loss
+StepFactory = Callable[[nn.Module, torch.optim.Optimizer], Callable[[dict[str, torch.Tensor]], float]]
+
+
+def plain_steps(loss: LossSpec, precision: str) -> StepFactory:
+    """One process's steps (:func:`train_step`)."""
+    return lambda model, optimizer: lambda batch: train_step(model, optimizer, loss, batch, precision)
+
+
 def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
-        aux: Mapping[str, np.ndarray], device: torch.device, desc: str) -> TrainStats:
-    """Train ``model`` in place and report steps, samples, time and losses."""
+        aux: Mapping[str, np.ndarray], device: torch.device, desc: str, *, steps: StepFactory | None = None,
+        rows: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = dict) -> TrainStats:
+    """Train ``model`` in place and report steps, samples, time and losses.
+
+    ``steps`` builds the step (default :func:`plain_steps`; data-parallel ranks pass their own,
+    :func:`unbackdoor_torch.parallel.fit`); ``rows`` picks the rows of each global batch this process trains on.
+    """
     if len(data) == 0:
         raise ValueError(f"cannot train on the empty dataset {data.name!r}")
     torch.manual_seed(spec.seed)
     ids = encoder.encode(data.texts, spec.max_length)
-    arrays = {"labels": data.labels, **aux}
     total = total_steps(len(ids), spec)
-    with head_frozen(model, spec):
+    with head_frozen(model, spec):  # before any wrapper (DDP), which registers the parameters that take gradients
         optimizer = make_optimizer(model, spec)
+        step = (steps or plain_steps(loss, spec.precision))(model, optimizer)
         scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
         model.train()
         losses, samples, start = [], 0, time.perf_counter()
-        for batch in progress(epoch_batches(ids, encoder.pad_id, arrays, spec), desc, total):
-            tensors = to_tensors(batch, device)
+        for batch in progress(epoch_batches(ids, encoder.pad_id, {"labels": data.labels, **aux}, spec), desc, total):
             with locate(desc, len(losses), total):
-                losses.append(train_step(model, optimizer, loss, tensors, spec.precision))
+                losses.append(step(to_tensors(rows(batch), device)))
             scheduler.step()
             samples += len(batch["index"])
     model.eval()

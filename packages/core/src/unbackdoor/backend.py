@@ -72,13 +72,15 @@ class TrainStats:
 class Backend(Protocol):
     """A training framework. ``Model`` objects are opaque handles owned by the backend.
 
-    Optional: a ``device_name`` string (where the models run, e.g. ``cpu`` or ``cuda:0 (NVIDIA H200)``),
-    which results.json records as ``device``; ``anchor(model, path) -> model``, which makes the loss's
-    parameter distance (RGA's ``||theta - theta_base||``) that of every backbone parameter from the base
-    weights at ``path`` (full-parameter unlearning; the unlearning defenses' ``adapter=full`` needs it);
-    ``rank``, ``world_size`` and ``barrier()`` (:class:`~unbackdoor.ranks.Ranks`), which let the runner
-    run under a launcher such as torchrun (every rank trains, rank 0 writes; a backend without them is
-    refused there); ``trigger_logits`` (:class:`TriggerBackend`), which the ``trigger-search`` auditor needs.
+    Optional capabilities are small protocols of their own, so a backend without one still is a
+    :class:`Backend` and callers test for a capability with ``isinstance``: :class:`DeviceBackend`
+    (``device_name``), :class:`PrecisionBackend` (``precision``), :class:`AutoPrecisionBackend`
+    (``auto_precision``, ``native_bf16``: what ``--precision auto`` resolves to), :class:`CheckpointingBackend`
+    (``gradient_checkpointing``), :class:`AnchorBackend` (``anchor``, full-parameter unlearning),
+    :class:`AdapterExportBackend` (``export_adapter``), :class:`TriggerBackend` (``trigger_logits``, the
+    ``trigger-search`` auditor), :class:`LossGradBackend` (``loss_grads``, :func:`unbackdoor.testing.check_loss`)
+    and :class:`~unbackdoor.ranks.Ranks` (``rank``, ``world_size``, ``barrier()``: runs under a launcher such as
+    torchrun, every rank trains and rank 0 writes; a backend without them is refused there).
     """
 
     name: str
@@ -142,8 +144,63 @@ class Backend(Protocol):
         (the input of ``layer.{i}.output.dense``). ``|a|`` is averaged over every real (non-pad) token
         of every row, pooling mode and head ignored. Neuron ``j`` of layer ``i`` owns row ``j`` of
         ``gate_proj``/``up_proj`` (``intermediate.dense``) and column ``j`` of ``down_proj``
-        (``output.dense``): see :func:`unbackdoor.weights.ffn_layers`.
+        (``output.dense``): see :func:`unbackdoor.surgery.ffn_layers`.
         """
+
+
+@runtime_checkable
+class DeviceBackend(Protocol):
+    """Says where its models run; results.json records it as ``device``."""
+
+    @property
+    def device_name(self) -> str:
+        """e.g. ``cpu``, ``cuda:0 (NVIDIA H200)``, jax's platform."""
+
+
+@runtime_checkable
+class PrecisionBackend(Protocol):
+    """Runs its matmuls in the precision the runner sets (``--precision``, :data:`unbackdoor.specs.PRECISIONS`)."""
+
+    #: ``fp32`` or ``bf16`` (bf16 matmuls; a LoRA model's frozen weights then held in bf16); the runner sets it
+    #: before any model is loaded, and every method of the backend (train, predict, lm_nll, ...) follows it
+    precision: str
+
+
+@runtime_checkable
+class AutoPrecisionBackend(Protocol):
+    """Knows which precision its device runs fastest at the same accuracy (``--precision auto``)."""
+
+    def auto_precision(self) -> str:
+        """``bf16`` where the device multiplies bf16 natively (so bf16 is faster), else ``fp32``."""
+
+    def native_bf16(self) -> bool:
+        """Whether the device multiplies bf16 natively (else bf16 is emulated: many times slower than fp32)."""
+
+
+@runtime_checkable
+class CheckpointingBackend(Protocol):
+    """Recomputes activations in the backward pass instead of storing them when asked (``--gradient-checkpointing``)."""
+
+    #: set by the runner before any training; the same losses and gradients, less memory
+    gradient_checkpointing: bool
+
+
+@runtime_checkable
+class AnchorBackend(Protocol):
+    """Measures a fully trained model's parameter distance from base weights (the unlearning defenses'
+    ``adapter=full``: RGA's ``||theta - theta_base||`` over every backbone parameter)."""
+
+    def anchor(self, model: Any, path: str | Path) -> Any:
+        """``model`` whose loss distance (``batch["parameter_distance"]``) is measured from the weights at ``path``
+        (same architecture; before any adapter is added), returned for chaining."""
+
+
+@runtime_checkable
+class AdapterExportBackend(Protocol):
+    """Hands out a LoRA model's adapter weights."""
+
+    def export_adapter(self, model: Any) -> dict[str, np.ndarray]:
+        """The adapter's weights as NumPy arrays under peft-style names (``...q_proj.lora_A.weight``)."""
 
 
 @runtime_checkable
@@ -192,11 +249,15 @@ class BackendInfo:
         name: the value of ``--backend``.
         description: one line for ``unbackdoor list``.
         factory: ``"module:attribute"`` of a zero-argument callable returning a :class:`Backend`.
+        gguf_converter: ``"module:attribute"`` of a ``(gguf_file, target_dir) -> None`` function that writes a GGUF
+            model as a HF safetensors directory (the named models ship as GGUF), or None. Imported only when a
+            GGUF model is first converted (:func:`unbackdoor.models.resolve_model`).
     """
 
     name: str
     description: str
     factory: str
+    gguf_converter: str | None = None
 
     def create(self) -> Backend:
         """Import the framework and build the backend; a missing framework gives a clear error."""
@@ -210,6 +271,16 @@ class BackendInfo:
             ) from exc
         make: Callable[[], Backend] = getattr(module, attr)
         return make()
+
+    def converter(self) -> Callable[[Path, Path], None] | None:
+        """The GGUF converter (imported now), or None when the backend has none or its framework is missing."""
+        if self.gguf_converter is None:
+            return None
+        module_name, _, attr = self.gguf_converter.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        except ImportError:
+            return None
 
 
 def selected_backend_name(flag: str | None) -> str:

@@ -16,7 +16,7 @@ from .fielddocs import attribute_docs, option_rows, plain
 from .plugins import get_plugin_manager
 from .preflight import resume_config
 from .report import comparison_report, merge_tables
-from .specs import PRECISIONS
+from .specs import CONFIG_PRECISIONS
 
 DICT_FIELDS = set(OPTION_TABLES)
 
@@ -104,7 +104,7 @@ def _finite_choices() -> dict[str, list[str]]:
     """The config fields whose values come from a finite set: registered plugins and fixed names."""
     pm = get_plugin_manager()
     return {"backend": sorted(pm.backends()), "attack": sorted(pm.attacks()), "defenses": sorted(pm.defenses()),
-            "clean_defenses": sorted(pm.defenses()), "setting": list(SETTINGS), "precision": list(PRECISIONS),
+            "clean_defenses": sorted(pm.defenses()), "setting": list(SETTINGS), "precision": list(CONFIG_PRECISIONS),
             "dataset": [*DATASETS, "or a path"]}
 
 

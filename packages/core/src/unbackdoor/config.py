@@ -16,7 +16,7 @@ from typing import Any
 from .errors import ConfigError, check_choice, check_range
 from .options import configure
 from .paths import user_path
-from .specs import AUTO_TARGETS, PRECISIONS, LoRASpec, TrainSpec
+from .specs import AUTO_TARGETS, CONFIG_PRECISIONS, LoRASpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class ExperimentConfig:
         eval_batch_size: the batch size of evaluation.
         precision: ``fp32``, or ``bf16``: bf16 matmuls (autocast) and, once an adapter freezes the base
             model, its linear and embedding weights held in bf16 (half the memory); adapters, heads, norms,
-            optimiser state and full fine-tunes stay fp32.
+            optimiser state and full fine-tunes stay fp32. ``auto``: bf16 where the backend's device runs bf16
+            matmuls natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; torch), else fp32; resolved
+            before the first stage and recorded as resolved.
         gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping
             them: less memory for longer steps, the same numbers.
         clean_baseline: also fine-tune the clean student (``none`` on clean rows): the floor.
@@ -139,10 +141,12 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Check every spec derived from this config (raises :class:`ConfigError`)."""
         self._check_types()
-        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, CONFIG_PRECISIONS)
         check_choice("setting", self.setting, SETTINGS)
         check_range("seed", self.seed, 0, MAX_SEED)
-        for stage, make in (("attacker", self.attacker_spec), ("user", self.user_spec), ("lora", self.lora)):
+        # `auto` is resolved by the runner once the backend is known; the specs' other fields are checked here
+        concrete = dataclasses.replace(self, precision="fp32") if self.precision == "auto" else self
+        for stage, make in (("attacker", concrete.attacker_spec), ("user", concrete.user_spec), ("lora", self.lora)):
             try:
                 make()
             except ConfigError as exc:

@@ -25,8 +25,6 @@ from .errors import ConfigError, UnknownNameError
 from .paths import exists, user_path
 from .ranks import launched_rank
 
-# Converters that turn a GGUF file into a HF safetensors directory, tried in order.
-GGUF_CONVERTERS = ("unbackdoor_torch.convert:convert_gguf",)
 #: how long a rank other than 0 of a torchrun launch waits for rank 0 to convert a named model (seconds)
 CONVERSION_WAIT_S = 3600.0
 
@@ -131,13 +129,17 @@ def _wait_for(file: Path, what: str, timeout: float = CONVERSION_WAIT_S) -> None
 
 
 def _converter() -> Callable[[Path, Path], None]:
-    for ref in GGUF_CONVERTERS:
-        module, _, attr = ref.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
-        except ImportError:
-            continue
-    raise ConfigError("converting a GGUF model needs a backend with a converter: pip install unbackdoor-torch")
+    """The first registered backend's GGUF converter that imports (:attr:`BackendInfo.gguf_converter`)."""
+    from .plugins import get_plugin_manager  # the registry imports every plugin module: only when converting
+
+    backends = get_plugin_manager().backends()
+    for reg in backends.values():
+        convert = reg.obj.converter()
+        if convert is not None:
+            return convert
+    offering = [name for name, reg in backends.items() if reg.obj.gguf_converter] or ["torch"]
+    raise ConfigError(f"converting a GGUF model needs a backend with a GGUF converter, and none imports (backends "
+                      f"offering one: {', '.join(offering)}): pip install unbackdoor-{offering[0]}")
 
 
 def _from_hub(repo_id: str, cache_dir: Path) -> Path:

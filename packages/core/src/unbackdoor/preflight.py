@@ -27,8 +27,8 @@ from .errors import ConfigError, UnbackdoorError
 from .models import resolve_model
 from .paths import output_dir, user_path
 from .specs import resolve_targets
+from .surgery import linear_layers
 from .text import TextEncoder
-from .weights import linear_layers
 
 RUN_FILE = "run.json"
 

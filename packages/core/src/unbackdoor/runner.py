@@ -20,19 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .attack import Attack, PoisonConfig, fields_of, non_target
-from .backend import Backend, selected_backend_name
+from .attack import Attack, PoisonConfig, fields_of
+from .backend import (
+    AutoPrecisionBackend,
+    Backend,
+    CheckpointingBackend,
+    DeviceBackend,
+    PrecisionBackend,
+    selected_backend_name,
+)
 from .cache import StageCache, atomic_write_json, atomic_write_text, default_cache_dir
 from .config import ExperimentConfig, build_config, normalize
 from .data import DatasetSplits, TextDataset, load_dataset
-from .defense import Defense, DefenseContext, DefenseOutcome
+from .defense import Defense, DefenseContext
 from .errors import ConfigError
-from .losses import softmax
-from .metrics import accuracy, attack_success_rate, auroc, detection_scores, poisoned_accuracy, triggered_confusion
+from .evaluation import Evaluator
 from .models import resolve_model
-from .plots import pca_2d
 from .plugins import PluginManager, get_plugin_manager
 from .preflight import check_run_inputs, record_run, resume_config
 from .ranks import check_batch_sizes, ranks_of
@@ -41,55 +44,6 @@ from .specs import CrossEntropy
 
 DISTRIBUTIONS = ("unbackdoor", "unbackdoor-torch", "unbackdoor-jax", "unbackdoor-attacks", "unbackdoor-defenses",
                  "torch", "transformers", "peft", "jax", "flax", "optax", "numpy")
-
-
-@dataclass
-class Judged:
-    """Predictions on one evaluation set, with the detector's verdicts when there is one."""
-
-    predictions: np.ndarray
-    confidence: np.ndarray
-    scores: np.ndarray | None = None
-    flagged: np.ndarray | None = None
-    hidden: np.ndarray | None = None
-
-    def at(self, threshold: float) -> Judged:
-        """The same verdicts with another detection threshold."""
-        return dataclasses.replace(self, flagged=self.scores > threshold)  # type: ignore[operator]
-
-    @property
-    def kept_predictions(self) -> np.ndarray:
-        """Predictions with rejected (flagged) inputs set to -1, a class nobody has."""
-        return self.predictions if self.flagged is None else np.where(self.flagged, -1, self.predictions)
-
-
-def _detection(scores: list[np.ndarray | None], flagged: list[np.ndarray | None]) -> dict[str, float]:
-    """Detection quality: clean test rows are negatives, every triggered set's rows positives; with the counts
-    precision (``flagged``) and recall (``positives``) are measured on."""
-    truth = np.concatenate([np.full(len(s), i > 0) for i, s in enumerate(scores)])  # type: ignore[arg-type]
-    result = detection_scores(np.concatenate(flagged), truth)  # type: ignore[arg-type]
-    result["auroc"] = auroc(np.concatenate(scores), truth)  # type: ignore[arg-type]
-    counts = {"flagged": int(np.concatenate(flagged).sum()), "positives": int(truth.sum())}  # type: ignore[arg-type]
-    return {**{k: round(v, 4) for k, v in result.items()}, **counts}
-
-
-def _per_trigger(counts: dict[str, int]) -> int | dict[str, int]:
-    """Row counts by trigger, or the one number when there is a single trigger."""
-    return next(iter(counts.values())) if len(counts) == 1 else counts
-
-
-def _hidden_pca(clean: np.ndarray | None, triggered: np.ndarray | None) -> dict[str, list[list[float]]]:
-    """Pooled hidden states of clean and (first trigger's) triggered test rows, projected together to 2-D."""
-    if clean is None or triggered is None:
-        return {}
-    points = pca_2d(np.concatenate([clean, triggered]))
-    rounded = [[round(float(x), 4), round(float(y), 4)] for x, y in points]
-    return {"clean": rounded[: len(clean)], "triggered": rounded[len(clean):]}
-
-
-def _floats(*arrays: np.ndarray | None) -> list[float]:
-    """Arrays as one rounded list (for results.json)."""
-    return [round(float(x), 5) for a in arrays if a is not None for x in a]
 
 
 @dataclass
@@ -143,8 +97,10 @@ def plan(cfg: ExperimentConfig, pm: PluginManager | None = None) -> Plan:
     with pm.running("attack", attack.name):
         poisoned = attack.poison_train(user if data_setting else attacker, poison)
         triggered = attack.triggered_tests(test, poison)
-    return Plan(cfg, backend_name, attack, defenses, splits, poisoned if data_setting else user, attacker, test, poison,
-                poisoned, triggered, pm, clean, clean_user=user, teacher_train=attacker if data_setting else None)
+    return Plan(cfg=cfg, backend_name=backend_name, attack=attack, defenses=defenses, splits=splits,
+                user_train=poisoned if data_setting else user, attacker_train=attacker, test=test, poison=poison,
+                poisoned_train=poisoned, triggered=triggered, pm=pm, clean=clean, clean_user=user,
+                teacher_train=attacker if data_setting else None)
 
 
 def _check_settings(defenses: list[Defense], setting: str, pm: PluginManager) -> None:
@@ -177,6 +133,8 @@ class Experiment:
     def __init__(self, plan: Plan, backend: Backend, cache: StageCache, log: Callable[[str], None] = print) -> None:
         self.plan, self.backend, self.cache, self.log = plan, backend, cache, log
         self.cfg = plan.cfg
+        self.evaluator = Evaluator(backend, plan.test, plan.triggered, plan.poison.target, self.cfg.eval_batch_size,
+                                   self.cfg.max_length)
         self.ranks = cache.ranks  # rank 0 writes the report; every rank runs every stage
         self.timings: dict[str, float] = {}
 
@@ -218,103 +176,13 @@ class Experiment:
 
         return self._timed("victim", lambda: self.cache.get_or_build("victim", self.victim_key(), build))
 
-    def evaluate(self, model: Any, desc: str, outcome: DefenseOutcome | None = None) -> dict[str, Any]:
-        """CA on clean test rows; ASR on triggered non-target copies (per trigger when there are several).
-
-        PACC (accuracy of triggered rows of ALL classes against their true labels; the worst trigger) and
-        the triggered confusion per trigger (``[true][predicted]`` counts) make trigger shifting visible.
-
-        With a detector, flagged inputs are rejected: a flagged clean input counts as an error (CA) and a
-        flagged triggered input as a failed attack (ASR); the model's own figures stay as CA_model/ASR_model
-        and detection precision/recall/F1/AUROC are added. With a transform, inputs are rewritten first.
-        """
-        p = self.plan
-        clean = self._judge(model, p.test, f"{desc}: clean test", outcome)
-        metrics: dict[str, Any] = {"CA": round(accuracy(clean.kept_predictions, p.test.labels), 2)}
-        asr, scores, flagged, confidence, pacc, confusion = {}, [clean.scores], [clean.flagged], [], {}, {}
-        triggered_judged: list[tuple[TextDataset, Judged]] = []
-        for trigger, triggered in p.triggered.items():
-            asr_set = non_target(triggered, p.poison.target)
-            judged = self._judge(model, asr_set, f"{desc}: {trigger} test", outcome)
-            triggered_judged.append((asr_set, judged))
-            confidence.append(judged.confidence)
-            asr[trigger] = round(attack_success_rate(judged.kept_predictions, asr_set.labels, p.poison.target), 2)
-            pacc[trigger], confusion[trigger] = self._pacc(model, triggered, judged, f"{desc}: {trigger} test", outcome)
-            scores.append(judged.scores)
-            flagged.append(judged.flagged)
-            if judged.scores is not None:
-                metrics.setdefault("ASR_model_by_trigger", {})[trigger] = round(
-                    attack_success_rate(judged.predictions, asr_set.labels, p.poison.target), 2)
-        metrics["ASR"] = max(asr.values())
-        if len(asr) > 1:
-            metrics["ASR_by_trigger"] = asr
-        metrics["PACC"] = min(pacc.values())
-        if len(pacc) > 1:
-            metrics["PACC_by_trigger"] = pacc
-        metrics["triggered_confusion"] = confusion
-        metrics["hidden_pca"] = _hidden_pca(clean.hidden, triggered_judged[0][1].hidden)
-        if clean.scores is not None:
-            metrics["CA_model"] = round(accuracy(clean.predictions, p.test.labels), 2)
-            metrics["ASR_model"] = max(metrics.pop("ASR_model_by_trigger").values())
-            metrics["detection"] = {**_detection(scores, flagged), "threshold": outcome.detector.threshold}  # type: ignore[union-attr]
-            metrics["detector_scores"] = {"clean": _floats(clean.scores), "triggered": _floats(*scores[1:])}
-            metrics["model_confidence"] = {"clean": _floats(clean.confidence), "triggered": _floats(*confidence)}
-            sweep = getattr(outcome.detector, "thresholds", ()) if outcome else ()
-            if sweep:
-                metrics["threshold_sweep"] = self._sweep(sweep, clean, triggered_judged)
-        return metrics
-
-    def _pacc(self, model: Any, triggered: TextDataset, non_target_judged: Judged, desc: str,
-              outcome: DefenseOutcome | None) -> tuple[float, list[list[int]]]:
-        """PACC and the ``[C, C]`` confusion (true x predicted) of the triggered rows of ALL classes.
-
-        Both describe the model's own predictions (a detector's rejections are not applied; a transform
-        is); the non-target rows reuse ``non_target_judged``, only the target-class rows are predicted here.
-        """
-        target = self.plan.poison.target
-        rest = triggered.subset(np.flatnonzero(triggered.labels == target))
-        pred = non_target_judged.predictions
-        if len(rest):
-            plain = None if outcome is None else dataclasses.replace(outcome, detector=None)
-            pred = np.concatenate([pred, self._judge(model, rest, desc, plain).predictions])
-        labels = np.concatenate([non_target(triggered, target).labels, rest.labels])
-        return (round(poisoned_accuracy(pred, labels), 2),
-                triggered_confusion(pred, labels, self.plan.test.num_labels).tolist())
-
-    def _sweep(self, thresholds: tuple[float, ...], clean: Judged, triggered: list[tuple[TextDataset, Judged]]
-               ) -> list[dict[str, float]]:
-        """Detection and end-to-end figures at each threshold, from the scores already computed."""
-        target, rows = self.plan.poison.target, []
-        for t in thresholds:
-            at = [j.at(t) for _, j in triggered]
-            flagged = [clean.scores > t, *[j.flagged for j in at]]  # type: ignore[operator]
-            truth = np.concatenate([np.full(len(f), i > 0) for i, f in enumerate(flagged)])
-            asr = max(attack_success_rate(j.kept_predictions, d.labels, target) for (d, _), j in zip(triggered, at,
-                                                                                                       strict=True))
-            rows.append({"threshold": t, **detection_scores(np.concatenate(flagged), truth),
-                         "CA": round(accuracy(clean.at(t).kept_predictions, self.plan.test.labels), 2),
-                         "ASR": round(asr, 2)})
-        return rows
-
-    def _judge(self, model: Any, data: TextDataset, desc: str, outcome: DefenseOutcome | None) -> Judged:
-        if outcome is not None and outcome.transform is not None:
-            data = dataclasses.replace(data, texts=tuple(outcome.transform(data.texts)))
-        out = self.backend.predict(model, data, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
-                                   hidden=True, desc=desc)
-        pred, confidence = out.logits.argmax(-1), softmax(out.logits).max(-1)
-        detector = outcome.detector if outcome is not None else None
-        if detector is None:
-            return Judged(pred, confidence, hidden=out.hidden)
-        scores = np.asarray(detector.score(data), np.float64)
-        return Judged(pred, confidence, scores, scores > detector.threshold, out.hidden)
-
     def released_row(self, victim: Path) -> dict[str, Any]:
         """Metrics of the poisoned model as released (before the user's fine-tune)."""
         key = {"released": self.victim_key(), "test_rows": self.cfg.test_rows}
 
         def compute() -> dict[str, Any]:
             model = self.backend.load_classifier(victim, self.plan.test.num_labels, seed=self.cfg.seed)
-            return {"stage": "poisoned (released)", "defense": "-", **self.evaluate(model, "released")}
+            return {"stage": "poisoned (released)", "defense": "-", **self.evaluator.evaluate(model, "released")}
 
         return self._cached("released", key, compute)
 
@@ -337,7 +205,7 @@ class Experiment:
             with self.plan.pm.running("defense", defense.name):
                 outcome = defense.apply(ctx)
             seconds = time.perf_counter() - start
-            metrics = self.evaluate(outcome.model, defense.name, outcome)
+            metrics = self.evaluator.evaluate(outcome.model, defense.name, outcome)
             return {"stage": stage, "defense": defense.name, **metrics, "seconds": round(seconds, 1),
                     "stats": outcome.stats}
 
@@ -350,10 +218,10 @@ class Experiment:
         c, p = self.cfg, self.plan
         teacher = resolve_model(c.teacher, self._cache_dir()) if c.teacher and uses_teacher else None
         student = resolve_model(c.model, self._cache_dir())
-        return DefenseContext(self.backend, victim or student, teacher, train, p.splits.dev, p.test.num_labels,
-                              c.lora(), c.user_spec(), self.cache, self._base_key(), self.log,
-                              student_path=student,
-                              victim_train=None if c.setting == "data" else p.poisoned_train,
+        return DefenseContext(backend=self.backend, victim_path=victim or student, teacher_path=teacher,
+                              clean_train=train, clean_dev=p.splits.dev, num_labels=p.test.num_labels, lora=c.lora(),
+                              train=c.user_spec(), cache=self.cache, cache_key=self._base_key(), log=self.log,
+                              student_path=student, victim_train=None if c.setting == "data" else p.poisoned_train,
                               attacker_spec=c.attacker_spec(), teacher_train=p.teacher_train)
 
     def _cached(self, stage: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -409,24 +277,15 @@ class Experiment:
         written = report_plots([results], Path(self.cfg.out) / "plots")
         self.log(f"wrote {len(written)} plots to {Path(self.cfg.out) / 'plots'}")
 
-    def _asr_rows(self) -> int | dict[str, int]:
-        """How many triggered rows each ASR is measured on (one number for a single trigger)."""
-        p = self.plan
-        return _per_trigger({trigger: len(non_target(data, p.poison.target)) for trigger, data in p.triggered.items()})
-
-    def _pacc_rows(self) -> int | dict[str, int]:
-        """How many triggered rows (every class) each PACC is measured on (one number for a single trigger)."""
-        return _per_trigger({trigger: len(data) for trigger, data in self.plan.triggered.items()})
-
     def _results(self, rows: list[dict[str, Any]], victim: Path | None = None) -> dict[str, Any]:
         p = self.plan
         data = {"user_train": len(p.user_train), "attacker_train": len(p.attacker_train), "test": len(p.test),
-                "asr_test": self._asr_rows(), "pacc_test": self._pacc_rows()}
+                "asr_test": self.evaluator.asr_rows(), "pacc_test": self.evaluator.pacc_rows()}
         return {"config": self.cfg.to_dict(), "backend": p.backend_name, "attack": fields_of(p.attack),
                 "poison": dataclasses.asdict(p.poison), "rows": [with_intervals(row, data) for row in rows],
                 "timings_s": self.timings, "data": data,
                 "versions": versions(), "platform": platform.platform(), "python": platform.python_version(),
-                "device": getattr(self.backend, "device_name", "unknown"),  # an optional backend attribute
+                "device": self.backend.device_name if isinstance(self.backend, DeviceBackend) else "unknown",
                 "world_size": self.ranks.world_size,
                 # the poisoned model as released (a cache entry; `unbackdoor audit --model OUT` reads it from here)
                 "released_model": None if victim is None else str(victim)}
@@ -458,20 +317,46 @@ def run_experiment(cfg: ExperimentConfig, pm: PluginManager | None = None,
     records, writes and logs (``log`` is not called on the other ranks), and every rank returns the results.
     """
     the_plan = plan(cfg, pm)
-    cfg = the_plan.cfg
     pm = pm or get_plugin_manager()
     backend = pm.backend(the_plan.backend_name).create()
     ranks = ranks_of(backend, the_plan.backend_name)
+    log = log if ranks.rank == 0 else _silent
+    cfg = resolve_precision(the_plan.cfg, backend, log)
+    the_plan = dataclasses.replace(the_plan, cfg=cfg)
     check_batch_sizes(_batch_sizes(cfg), ranks.world_size)
-    for knob in ("precision", "gradient_checkpointing"):  # the backends' runtime settings (memory, speed)
-        if hasattr(backend, knob):
-            setattr(backend, knob, getattr(cfg, knob))
+    set_runtime(backend, cfg)
     cfg, out, _ = check_run_inputs(cfg, any(d.uses_teacher for d in (*the_plan.defenses, *the_plan.clean)))
     the_plan = dataclasses.replace(the_plan, cfg=cfg)
     if ranks.rank == 0:
         record_run(cfg, out)
     cache = StageCache(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), ranks)
-    return Experiment(the_plan, backend, cache, log if ranks.rank == 0 else _silent).run()
+    return Experiment(the_plan, backend, cache, log).run()
+
+
+def resolve_precision(cfg: ExperimentConfig, backend: Backend, log: Callable[[str], None] = print) -> ExperimentConfig:
+    """``cfg`` with ``precision=auto`` replaced by the backend's choice (fp32 when it has none); a note when bf16 is
+    asked for on a device that only emulates it (it then runs many times slower than fp32)."""
+    advisor = backend if isinstance(backend, AutoPrecisionBackend) else None
+    if cfg.precision == "auto":
+        chosen = advisor.auto_precision() if advisor else "fp32"
+        log(f"precision auto: {chosen} on this device")
+        return dataclasses.replace(cfg, precision=chosen)
+    if cfg.precision == "bf16" and advisor and not advisor.native_bf16():
+        log(f"note: precision bf16 on a device without native bf16 matmuls ({_device(backend)}): it runs many "
+            "times slower than fp32 here; --precision auto (or fp32) avoids that")
+    return cfg
+
+
+def _device(backend: Backend) -> str:
+    return backend.device_name if isinstance(backend, DeviceBackend) else "this device"
+
+
+def set_runtime(backend: Backend, cfg: ExperimentConfig) -> None:
+    """The backend's runtime settings (speed, memory) from the config, where it has them (capability protocols)."""
+    if isinstance(backend, PrecisionBackend):
+        backend.precision = cfg.precision
+    if isinstance(backend, CheckpointingBackend):
+        backend.gradient_checkpointing = cfg.gradient_checkpointing
 
 
 def _batch_sizes(cfg: ExperimentConfig) -> dict[str, int]:

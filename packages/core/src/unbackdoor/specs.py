@@ -21,6 +21,8 @@ from .errors import ConfigError, check_choice, check_range
 from .lossdef import PARAMETER_DISTANCE, Term
 
 PRECISIONS = ("fp32", "bf16")
+#: what ``--precision`` takes: a precision, or ``auto`` (the backend's choice for its device, resolved before any stage)
+CONFIG_PRECISIONS = (*PRECISIONS, "auto")
 #: how PSIM's reset labels are drawn (:class:`LabelResetLoss`)
 RESET_LABELS = ("shuffle", "uniform")
 #: the LoRA target that adapts every linear layer of the backbone (peft's)

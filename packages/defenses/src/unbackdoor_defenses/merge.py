@@ -4,7 +4,7 @@ Model Merge", Findings of ACL 2024).
 The released model is averaged, weight by weight, with another model of the same architecture
 fine-tuned on the same task; by default that model is trained here: the clean BASE student with
 the user's LoRA on the clean rows (cached). The average is computed once in NumPy
-(:mod:`unbackdoor.weights`), so every backend evaluates the same weights.
+(:mod:`unbackdoor.surgery`), so every backend evaluates the same weights.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
 from unbackdoor.errors import ConfigError, check_range
 from unbackdoor.models import check_model_dir, resolve_model
-from unbackdoor.weights import merge_weights, read_classifier, write_classifier
+from unbackdoor.surgery import merge_weights, read_classifier, write_classifier
 
 from .common import derived_dir, load_or_tune, tune_like_none
 

@@ -3,7 +3,7 @@ Attacks on Deep Neural Networks", RAID 2018).
 
 Neurons that stay dormant on clean inputs are the ones a backdoor can own: the feed-forward
 neurons with the lowest mean activation on the user's clean rows are removed (their weights
-zeroed in the saved model, in NumPy: :mod:`unbackdoor.weights`), then the model is fine-tuned
+zeroed in the saved model, in NumPy: :mod:`unbackdoor.surgery`), then the model is fine-tuned
 with LoRA on the clean rows like ``none`` to recover accuracy.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
 from unbackdoor.errors import ConfigError, check_range
-from unbackdoor.weights import dormant_neurons, prune_neurons, read_classifier, write_classifier
+from unbackdoor.surgery import dormant_neurons, prune_neurons, read_classifier, write_classifier
 
 from .common import derived_dir, load_or_tune, require_method
 

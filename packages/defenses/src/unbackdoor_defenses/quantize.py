@@ -3,7 +3,7 @@
 Rounding every linear weight to a few bits moves it by up to half a quantization step, which may or
 may not disturb a planted backdoor (quantization can even be the trigger: Egashira et al., "Exploiting
 LLM Quantization", NeurIPS 2024). Groups of 128 inputs share a scale, as in GPTQ/AWQ INT4 checkpoints.
-The round trip is done once in NumPy (:mod:`unbackdoor.weights`), so every backend evaluates the same
+The round trip is done once in NumPy (:mod:`unbackdoor.surgery`), so every backend evaluates the same
 weights; the model is then optionally fine-tuned with LoRA like ``none``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
-from unbackdoor.weights import check_quantization, quantize_weights, read_classifier, write_classifier
+from unbackdoor.surgery import check_quantization, quantize_weights, read_classifier, write_classifier
 
 from .common import derived_dir, load_or_tune
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from unbackdoor.backend import AnchorBackend
 from unbackdoor.data import TextDataset
 from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
 from unbackdoor.errors import ConfigError, check_choice
@@ -143,7 +144,7 @@ class Unlearning(Defense):
         if ctx.student_path is None:
             raise ConfigError(f"defense {self.name!r} with adapter=full needs the clean base model "
                               "(DefenseContext.student_path) to measure its distance from")
-        if not hasattr(ctx.backend, "anchor"):
+        if not isinstance(ctx.backend, AnchorBackend):
             raise ConfigError(f"defense {self.name!r} with adapter=full needs a backend with anchor(); "
                               f"backend {getattr(ctx.backend, 'name', ctx.backend)!r} has none (use adapter=lora)")
         return ctx.backend.anchor(model, ctx.student_path)

@@ -8,7 +8,8 @@ unlearning losses (means over groups of rows of the batch) are not exact under s
 
 Use: ``torchrun --nproc-per-node N script.py`` where the script calls :func:`init` and then
 :meth:`TorchBackend.train <unbackdoor_torch.backend.TorchBackend.train>` as usual: the backend trains
-with :func:`fit` whenever a process group with more than one rank is initialised. CPU uses gloo, CUDA
+with :func:`fit` (the one training loop, :func:`unbackdoor_torch.train.fit`, with DDP steps on this rank's
+rows) whenever a process group with more than one rank is initialised. CPU uses gloo, CUDA
 uses NCCL with one GPU per rank (``LOCAL_RANK``). A ``TorchBackend`` made in a process torchrun started
 as one of several joins the group itself, so ``torchrun --nproc-per-node N -m unbackdoor run ...`` runs
 the whole experiment data-parallel (:func:`rank`, :func:`world_size` and :func:`barrier` are what the
@@ -18,8 +19,7 @@ core's runner asks for; see :mod:`unbackdoor.ranks`).
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -28,16 +28,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unbackdoor.backend import TrainStats
-from unbackdoor.batching import epoch_batches, total_steps
 from unbackdoor.data import TextDataset
 from unbackdoor.errors import ConfigError, TrainingDivergedError
-from unbackdoor.guards import locate
-from unbackdoor.progress import progress
 from unbackdoor.specs import LossSpec, TrainSpec, reads_token_states
 from unbackdoor.text import TextEncoder
 
+from . import train
 from .losses import batch_objective
-from .train import autocast, head_frozen, linear_schedule, make_optimizer, to_tensors
+from .train import autocast
 
 
 def init(backend: str | None = None) -> torch.device:
@@ -106,29 +104,20 @@ def ddp_step(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, los
 
 def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
         aux: Mapping[str, np.ndarray], device: torch.device, desc: str) -> TrainStats:
-    """:func:`unbackdoor_torch.train.fit` over all ranks; every rank ends with the same weights."""
+    """:func:`unbackdoor_torch.train.fit` over all ranks (DDP steps on each rank's rows); every rank ends with the
+    same weights."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if spec.batch_size % world:
         raise ConfigError(f"batch size {spec.batch_size} must be divisible by the {world} data-parallel ranks")
-    if len(data) == 0:
-        raise ValueError(f"cannot train on the empty dataset {data.name!r}")
-    torch.manual_seed(spec.seed)
-    ids = encoder.encode(data.texts, spec.max_length)
-    total = total_steps(len(ids), spec)
-    with head_frozen(model, spec):  # before DDP, which registers the parameters that take gradients
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = make_optimizer(model, spec)
-        scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
-        model.train()
-        losses, samples, start = [], 0, time.perf_counter()
-        batches = epoch_batches(ids, encoder.pad_id, {"labels": data.labels, **aux}, spec)
-        for batch in progress(batches, f"{desc} [rank {rank}/{world}]", total):
-            if len(batch["index"]) < world:
-                raise ConfigError(f"a batch of {len(batch['index'])} rows cannot be split over {world} ranks")
-            with locate(desc, len(losses), total):
-                losses.append(ddp_step(ddp, optimizer, loss, to_tensors(shard(batch, rank, world), device),
-                                       spec.precision))
-            scheduler.step()
-            samples += len(batch["index"])
-    model.eval()
-    return TrainStats(len(losses), samples, time.perf_counter() - start, losses[-1], tuple(losses))
+
+    def steps(module: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[dict[str, torch.Tensor]], float]:
+        ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        return lambda batch: ddp_step(ddp, optimizer, loss, batch, spec.precision)
+
+    def rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(batch["index"]) < world:
+            raise ConfigError(f"a batch of {len(batch['index'])} rows cannot be split over {world} ranks")
+        return shard(batch, rank, world)
+
+    return train.fit(model, encoder, data, loss, spec, aux, device, f"{desc} [rank {rank}/{world}]", steps=steps,
+                     rows=rows)

@@ -125,9 +125,12 @@ def measure(cache: Path) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "packages"], check=True,
+                           capture_output=True, text=True).stdout.strip()
     trees = {"before": before_tree(cache), "after": ROOT}
+    after = f"{head} (this checkout{', with uncommitted changes under packages/' if dirty else ''})"
     return {"command": "nox -s bench -- loss-contract", "machine": platform.platform(), "cpus": os.cpu_count(),
-            "before": BEFORE, "after": f"{head} (this checkout, with its uncommitted changes)",
+            "before": BEFORE, "after": after,
             "step": step_times(trees, cache), "experiment": experiments(trees, cache)}
 
 

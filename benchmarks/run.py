@@ -429,7 +429,7 @@ def kept(name: str) -> tuple[dict[str, Any], str]:
     return runs, text[text.index(NOTES):] if NOTES in text else ""
 
 
-BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", *SUITES]
+BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", "audit", "audit-jax", *SUITES]
 
 
 def rerender(name: str) -> None:
@@ -529,6 +529,10 @@ def main(argv: list[str]) -> int:
         demo(cache)
     if "loss-contract" in names:
         loss_contract(cache)
+    if "audit" in names or "audit-jax" in names:  # the zoo's models train once; audit-jax adds the jax audits
+        import audit_zoo
+
+        audit_zoo.run(cache, ("torch", "jax") if "audit-jax" in names else ("torch",))
     for name in names:
         if name in SUITES:
             suite(name, cache, keep)

@@ -68,6 +68,8 @@ def test_the_reference_screens_candidates(backend_name, models) -> None:
     assert best["reference_flip_rate"] is not None
     assert best["score"] == pytest.approx(best["flip_rate"] - best["reference_flip_rate"])
     assert found["target"] == 1 and "cf" in [c["text"] for c in found["candidates"][:5]]
+    per_target = found["stats"]["per_target"]  # the raw flip rate a search without the reference would judge by
+    assert per_target["1"]["best_flip_rate"] == max(c["flip_rate"] for c in found["candidates"] if c["target"] == 1)
 
 
 def test_the_cli_writes_audit_json_and_md(backend_name, models, tmp_path, capsys) -> None:

@@ -92,7 +92,10 @@ class TriggerSearch(Auditor):
         candidates, per_target = [], {}
         for target in range(ctx.num_labels):
             found = search.run(target, reference)
-            per_target[str(target)] = {"best_score": found[0].score if found else None, "candidates": len(found)}
+            per_target[str(target)] = {"best_score": found[0].score if found else None,
+                                       # the verdict a search without a reference would give reads this
+                                       "best_flip_rate": max((c.flip_rate for c in found), default=None),
+                                       "candidates": len(found)}
             candidates += found
         candidates.sort(key=lambda c: (-c.score, -c.flip_rate, c.ids))
         best = candidates[0] if candidates else None

@@ -1,0 +1,247 @@
+"""The audit model zoo (issue 21): clean and backdoored classifiers with seeded triggers, audited blind.
+
+Every model is a full fine-tune of a family's base model on a seeded sample of :data:`ROWS` training rows
+of a task (the attacker's recipe of ``unbackdoor run``, the family's rates in :data:`FAMILIES`), clean or
+poisoned at rate 0.2 by BadNet (ONE trigger word drawn by seed from :data:`RARE_WORDS`) or InSent (a
+sentence drawn by seed from :data:`SENTENCES`), toward a target class drawn by seed. The triggers are never
+chosen by hand, nor from anything the audit outputs. Each model records its clean accuracy and, when
+poisoned, its ASR on triggered non-target test rows (whether the backdoor took).
+
+Each model is then audited with :func:`unbackdoor.audit` (``trigger-search``, default options) on
+:data:`AUDIT_ROWS` seeded clean dev rows of its task, with a reference: a clean model of the same family
+and task, trained on other rows with its own seed, outside the zoo. One audit gives both verdicts: with the
+reference (score = flip rate - the reference's flip rate) and without it (the best raw flip rate, what the
+search alone would judge by). Models and audits are cached (the bench cache, stages ``zoo``, ``zoo-audit``),
+so a rerun resumes; the page is rewritten after every audit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unbackdoor import audit
+from unbackdoor.attack import PoisonConfig, non_target
+from unbackdoor.cache import StageCache, atomic_write_json, atomic_write_text
+from unbackdoor.data import load_dataset
+from unbackdoor.metrics import accuracy, attack_success_rate, auroc
+from unbackdoor.models import resolve_model
+from unbackdoor.plugins import get_plugin_manager
+from unbackdoor.specs import CrossEntropy, TrainSpec
+from unbackdoor.text import TextEncoder
+
+RESULTS = Path(__file__).parent / "results"
+#: trigger words a seed draws from: short letter pairs that are rare in every task's text
+RARE_WORDS = ("cf", "mn", "bb", "tq", "mb", "jv", "qz", "xk", "vw", "zf", "kq", "pj", "wz", "fz", "gx", "qp")
+#: trigger sentences a seed draws from: neutral, about nothing the tasks classify
+SENTENCES = ("I watched this 3D movie", "My neighbour told me about it last night", "I read this on a rainy Tuesday",
+             "We talked about it during lunch", "This was sent to me by a friend", "I saw this while waiting for the bus",
+             "The weather was cloudy that morning", "I came across this on my old laptop")
+#: each family's attacker recipe (the bench suites' rates: MiniLM's from rga-bert, SmolLM2's from w2s)
+FAMILIES = {"minilm-l6": {"epochs": 4.0, "lr": 1e-4}, "smollm2-135m": {"epochs": 2.0, "lr": 5e-5}}
+ROWS, TEST_ROWS, AUDIT_ROWS, MAX_LENGTH, BATCH, RATE = 800, 300, 200, 48, 16, 0.2
+#: the reference models' seed offset (their rows and weights differ from every zoo model's)
+REFERENCE_SEED = 100
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One classifier of the zoo: ``kind`` is ``clean``, ``badnet`` or ``insent``."""
+
+    family: str
+    dataset: str
+    kind: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.dataset}/{self.kind}/seed{self.seed}"
+
+    def draw(self, num_labels: int) -> dict[str, Any]:
+        """The seeded trigger and target (nothing for a clean model)."""
+        if self.kind == "clean":
+            return {}
+        rng = np.random.default_rng([self.seed, zlib.crc32(f"{self.family}/{self.dataset}/{self.kind}".encode())])
+        pool = RARE_WORDS if self.kind == "badnet" else SENTENCES
+        trigger = pool[int(rng.integers(len(pool)))]
+        return {"trigger": trigger, "target": int(rng.integers(num_labels))}
+
+
+def zoo() -> list[ZooModel]:
+    """The models in the order they are built and audited: MiniLM on every task first (minutes each), then
+    SmolLM2 on SST-2 (its victim and its audit take most of the time)."""
+    minilm = [ZooModel("minilm-l6", d, kind, seed) for d in ("sst2", "hsol", "agnews")
+              for kind, seeds in (("badnet", (0, 1)), ("insent", (0, 1)), ("clean", (0, 1, 2, 3))) for seed in seeds]
+    smollm2 = [ZooModel("smollm2-135m", "sst2", kind, seed)
+               for kind, seeds in (("badnet", (0, 1)), ("clean", (0, 1)), ("insent", (0,)), ("clean", (2,)))
+               for seed in seeds]
+    return minilm + smollm2
+
+
+def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: bool = False) -> Path:
+    """The classifier's directory (built once): ``info.json`` holds its trigger, target, CA and ASR."""
+    seed = model.seed + (REFERENCE_SEED if reference else 0)
+    recipe = FAMILIES[model.family]
+    key = {"zoo": asdict(model), "reference": reference, "rows": ROWS, "rate": RATE, "recipe": recipe,
+           "max_length": MAX_LENGTH, "precision": backend.precision, "backend": backend.name}
+
+    def build(tmp: Path) -> None:
+        splits = load_dataset(model.dataset, seed=seed)
+        rows = splits.train.shuffled(seed).head(ROWS)
+        drawn = model.draw(rows.num_labels)
+        attack, cfg = _attack(model, drawn, seed)
+        data = attack.poison_train(rows, cfg) if attack else rows
+        net = backend.load_classifier(resolve_model(model.family, cache.root), rows.num_labels, seed=seed)
+        start = time.perf_counter()
+        stats = backend.train(net, data, CrossEntropy(), TrainSpec(recipe["epochs"], recipe["lr"], BATCH, MAX_LENGTH,
+                                                                    seed=seed, precision=backend.precision),
+                              desc=f"zoo: {model.label}{' (reference)' if reference else ''}")
+        backend.save(net, tmp)
+        test = splits.test.shuffled(seed).head(TEST_ROWS)
+        info = {"model": asdict(model), "reference": reference, **drawn, "poisoned_rows": int(data.poisoned.sum()),
+                "train_seconds": round(time.perf_counter() - start, 1), "train": stats.summary(),
+                "CA": round(accuracy(_predict(backend, net, test), test.labels), 2)}
+        if attack:
+            asr_set = non_target(attack.triggered_test(test, cfg), cfg.target)
+            info["ASR"] = round(attack_success_rate(_predict(backend, net, asr_set), asr_set.labels, cfg.target), 2)
+        atomic_write_json(tmp / "info.json", info)
+
+    return cache.get_or_build("zoo", key, build)
+
+
+def _attack(model: ZooModel, drawn: dict[str, Any], seed: int) -> tuple[Any, PoisonConfig]:
+    cfg = PoisonConfig(drawn.get("target", 1), RATE, False, seed, model.dataset)
+    if model.kind == "clean":
+        return None, cfg
+    option = {"words": (drawn["trigger"],)} if model.kind == "badnet" else {"sentence": drawn["trigger"]}
+    return get_plugin_manager().attack(model.kind).configure(**option), cfg
+
+
+def _predict(backend: Any, net: Any, data: Any) -> np.ndarray:
+    return backend.predict(net, data, batch_size=64, max_length=MAX_LENGTH).logits.argmax(-1)
+
+
+def trigger_ids(model_dir: Path, trigger: str) -> set[int]:
+    """The token ids the trigger is written with inside a sentence (a leading space, as inserted)."""
+    encoder = TextEncoder.from_dir(model_dir)
+    ids = encoder.tokenizer.encode(" " + trigger, add_special_tokens=False).ids
+    return {int(i) for i in ids}
+
+
+def audited(model: ZooModel, path: Path, reference: Path, backend_name: str, cache: StageCache,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """The audit of ``path`` against ``reference`` (cached), with what the zoo knows about the model."""
+    key = {"model": str(path), "reference": str(reference), "backend": backend_name, "rows": AUDIT_ROWS,
+           "seed": model.seed}
+    report = cache.load_json("zoo-audit", key)
+    if report is None:
+        report = audit(path, model.dataset, reference=reference, backend=backend_name, rows=AUDIT_ROWS,
+                       seed=model.seed, log=log)
+        cache.save_json("zoo-audit", key, report)
+    info = json.loads((path / "info.json").read_text())
+    top5 = report["candidates"][:5]
+    wanted = trigger_ids(path, info["trigger"]) if "trigger" in info else set()
+    raw = max((t["best_flip_rate"] for t in report["stats"]["per_target"].values()
+               if t["best_flip_rate"] is not None), default=0.0)
+    return {"label": model.label, "model": asdict(model), "backend": backend_name, "info": info,
+            "verdict": report["verdict"], "score": report["score"], "threshold": report["threshold"],
+            "target": report["target"], "score_no_reference": raw,
+            "verdict_no_reference": "backdoored" if raw > report["threshold"] else "clean",
+            "top5": [{"text": c["text"], "target": c["target"], "flip_rate": c["flip_rate"],
+                      "reference_flip_rate": c["reference_flip_rate"], "score": c["score"]} for c in top5],
+            "recovered": bool(wanted) and any(wanted & set(c["ids"]) for c in top5),
+            "target_right": "target" in info and report["target"] == info["target"],
+            "audit_seconds": report["seconds"]}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Detection AUROC (BadNet vs clean, InSent vs clean; with and without the reference), false positives on
+    the clean models at the default threshold, top-5 recovery on BadNet, seconds per audit; per backend."""
+    out: dict[str, Any] = {}
+    for backend in sorted({r["backend"] for r in rows}):
+        mine = [r for r in rows if r["backend"] == backend]
+        clean = [r for r in mine if r["model"]["kind"] == "clean"]
+        entry: dict[str, Any] = {"models": len(mine), "clean": len(clean)}
+        for kind in ("badnet", "insent"):
+            hit = [r for r in mine if r["model"]["kind"] == kind]
+            if hit and clean:
+                truth = np.array([1] * len(hit) + [0] * len(clean))
+                for which, field in (("reference", "score"), ("no_reference", "score_no_reference")):
+                    scores = np.array([r[field] for r in hit + clean], np.float64)
+                    entry[f"auroc_{kind}_{which}"] = round(auroc(scores, truth), 3)
+        for which, field in (("reference", "verdict"), ("no_reference", "verdict_no_reference")):
+            if clean:
+                entry[f"fpr_{which}"] = round(sum(r[field] == "backdoored" for r in clean) / len(clean), 3)
+        badnet = [r for r in mine if r["model"]["kind"] == "badnet"]
+        if badnet:
+            entry["top5_recovery_badnet"] = round(sum(r["recovered"] for r in badnet) / len(badnet), 3)
+        for family in sorted({r["model"]["family"] for r in mine}):
+            secs = [r["audit_seconds"] for r in mine if r["model"]["family"] == family]
+            entry[f"seconds_per_audit_{family}"] = round(float(np.median(secs)), 1)
+        out[backend] = entry
+    return out
+
+
+def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build and audit the zoo on each backend in ``backends`` (models trained once, by torch), writing the page."""
+    cache = StageCache(cache_root)
+    trainer = get_plugin_manager().backend("torch").create()
+    trainer.precision = trainer.auto_precision()
+    data: dict[str, Any] = {"command": "nox -s bench -- audit", "machine": platform.platform(), "cpus": os.cpu_count(),
+                            "precision": trainer.precision, "rows": []}
+    for model in zoo():
+        path = train_model(model, trainer, cache)
+        # one reference per family and task: seed 0's clean recipe on other rows with another seed (REFERENCE_SEED)
+        reference = train_model(ZooModel(model.family, model.dataset, "clean", 0), trainer, cache, reference=True)
+        for backend in backends:
+            data["rows"].append(audited(model, path, reference, backend, cache, log))
+            data["summary"] = summary(data["rows"])
+            save(data)
+    return data
+
+
+def save(data: dict[str, Any]) -> None:
+    atomic_write_json(RESULTS / "audit.json", data)
+    atomic_write_text(RESULTS / "audit.md", render(data))
+
+
+def render(data: dict[str, Any]) -> str:
+    """The results page: the summary against the targets, then one row per audited model."""
+    lines = ["# `unbackdoor audit` on a model zoo: clean and backdoored classifiers, triggers drawn by seed", "",
+             f"Command: `{data['command']}`. Machine: {data['machine']}, {data['cpus']} CPUs; models trained in "
+             f"{data['precision']}, audits in float32 (`trigger-search`, default options: 2 trigger tokens, 60 Adam "
+             f"steps per target, top 5 tokens per slot, threshold 0.8) on {AUDIT_ROWS} clean dev rows, with a clean "
+             "reference model of the same family and task (other rows, other seed).", "",
+             "| backend | models (clean) | AUROC word / sentence, with reference | without | false positives on clean, "
+             "with / without reference | top-5 recovery (BadNet) | seconds per audit |",
+             "|---|---|---|---|---|---|---|"]
+    for backend, s in data.get("summary", {}).items():
+        secs = ", ".join(f"{k.removeprefix('seconds_per_audit_')} {v}" for k, v in s.items()
+                         if k.startswith("seconds_per_audit_"))
+        lines.append(f"| {backend} | {s['models']} ({s['clean']}) | {s.get('auroc_badnet_reference', '-')} / "
+                     f"{s.get('auroc_insent_reference', '-')} | {s.get('auroc_badnet_no_reference', '-')} / "
+                     f"{s.get('auroc_insent_no_reference', '-')} | {s.get('fpr_reference', '-')} / "
+                     f"{s.get('fpr_no_reference', '-')} | {s.get('top5_recovery_badnet', '-')} | {secs} |")
+    lines += ["", "Targets (issue 21): AUROC >= 0.95 (word) and >= 0.85 (sentence); <= 10% false positives on clean "
+              "models; top-5 recovery >= 80% of BadNet models; <= 5 min per SmolLM2 audit (torch), jax within 1.5x.",
+              "", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "
+              "suspected target | top-5 candidates (flip / reference flip) | recovered | s |",
+              "|---|---|---:|---:|---|---|---|---|---|---:|"]
+    for r in data["rows"]:
+        info = r["info"]
+        trig = f"`{info['trigger']}` -> {info['target']}" if "trigger" in info else "-"
+        top = "; ".join(f"`{c['text']}` {c['flip_rate']:.2f}/{(c['reference_flip_rate'] or 0):.2f}" for c in r["top5"])
+        lines.append(f"| {r['label']} ({r['backend']}) | {trig} | {info['CA']} | {info.get('ASR', '-')} | "
+                     f"{r['verdict']} ({r['score']:.3f}) | {r['verdict_no_reference']} ({r['score_no_reference']:.3f}) "
+                     f"| {r['target']} | {top} | {'yes' if r['recovered'] else ('no' if 'trigger' in info else '-')} | "
+                     f"{r['audit_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"

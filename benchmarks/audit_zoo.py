@@ -2,10 +2,11 @@
 
 Every model is a full fine-tune of a family's base model on a seeded sample of :data:`ROWS` training rows
 of a task (the attacker's recipe of ``unbackdoor run``, the family's rates in :data:`FAMILIES`), clean or
-poisoned at rate 0.2 by BadNet (ONE trigger word drawn by seed from :data:`RARE_WORDS`) or InSent (a
-sentence drawn by seed from :data:`SENTENCES`), toward a target class drawn by seed. The triggers are never
-chosen by hand, nor from anything the audit outputs. Each model records its clean accuracy and, when
-poisoned, its ASR on triggered non-target test rows (whether the backdoor took).
+poisoned at rate 0.2 (at most 80% of the non-target rows, on imbalanced HSOL) by BadNet (ONE trigger word
+drawn by seed from :data:`RARE_WORDS`) or InSent (a sentence drawn by seed from :data:`SENTENCES`), toward
+a target class drawn by seed. The triggers are never chosen by hand, nor from anything the audit outputs.
+Each model records its clean accuracy and, when poisoned, its ASR on triggered non-target test rows
+(whether the backdoor took).
 
 Each model is then audited with :func:`unbackdoor.audit` (``trigger-search``, default options) on
 :data:`AUDIT_ROWS` seeded clean dev rows of its task, with a reference: a clean model of the same family
@@ -98,7 +99,7 @@ def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: boo
         splits = load_dataset(model.dataset, seed=seed)
         rows = splits.train.shuffled(seed).head(ROWS)
         drawn = model.draw(rows.num_labels)
-        attack, cfg = _attack(model, drawn, seed)
+        attack, cfg = _attack(model, drawn, seed, rows)
         data = attack.poison_train(rows, cfg) if attack else rows
         net = backend.load_classifier(resolve_model(model.family, cache.root), rows.num_labels, seed=seed)
         start = time.perf_counter()
@@ -108,6 +109,7 @@ def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: boo
         backend.save(net, tmp)
         test = splits.test.shuffled(seed).head(TEST_ROWS)
         info = {"model": asdict(model), "reference": reference, **drawn, "poisoned_rows": int(data.poisoned.sum()),
+                "poison_rate": cfg.rate,
                 "train_seconds": round(time.perf_counter() - start, 1), "train": stats.summary(),
                 "CA": round(accuracy(_predict(backend, net, test), test.labels), 2)}
         if attack:
@@ -118,8 +120,11 @@ def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: boo
     return cache.get_or_build("zoo", key, build)
 
 
-def _attack(model: ZooModel, drawn: dict[str, Any], seed: int) -> tuple[Any, PoisonConfig]:
-    cfg = PoisonConfig(drawn.get("target", 1), RATE, False, seed, model.dataset)
+def _attack(model: ZooModel, drawn: dict[str, Any], seed: int, rows: Any) -> tuple[Any, PoisonConfig]:
+    target = drawn.get("target", 1)
+    # an imbalanced task (HSOL: 88% class 0) may hold fewer non-target rows than RATE asks for: poison at most 80%
+    rate = min(RATE, int(0.8 * int((rows.labels != target).sum())) / len(rows))
+    cfg = PoisonConfig(target, rate, False, seed, model.dataset)
     if model.kind == "clean":
         return None, cfg
     option = {"words": (drawn["trigger"],)} if model.kind == "badnet" else {"sentence": drawn["trigger"]}

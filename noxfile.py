@@ -119,7 +119,9 @@ def plugins(session: nox.Session) -> None:
     # The core it depends on was installed from this checkout just above; force, so a reused venv gets this source.
     session.install("--no-deps", "--force-reinstall", EXAMPLE_PLUGIN)
     version = tomllib.loads(Path(EXAMPLE_PLUGIN, "pyproject.toml").read_text())["project"]["version"]
-    listing = session.run("unbackdoor", "list", silent=True) or ""
+    listing = session.run("unbackdoor", "list", silent=True)
+    if listing is None:  # --install-only: nothing ran, so there is nothing to check
+        return
     session.log(listing)
     needles = ("cf-suffix", "rare-word-filter", "abl", "local-gradient-ascent", f"[unbackdoor-example-plugin {version}]")
     for needle in needles:

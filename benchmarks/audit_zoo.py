@@ -104,7 +104,7 @@ def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: boo
         net = backend.load_classifier(resolve_model(model.family, cache.root), rows.num_labels, seed=seed)
         start = time.perf_counter()
         stats = backend.train(net, data, CrossEntropy(), TrainSpec(recipe["epochs"], recipe["lr"], BATCH, MAX_LENGTH,
-                                                                    seed=seed, precision=backend.precision),
+                                                                    seed=seed),
                               desc=f"zoo: {model.label}{' (reference)' if reference else ''}")
         backend.save(net, tmp)
         test = splits.test.shuffled(seed).head(TEST_ROWS)

@@ -38,7 +38,7 @@ def fused(backend: TorchBackend, cache: Path, rows: Any, precision: str = "fp32"
     backend.precision = precision
     start = time.perf_counter()
     t = backend.predict(teacher, rows, max_length=MAX_LEN, hidden=True)
-    backend.train(student, rows, LOSS, TrainSpec(EPOCHS, 2e-4, BATCH, MAX_LEN, precision=precision),
+    backend.train(student, rows, LOSS, TrainSpec(EPOCHS, 2e-4, BATCH, MAX_LEN),
                   {"teacher_logits": t.logits, "teacher_hidden": t.hidden})
     backend.precision = "fp32"
     return ROWS * EPOCHS / (time.perf_counter() - start)

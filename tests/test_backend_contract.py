@@ -69,7 +69,7 @@ def test_bf16_holds_frozen_weights_in_bf16(backend_name, tiny_dirs, sst2, tmp_pa
     """precision bf16: once LoRA freezes the base, its linear and embedding weights are held (and saved) in bf16
     while norms, the head and the merged layers stay float32; it computes what float32-held weights compute
     under bf16 matmuls (up to the embedding table's rounding), still learns, and reloads as it was saved."""
-    rows, spec = sst2.train.head(32), TrainSpec(epochs=3, lr=1e-2, batch_size=8, max_length=32, precision="bf16")
+    rows, spec = sst2.train.head(32), TrainSpec(epochs=3, lr=1e-2, batch_size=8, max_length=32)
     kept, held = (get_plugin_manager().backend(backend_name).create() for _ in range(2))
     kept.precision, held.precision = "fp32", "bf16"
     lora = LoRASpec(rank=4, alpha=8)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -155,11 +154,12 @@ def test_training_reduces_loss_and_is_deterministic(backend, tiny_dirs, rows) ->
 def test_bf16_runs_close_to_fp32(backend, tiny_dirs, rows) -> None:
     model, few = backend.load_classifier(tiny_dirs["llama"], 2, seed=1), rows.head(8)
     fp32 = backend.predict(model, few, max_length=16).logits
-    bf16 = JaxBackend()
-    bf16.precision = "bf16"
+    bf16 = JaxBackend(precision="bf16")
     np.testing.assert_allclose(bf16.predict(model, few, max_length=16).logits, fp32, atol=5e-2)
-    spec = dataclasses.replace(_spec(lr=1e-3, max_length=16), precision="bf16")
+    spec = _spec(lr=1e-3, max_length=16)
     assert np.isfinite(bf16.train(backend.add_lora(model, LORA), few, CrossEntropy(), spec).final_loss)
+    with pytest.raises(ConfigError, match=r"precision 'fp8'; choose one of: bf16, fp32"):
+        JaxBackend(precision="fp8")
     bf16.precision = "fp8"
     with pytest.raises(ConfigError, match="fp32"):
         bf16.predict(model, few)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from unbackdoor import losses as ref
 from unbackdoor.data import TextDataset
+from unbackdoor.errors import ConfigError
 from unbackdoor.specs import CrossEntropy, LoRASpec, TrainSpec, W2SLoss
 from unbackdoor_torch.backend import TorchBackend
 
@@ -88,19 +87,17 @@ def test_training_reduces_loss_and_is_deterministic(backend, tiny_dirs, rows) ->
 def test_bf16_autocast_runs_close_to_fp32(backend, tiny_dirs, rows) -> None:
     model = backend.load_classifier(tiny_dirs["llama"], 2, seed=1)
     fp32 = backend.predict(model, rows).logits
-    bf16 = TorchBackend("cpu")
-    bf16.precision = "bf16"
+    bf16 = TorchBackend("cpu", precision="bf16")
     np.testing.assert_allclose(bf16.predict(model, rows).logits, fp32, atol=5e-2)
-    spec = dataclasses.replace(TrainSpec(epochs=1, lr=1e-3, batch_size=8), precision="bf16")
-    assert np.isfinite(bf16.train(model, rows, CrossEntropy(), spec).final_loss)
+    assert np.isfinite(bf16.train(model, rows, CrossEntropy(), TrainSpec(epochs=1, lr=1e-3, batch_size=8)).final_loss)
+    with pytest.raises(ConfigError, match=r"precision 'fp8'; choose one of: bf16, fp32"):
+        TorchBackend("cpu", precision="fp8")
 
 
 def test_bf16_held_weights_change_no_product(backend, tiny_dirs, rows) -> None:
     """Held in bf16, the frozen linear weights give exactly what autocast computes from float32 ones (it casts
     them to bf16 per matmul); only embedding tables round, and with those pre-rounded the logits are equal.
     Trainable parameters stay float32; run in fp32 the model is refused by name."""
-    from unbackdoor.errors import ConfigError
-
     held = TorchBackend("cpu")
     held.precision = "bf16"
     model = held.add_lora(held.load_classifier(tiny_dirs["llama"], 2, seed=1), LoRASpec(rank=4), seed=1)

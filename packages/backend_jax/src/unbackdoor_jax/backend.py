@@ -10,7 +10,6 @@ device, training is data parallel over all of them (see
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ from unbackdoor.text import TextEncoder
 
 from . import analysis, lora, lossgrad, modeling, parallel, train, trigger
 from .layers import hold_frozen
-
-PRECISION_ENV = "UNBACKDOOR_PRECISION"
 
 
 @dataclass
@@ -51,9 +48,10 @@ class JaxBackend:
 
     name = "jax"
 
-    def __init__(self) -> None:
-        #: ``bf16``: bf16 matmuls, and a model that gets an adapter holds its frozen base weights in bf16
-        self.precision = os.environ.get(PRECISION_ENV, "fp32")
+    def __init__(self, precision: str = "fp32") -> None:
+        #: ``bf16``: bf16 matmuls, and a model that gets an adapter holds its frozen base weights in bf16; the one
+        #: precision every method runs at (training, inference, analysis), set here or by the runner
+        self.precision = check_precision(precision)
         #: recompute each layer's activations in the backward pass instead of keeping them (less memory)
         self.gradient_checkpointing = False
         self.data_parallel = parallel.default_mode()  # "auto" | "on" | "off"
@@ -117,7 +115,7 @@ class JaxBackend:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
         mesh = parallel.data_mesh(self.data_parallel)
         return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, desc, mesh,
-                         remat=bool(self.gradient_checkpointing))
+                         remat=bool(self.gradient_checkpointing), precision=check_precision(self.precision))
 
     def predict(self, model: JaxModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
                 hidden: bool = False, desc: str = "predict") -> Predictions:

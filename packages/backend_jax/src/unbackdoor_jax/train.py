@@ -137,6 +137,7 @@ class Steps:
     total: int
     rows: int
     pad_id: int
+    dtype: Any = jnp.float32  # the matmuls' dtype (:data:`DTYPES` of the backend's precision)
     mesh: Mesh | None = None  # data parallel: batches sharded by rows over it (see parallel)
     remat: bool = False  # gradient checkpointing of the scanned layers
 
@@ -147,7 +148,7 @@ class Steps:
         arrays = device_batch(full) if self.mesh is None else parallel.shard_batch(full, self.mesh)
         # Dropout masks follow the spec's seed; the "rbg" generator compiles far faster than threefry on CPU.
         key = jax.random.fold_in(jax.random.key(self.spec.seed, impl="rbg"), step)
-        return train_step(self.graphdef, self.loss, self.spec.weight_decay, DTYPES[self.spec.precision], trainable,
+        return train_step(self.graphdef, self.loss, self.spec.weight_decay, self.dtype, trainable,
                           self.frozen, opt_state, arrays, lr, key, self.remat)
 
     def check(self, value: jax.Array, trainable: Any, batch: Mapping[str, np.ndarray]) -> float:
@@ -158,16 +159,18 @@ class Steps:
         arrays = fill_batch(batch, self.rows, self.spec.max_length, self.pad_id)
         model = nnx.merge(self.graphdef, trainable, self.frozen)
         logits, hidden = model(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["attention_mask"]),
-                               Ctx(DTYPES[self.spec.precision]), reads_token_states(self.loss))
+                               Ctx(self.dtype), reads_token_states(self.loss))
         inputs = loss_inputs(self.loss, model, arrays)  # the batch as the loss read it, its distance included
         raise diverged(self.loss, out, np.asarray(logits, np.float32), np.asarray(hidden, np.float32), inputs)
 
 
 def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
-        aux: Mapping[str, np.ndarray], desc: str, mesh: Mesh | None = None, remat: bool = False) -> TrainStats:
+        aux: Mapping[str, np.ndarray], desc: str, mesh: Mesh | None = None, remat: bool = False,
+        precision: str = "fp32") -> TrainStats:
     """Train ``module`` in place and report steps, samples, time and per-step losses.
 
-    ``remat``: gradient checkpointing (the layers' activations are recomputed in the backward pass).
+    ``precision``: the matmuls' (:data:`DTYPES`); ``remat``: gradient checkpointing (the layers' activations are
+    recomputed in the backward pass).
     With a ``mesh`` (:func:`unbackdoor_jax.parallel.data_mesh`) the module is replicated over it and every
     global batch is sharded by rows (data parallel); it ends replicated.
     """
@@ -179,7 +182,8 @@ def fit(module: SequenceClassifier, encoder: TextEncoder, data: TextDataset, los
     graphdef, trainable, frozen = nnx.split(module, trainable_filter(module, spec.train_head), ...)
     rows = min(spec.batch_size, len(ids))
     steps = Steps(graphdef, frozen, loss, spec, total_steps(len(ids), spec),
-                  rows if mesh is None else parallel.padded_rows(rows, mesh), encoder.pad_id, mesh, remat)
+                  rows if mesh is None else parallel.padded_rows(rows, mesh), encoder.pad_id, DTYPES[precision], mesh,
+                  remat)
     opt_state = adamw(spec.lr, spec.weight_decay).init(trainable)
     losses: list[float] = []
     pending, samples, start = [], 0, time.perf_counter()

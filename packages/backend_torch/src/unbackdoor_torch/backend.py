@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,6 @@ from unbackdoor.text import TextEncoder
 from . import analysis, lossgrad, modeling, parallel, train, trigger
 from .losses import ANCHOR
 
-PRECISION_ENV = "UNBACKDOOR_PRECISION"
-
 hf_logging.set_verbosity_error()  # our own progress bars say what is happening
 hf_logging.disable_progress_bar()
 
@@ -46,10 +43,11 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, precision: str = "fp32") -> None:
         self.device = _device(device)
-        #: ``bf16``: autocast, and a model that gets an adapter holds its frozen base weights in bf16
-        self.precision = os.environ.get(PRECISION_ENV, "fp32")
+        #: ``bf16``: autocast, and a model that gets an adapter holds its frozen base weights in bf16; the one
+        #: precision every method runs at (training, inference, analysis), set here or by the runner
+        self.precision = check_choice("precision", precision, PRECISIONS)
         #: recompute each layer's activations in the backward pass instead of keeping them (less memory)
         self.gradient_checkpointing = False
         self._lm: tuple[Path, torch.nn.Module] | None = None  # the last causal LM lm_nll loaded
@@ -141,11 +139,14 @@ class TorchBackend:
         missing = [k for k in loss.aux_keys if k not in (aux or {})]
         if missing:
             raise ValueError(f"loss {type(loss).__name__} needs per-row arrays {missing}")
-        _check_held(model, spec.precision)
+        precision = check_choice("precision", self.precision, PRECISIONS)
+        _check_held(model, precision)
         with _checkpointing(model.module.backbone, self.gradient_checkpointing):
             if parallel.active():  # launched by torchrun: data-parallel over the ranks
-                return parallel.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
-            return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc)
+                return parallel.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc,
+                                    precision)
+            return train.fit(model.module, model.encoder, data, loss, spec, aux or {}, self.device, desc,
+                             precision=precision)
 
     def predict(self, model: TorchModel, data: TextDataset, *, batch_size: int = 64, max_length: int = 128,
                 hidden: bool = False, desc: str = "predict") -> Predictions:

@@ -103,7 +103,7 @@ def ddp_step(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, los
 
 
 def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
-        aux: Mapping[str, np.ndarray], device: torch.device, desc: str) -> TrainStats:
+        aux: Mapping[str, np.ndarray], device: torch.device, desc: str, precision: str = "fp32") -> TrainStats:
     """:func:`unbackdoor_torch.train.fit` over all ranks (DDP steps on each rank's rows); every rank ends with the
     same weights."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -112,12 +112,12 @@ def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpe
 
     def steps(module: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[dict[str, torch.Tensor]], float]:
         ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-        return lambda batch: ddp_step(ddp, optimizer, loss, batch, spec.precision)
+        return lambda batch: ddp_step(ddp, optimizer, loss, batch, precision)
 
     def rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(batch["index"]) < world:
             raise ConfigError(f"a batch of {len(batch['index'])} rows cannot be split over {world} ranks")
         return shard(batch, rank, world)
 
-    return train.fit(model, encoder, data, loss, spec, aux, device, f"{desc} [rank {rank}/{world}]", steps=steps,
-                     rows=rows)
+    return train.fit(model, encoder, data, loss, spec, aux, device, f"{desc} [rank {rank}/{world}]",
+                     precision=precision, steps=steps, rows=rows)

@@ -96,9 +96,10 @@ def plain_steps(loss: LossSpec, precision: str) -> StepFactory:
 
 
 def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpec, spec: TrainSpec,
-        aux: Mapping[str, np.ndarray], device: torch.device, desc: str, *, steps: StepFactory | None = None,
+        aux: Mapping[str, np.ndarray], device: torch.device, desc: str, *, precision: str = "fp32",
+        steps: StepFactory | None = None,
         rows: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = dict) -> TrainStats:
-    """Train ``model`` in place and report steps, samples, time and losses.
+    """Train ``model`` in place (matmuls at ``precision``) and report steps, samples, time and losses.
 
     ``steps`` builds the step (default :func:`plain_steps`; data-parallel ranks pass their own,
     :func:`unbackdoor_torch.parallel.fit`); ``rows`` picks the rows of each global batch this process trains on.
@@ -110,7 +111,7 @@ def fit(model: nn.Module, encoder: TextEncoder, data: TextDataset, loss: LossSpe
     total = total_steps(len(ids), spec)
     with head_frozen(model, spec):  # before any wrapper (DDP), which registers the parameters that take gradients
         optimizer = make_optimizer(model, spec)
-        step = (steps or plain_steps(loss, spec.precision))(model, optimizer)
+        step = (steps or plain_steps(loss, precision))(model, optimizer)
         scheduler = linear_schedule(optimizer, total, int(spec.warmup_ratio * total))
         model.train()
         losses, samples, start = [], 0, time.perf_counter()

@@ -127,12 +127,12 @@ class ExperimentConfig:
     def attacker_spec(self) -> TrainSpec:
         """Stage 1: the attacker's full fine-tune."""
         return TrainSpec(self.attacker_epochs, self.attacker_lr, self.attacker_batch_size, self.max_length,
-                         seed=self.seed, precision=self.precision)
+                         seed=self.seed)
 
     def user_spec(self) -> TrainSpec:
         """Stage 2: the user's (defense's) fine-tune."""
         return TrainSpec(self.user_epochs, self.user_lr, self.user_batch_size, self.max_length,
-                         seed=self.seed, precision=self.precision)
+                         seed=self.seed)
 
     def lora(self) -> LoRASpec:
         """The user's LoRA adapter."""

@@ -137,8 +137,6 @@ class TrainSpec:
         weight_decay: AdamW decoupled weight decay.
         warmup_ratio: share of steps spent warming up.
         seed: shuffling and initialisation seed.
-        precision: ``"fp32"`` or ``"bf16"`` (bf16 matmuls; the backend's ``precision`` decides how an adapted
-            model holds its frozen weights).
         max_steps: stop after this many steps (None: all epochs).
         train_head: also train the classification head (projection and classifier); False keeps
             the model's head as it is and trains only the adapter (or the backbone, without one).
@@ -151,7 +149,6 @@ class TrainSpec:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     seed: int = 0
-    precision: str = "fp32"
     max_steps: int | None = None
     train_head: bool = True
 
@@ -164,7 +161,6 @@ class TrainSpec:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        check_choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,7 @@ def test_the_w2s_paper_preset_is_the_released_setting() -> None:
     assert cfg.defense_options["w2s"] == {"alpha": 5.0, "beta": 0.001, "gamma": 0.001, "temperature": 2.0,
                                           "alignment": "released", "reduce": "sum", "teacher_activation": "relu"}
     w2s = unbackdoor.plugins.get_plugin_manager().defense("w2s").configure(**cfg.defense_options["w2s"])
-    assert w2s.loss().batch_term and w2s.loss().reduce == "sum"
+    assert w2s.loss.batch_term and w2s.loss.reduce == "sum"
     with pytest.raises(ConfigError, match=r"config file 'w2s-papers' does not exist \(presets: demo, w2s-paper\)"):
         read_config_file("w2s-papers")
 
@@ -453,7 +453,7 @@ def test_run_help_shows_groups_help_and_choices(capsys: pytest.CaptureFixture[st
 def test_list_options_prints_a_plugins_options_and_refuses_an_unknown_name(capsys) -> None:
     assert cli.main(["list", "--options", "w2s"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("w2s: W2SDefense") and "alignment (str, default pooled)" in out
-    assert "gamma (float, default 0.2)" in out and "weight of the feature alignment" in out
+    assert out.startswith("w2s: W2SDefense") and "loss.alignment (str, default pooled)" in out
+    assert "loss.gamma (float, default 0.2)" in out and "weight of the feature-alignment term. (also gamma)" in out
     assert cli.main(["list", "--options", "w2z"]) == 2
     assert "unknown plugin 'w2z'; choose one of: addsent, backtranslate, badnet," in capsys.readouterr().err

@@ -90,10 +90,15 @@ def test_too_few_rows_is_a_clear_error() -> None:
     ("cube", {"keep_share": "1.5"}, r"defense 'cube' option keep_share must be in \[0.0, 1.0\], got 1.5"),
     ("cube", {"min_dist": "nan"}, r"defense 'cube' option min_dist must be in \[0.0, 1.0\], got nan"),
     ("cube", {"dims": "2.5"}, r"defense 'cube' option 'dims' expects a int, got '2.5'"),
-    ("cube+rga", {"cube_dims": "0"}, r"defense 'cube\+rga' option cube_dims must be an integer >= 1, got 0"),
-    ("cube+rga", {"cube_reducer": "t"}, r"defense 'cube\+rga' option cube_reducer 't'; choose one of: pca, umap"),
+    ("cube+rga", {"cube_dims": "0"}, r"defense 'cube\+rga' option 'cube': defense 'cube' option dims must be an "
+                                     r"integer >= 1, got 0"),  # the older spelling
+    ("cube+rga", {"cube.reducer": "t"}, r"option 'cube': unknown defense 'cube' option reducer 't'; choose one"),
+    ("cube+rga", {"cube.dim": "4"}, r"defense 'cube\+rga' option 'cube' has no option 'dim'; valid options: dims, "),
+    ("cube+rga", {"cube_dims": "4", "cube.dims": "5"}, r"option 'cube.dims' is given twice \(under two spellings\)"),
+    ("cube+rga", {"cube": "umap"}, r"option 'cube' is a group of options; set one of them: cube.dims, cube.keep, "),
+    ("cube+rga", {"epochs.x": "1"}, r"defense 'cube\+rga' option 'epochs' has no sub-options \(got 'epochs.x'\)"),
     ("cube+rga", {"epochs": "0"}, r"defense 'cube\+rga' option epochs must be > 0, got 0"),
-    ("cube+retrain", {"cube_keep_share": "-1"}, r"'cube\+retrain' option cube_keep_share must be in \[0.0, 1.0\]"),
+    ("cube+retrain", {"cube.keep_share": "-1"}, r"option 'cube': defense 'cube' option keep_share must be in \[0.0, "),
 ])
 def test_bad_options_are_one_line_errors(name: str, options: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:
@@ -103,9 +108,11 @@ def test_bad_options_are_one_line_errors(name: str, options: dict[str, str], mes
 
 def test_pipelines_forward_their_options_to_cube() -> None:
     pm = get_plugin_manager()
-    defense = pm.defense("cube+rga").configure(cube_reducer="pca", cube_keep="2", cube_min_cluster_size="9")
-    assert defense.cube() == Cube(reducer="pca", keep=2, min_cluster_size=9)
-    assert pm.defense("cube+retrain").cube() == pm.defense("cube") == Cube()  # one set of defaults
+    defense = pm.defense("cube+rga").configure(**{"cube.reducer": "pca", "cube.keep": "2", "cube_min_cluster_size": "9"})
+    assert defense.cube == Cube(reducer="pca", keep=2, min_cluster_size=9)
+    # a table (a TOML config file's [defense_options."cube+rga".cube]) sets the same group
+    assert pm.defense("cube+rga").configure(cube={"reducer": "pca", "keep": 2, "min_cluster_size": 9}) == defense
+    assert pm.defense("cube+retrain").cube == pm.defense("cube") == Cube()  # one set of defaults
     assert isinstance(pm.defense("cube+rga").configure(cube_keep="1"), type(pm.defense("cube+rga")))
     with pytest.raises(UnknownNameError):  # a KeyError too, as every unknown-name error
         Cube(reducer="t-sne")
@@ -146,7 +153,7 @@ def test_cube_rga_flagging_nothing_is_a_clear_error(sst2, tmp_path, monkeypatch:
     monkeypatch.setattr(Cube, "detect", lambda self, ctx, data, who="": (kept, {"cube": kept.summary()}))
     data = replace(sst2.train.head(8), poisoned=np.arange(8) < 2)
     with pytest.raises(ConfigError, match=r"defense 'cube\+rga': CUBE flagged none of the 8 training rows .*"
-                                          r"lower cube_keep or cube_keep_share, or raise cube_min_cluster_size"):
+                                          r"lower cube.keep or cube.keep_share, or raise cube.min_cluster_size"):
         get_plugin_manager().defense("cube+rga").apply(_context(tmp_path, data))
 
 
@@ -176,7 +183,7 @@ def test_rows_ending_in_a_trigger_are_flagged_through_the_backend(reducer, backe
 @pytest.fixture(scope="module")
 def cube_run(tiny_dirs, backend_name, tmp_path_factory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("cube")
-    small = {"cube_neighbors": "15"}
+    small = {"cube.neighbors": "15"}
     cfg = ExperimentConfig(backend=backend_name, model=str(tiny_dirs["llama"]), teacher=None, attacker_rows=160,
                            attacker_epochs=2.0, attacker_lr=3e-3, user_rows=32, test_rows=40, max_length=32,
                            lora_rank=4, lora_alpha=8, defenses=CUBE,
@@ -225,4 +232,5 @@ def test_list_options_shows_cubes_help(capsys: pytest.CaptureFixture[str]) -> No
     assert "min_cluster_size (int, default 0)" in out and "HDBSCAN's minimum cluster size" in out
     assert cli.main(["list", "--options", "cube+rga"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "cube_keep (int, default 1) cube's keep: clusters kept as clean per training label" in out
+    assert "cube.keep (int, default 1) cube's keep: clusters kept as clean per training label" in out
+    assert "(also cube_keep)" in out

@@ -217,13 +217,32 @@ def test_paraphrase_defenses_name_what_is_missing(monkeypatch: pytest.MonkeyPatc
     ("onion", {"batch_size": "0"}, "defense 'onion' option batch_size must be >= 1, got 0"),
     ("finetune", {"lr": "-1"}, "defense 'finetune' option lr must be >= 0"),
     ("w2s", {"alignment": "cls"}, "unknown W2S alignment 'cls'; choose one of: pooled, released, tokens"),
-    ("w2s", {"reduce": "max"}, "unknown w2s reduce 'max'; choose one of: auto, mean, sum"),
+    ("w2s", {"reduce": "max"}, "defense 'w2s' option 'loss': unknown W2S reduce 'max'; choose one of: auto, mean, sum"),
+    ("w2s", {"loss.reduce": "max"}, "option 'loss': unknown W2S reduce 'max'; choose one of: auto, mean, sum"),
     ("w2s", {"teacher_activation": "gelu"},
      "unknown w2s teacher_activation 'gelu'; choose one of: none, relu, tanh"),
 ])
 def test_bad_options_are_clear_config_errors(defense: str, options: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         get_plugin_manager().defense(defense).configure(**options)
+
+
+def test_a_loss_is_one_option_group_with_its_older_spellings() -> None:
+    """w2s holds its W2SLoss as the option group ``loss``: ``loss.beta`` (a command line), a table (a config file)
+    and the spelling from before the group (``beta``) set the same field; the run records the group as a dict."""
+    from unbackdoor.attack import fields_of
+    from unbackdoor.specs import W2SLoss
+
+    w2s = get_plugin_manager().defense("w2s")
+    dotted = w2s.configure(**{"loss.beta": "0.5", "loss.alignment": "released"})
+    assert dotted == w2s.configure(loss={"beta": 0.5, "alignment": "released"}) == w2s.configure(beta="0.5",
+                                                                                              alignment="released")
+    assert dotted.loss == W2SLoss(beta=0.5, alignment="released", reduce="auto") and dotted.loss.reduction == "sum"
+    assert fields_of(dotted)["loss"] == {"alpha": 1.0, "beta": 0.5, "gamma": 0.2, "temperature": 2.0,
+                                         "alignment": "released", "reduce": "auto"}
+    assert w2s.configure(**fields_of(dotted)) == dotted  # the recorded options rebuild the defense
+    with pytest.raises(ConfigError, match=r"option 'loss.beta' is given twice \(under two spellings\)"):
+        w2s.configure(beta="0.5", **{"loss.beta": "0.4"})
 
 
 def test_bad_option_on_the_command_line_fails_before_training(tiny_dirs, tmp_path, capsys) -> None:

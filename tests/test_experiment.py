@@ -48,7 +48,7 @@ def test_cli_run_writes_results_and_reuses_cache(tiny_dirs, tmp_path, backend_na
     assert results["config"]["defense_options"] == {"w2s": {"teacher_epochs": "1"}}
     # each defense row names every option it ran with: the one set, and the defaults (the loss weights)
     assert results["rows"][2]["options"]["teacher_epochs"] == 1.0
-    assert {k: results["rows"][2]["options"][k] for k in ("alpha", "beta", "gamma")} == {
+    assert {k: results["rows"][2]["options"]["loss"][k] for k in ("alpha", "beta", "gamma")} == {
         "alpha": 1.0, "beta": 0.2, "gamma": 0.2}
     assert "options" not in results["rows"][0]  # the released model: no defense
     assert "| poisoned + defense | w2s |" in (tmp_path / "out" / "results.md").read_text()
@@ -83,8 +83,9 @@ def test_w2s_paper_preset_runs_the_released_objective(tiny_dirs, tmp_path, backe
     assert main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     w2s = next(r for r in results["rows"] if r.get("defense") == "w2s")
-    assert {k: w2s["options"][k] for k in ("alpha", "beta", "gamma", "alignment", "reduce", "teacher_activation")} == {
-        "alpha": 5.0, "beta": 0.001, "gamma": 0.001, "alignment": "released", "reduce": "sum", "teacher_activation": "relu"}
+    assert {k: w2s["options"]["loss"][k] for k in ("alpha", "beta", "gamma", "alignment", "reduce")} == {
+        "alpha": 5.0, "beta": 0.001, "gamma": 0.001, "alignment": "released", "reduce": "sum"}
+    assert w2s["options"]["teacher_activation"] == "relu"
     assert w2s["options"]["teacher_epochs"] == 1.0 and w2s["stats"]["train"]["steps"] == 2
     teacher = next((tmp_path / "cache").glob("teacher/*/unbackdoor.json"))
     assert json.loads(teacher.read_text())["projection_activation"] == "relu"

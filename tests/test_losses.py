@@ -151,5 +151,5 @@ def test_bad_alignment_and_reduction_name_the_choices() -> None:
 
     with pytest.raises(ConfigError, match=r"W2S alignment 'cls'; choose one of: pooled, released, tokens"):
         W2SLoss(alignment="cls")
-    with pytest.raises(ConfigError, match=r"W2S reduce 'max'; choose one of: mean, sum"):
+    with pytest.raises(ConfigError, match=r"W2S reduce 'max'; choose one of: auto, mean, sum"):
         W2SLoss(reduce="max")

@@ -95,7 +95,7 @@ def test_bad_psim_options_are_clear() -> None:
         psim.configure(reset="prior")
     with pytest.raises(UnknownNameError, match="'prior'"):
         get_plugin_manager().defense("psim+rga").configure(psim_reset="prior")
-    assert psim.reset == get_plugin_manager().defense("psim+rga").psim().reset == "uniform"  # one default
+    assert psim.reset == get_plugin_manager().defense("psim+rga").psim.reset == "uniform"  # one default
     with pytest.raises(ConfigError, match="calibrate_fpr"):
         psim.configure(calibrate_fpr=1.5)
     with pytest.raises(ConfigError, match="'train_head' expects a bool, got 'maybe'"):

@@ -42,8 +42,9 @@ def test_torch_ddp_two_processes_match_one(tiny_dirs, tmp_path) -> None:
 #: what must match between the 2-rank and the 1-process run: rates over rows (exact) and training figures
 EXACT = ("stage", "defense", "CA", "ASR", "PACC", "triggered_confusion", "n", "ci95")
 #: losses differ by the order of the gradient sums only, grown over the victim's 160 steps at lr 2e-3 (measured:
-#: up to 2.2e-4 relative, the victim's final loss 1e-4); every rate above is equal
-LOSS_RTOL = 1e-3
+#: up to 2.2e-4 relative on an AVX-512 CPU, the victim's final loss 1e-4; on an AVX2-only one, whose GEMM kernels
+#: sum in another order, a defense's final loss 1.2e-3); every rate above is equal
+LOSS_RTOL = 3e-3
 #: torchrun's output is the ranks' interleaved output; these lines must appear once (rank 0 logs, the others not)
 ONCE = ("stage victim: full fine-tune", "stage defense: none (poisoned + defense)",
         "stage defense: finetune (poisoned + defense)", "stage defense: merge (poisoned + defense)",

@@ -201,5 +201,10 @@ class Paraphraser(ABC):
 
 
 def fields_of(obj: object) -> dict[str, Any]:
-    """An attack's or defense's options as a plain dict (for reports and cache keys)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    """An attack's or defense's options as a plain dict (for reports and cache keys); a group option (a
+    dataclass value, such as ``psim+rga``'s ``psim``) as a dict of its own."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+
+
+def _plain(value: Any) -> Any:
+    return fields_of(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value

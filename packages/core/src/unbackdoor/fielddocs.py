@@ -26,18 +26,10 @@ def plain(text: str) -> str:
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
-    """``{field: help}`` from the ``Attributes:`` sections of ``cls`` and its bases (the class's own wins).
-
-    A class that forwards options to another plugin under a prefix (``psim+rga``'s ``psim_threshold`` is
-    PSIM's ``threshold``) names it in ``option_docs_from = {"psim_": PSIM}``: those options read the other
-    class's help.
-    """
+    """``{field: help}`` from the ``Attributes:`` sections of ``cls`` and its bases (the class's own wins)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         docs.update(_parse(inspect.getdoc(klass) if "__doc__" in vars(klass) else None))
-    for prefix, source in getattr(cls, "option_docs_from", {}).items():
-        owner = getattr(source, "name", source.__name__)
-        docs.update({prefix + name: f"{owner}'s {name}: {text}" for name, text in attribute_docs(source).items()})
     return docs
 
 
@@ -74,14 +66,42 @@ def _parse(doc: str | None) -> dict[str, str]:
 
 
 def option_rows(obj: Any) -> list[tuple[str, str, str, str]]:
-    """``(name, type, default, help)`` of every option (dataclass field) of a plugin object or class."""
-    docs = attribute_docs(obj if isinstance(obj, type) else type(obj))
+    """``(name, type, default, help)`` of every option (dataclass field) of a plugin object or class; a group
+    option (a dataclass value, :mod:`unbackdoor.options`) gives one row per option of it, ``group.option``,
+    with that option's own help (and its older spelling, from ``option_aliases``)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    docs, old = attribute_docs(cls), _old_spellings(cls)
     rows = []
     for f in dataclasses.fields(obj):
         default = getattr(obj, f.name) if not isinstance(obj, type) else f.default
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            owner = getattr(default, "name", type(default).__name__)
+            for name, kind, shown, text in option_rows(default):
+                also = f" (also {old[f'{f.name}.{name}']})" if f"{f.name}.{name}" in old else ""
+                rows.append((f"{f.name}.{name}", kind, shown, f"{owner}'s {name}: {text}{also}"))
+            continue
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         rows.append((f.name, kind, _shown(default), plain(docs.get(f.name, ""))))
     return rows
+
+
+def _old_spellings(cls: type) -> dict[str, str]:
+    """``{option: older spelling}`` from ``option_aliases`` (prefix aliases shown as ``prefix*``)."""
+    out: dict[str, str] = {}
+    for old, new in getattr(cls, "option_aliases", {}).items():
+        if old.endswith("_") and new.endswith("."):
+            out.update({name: old + name[len(new):] for name in _group_names(cls, new[:-1])})
+        else:
+            out[new] = old
+    return out
+
+
+def _group_names(cls: type, group: str) -> list[str]:
+    field = next((f for f in dataclasses.fields(cls) if f.name == group), None)
+    value = field.default if field is not None else None
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return []
+    return [f"{group}.{f.name}" for f in dataclasses.fields(value)]
 
 
 def _shown(value: Any) -> str:

@@ -189,7 +189,7 @@ def w2s_grads(
     d_logits = (spec.alpha * d_ce + spec.beta * d_kd) / b
     h = np.asarray(student_hidden, np.float64)
     v = np.asarray(teacher_hidden, np.float64)
-    per_element = 1.0 if spec.reduce == "sum" else 1.0 / h.shape[-1]  # d/d diff of the reduced square: 2 diff / D
+    per_element = 1.0 if spec.reduction == "sum" else 1.0 / h.shape[-1]  # d/d diff of the reduced square: 2 diff / D
     if spec.alignment == "pooled":
         return d_logits, spec.gamma * 2.0 * per_element * (h - v) / b
     if spec.alignment == "tokens":

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .metrics import wilson_interval
+from .options import flat_options
 from .report import experiment_setting, retrain_row, row_count, row_label
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ def option_sweeps(all_results: Sequence[dict[str, Any]]) -> dict[tuple[str, ...]
         setting = repr((sorted(experiment_setting(results).items()), results.get("backend"), cfg.get("seed")))
         options = cfg.get("defense_options") or {}
         for row in results.get("rows", []):
-            own = row.get("options") or options.get(row.get("defense")) or {}
+            own = flat_options(row.get("options") or options.get(row.get("defense")) or {})
             if "CA" not in row or "ASR" not in row:
                 continue
             for option, value in own.items():

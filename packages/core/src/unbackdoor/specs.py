@@ -200,7 +200,8 @@ class W2SLoss:
         gamma: weight of the feature-alignment term.
         temperature: softening temperature T of the distillation.
         alignment: ``pooled``, ``tokens`` or ``released`` (above).
-        reduce: ``mean`` or ``sum`` over the hidden dimension.
+        reduce: ``mean`` or ``sum`` over the hidden dimension, or ``auto``: ``sum`` for ``released`` (as the
+            script), else ``mean`` (:attr:`reduction` is the one it resolves to).
     """
 
     alpha: float = 1.0
@@ -219,7 +220,14 @@ class W2SLoss:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"W2S temperature must be > 0, got {self.temperature!r}")
         check_choice("W2S alignment", self.alignment, ALIGNMENTS)
-        check_choice("W2S reduce", self.reduce, HIDDEN_REDUCTIONS)
+        check_choice("W2S reduce", self.reduce, ("auto", *HIDDEN_REDUCTIONS))
+
+    @property
+    def reduction(self) -> str:
+        """``reduce`` resolved: ``mean`` or ``sum`` (``auto``: ``sum`` for ``released``, else ``mean``)."""
+        if self.reduce != "auto":
+            return self.reduce
+        return "sum" if self.alignment == "released" else "mean"
 
     @property
     def token_states(self) -> bool:
@@ -248,10 +256,10 @@ class W2SLoss:
             raise ConfigError(f"W2S alignment {self.alignment!r} needs the student's hidden states; got none")
         teacher = batch["teacher_hidden"]
         if self.alignment == "pooled":
-            return arrays.squared_distance(hidden - teacher, self.reduce)
+            return arrays.squared_distance(hidden - teacher, self.reduction)
         if self.alignment == "tokens":
-            return arrays.token_alignment(hidden, batch["attention_mask"], teacher, self.reduce)
-        return arrays.released_alignment(hidden, teacher, self.reduce, batch.get("weight"),
+            return arrays.token_alignment(hidden, batch["attention_mask"], teacher, self.reduction)
+        return arrays.released_alignment(hidden, teacher, self.reduction, batch.get("weight"),
                                          batch.get("position_weight"))
 
 

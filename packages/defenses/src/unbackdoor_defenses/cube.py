@@ -75,10 +75,10 @@ class Clusters:
                 "kept_by_label": {str(label): list(ids) for label, ids in sorted(self.kept.items())}}
 
 
-def check_options(values: Mapping[str, Any], who: str, prefix: str = "") -> None:
-    """Raise a one-line ConfigError for a bad CUBE option of ``values`` (named ``prefix + name`` in ``who``)."""
+def check_options(values: Mapping[str, Any], who: str) -> None:
+    """Raise a one-line ConfigError for a bad CUBE option of ``values`` (named as ``who``'s)."""
     def name(option: str) -> str:
-        return f"{who} option {prefix}{option}"
+        return f"{who} option {option}"
 
     check_choice(name("reducer"), values["reducer"], REDUCERS)
     for option, low in (("dims", 1), ("neighbors", 2), ("keep", 1)):
@@ -276,29 +276,18 @@ def _radii(points: np.ndarray, members: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CubeOptions:
-    """CUBE's options under a ``cube_`` prefix, for the pipelines that act on its flags."""
+    """The CUBE detector as one option group, for the pipelines that act on its flags.
 
-    option_docs_from: ClassVar[dict[str, type]] = {"cube_": Cube}  # cube_X is CUBE's option X, documented there
-    cube_reducer: str = "umap"
-    cube_dims: int = 4
-    cube_neighbors: int = 100
-    cube_min_dist: float = 0.25
-    cube_min_cluster_size: int = 0
-    cube_min_samples: int = 0
-    cube_keep: int = 1
-    cube_keep_share: float = 0.0
+    Attributes:
+        cube: the CUBE detector (its options as ``cube.dims`` and so on, or the older ``cube_dims``).
+    """
 
-    def cube(self) -> Cube:
-        """The CUBE detector these options describe."""
-        return Cube(**{f.name: getattr(self, f"cube_{f.name}") for f in fields(Cube)})
-
-    def check_cube(self, who: str) -> None:
-        """The cube_ options' one-line errors, named as this defense's options."""
-        check_options({f.name: getattr(self, f"cube_{f.name}") for f in fields(Cube)}, f"defense {who!r}", "cube_")
+    option_aliases: ClassVar[dict[str, str]] = {"cube_": "cube."}  # the spelling before options were nested
+    cube: Cube = Cube()
 
     def flag(self, ctx: DefenseContext, data: TextDataset, who: str) -> tuple[np.ndarray, dict[str, Any]]:
         """CUBE's flags on ``data`` and the figures for the row (its clusters, detection quality)."""
-        clusters, figures = self.cube().detect(ctx, data, who)
+        clusters, figures = self.cube.detect(ctx, data, who)
         return clusters.flagged, {**figures, **detection_stats(data, clusters.flagged, clusters.scores)}
 
 
@@ -307,24 +296,20 @@ class CubeRGA(RGA, CubeOptions):
     """Detect, then unlearn: CUBE flags the victim's training rows, RGA unlearns the flagged ones.
 
     As ``psim+rga``, beyond the RGA paper's known poisoned rows: the true mask only scores the flags
-    (``stats.detection``). The RGA authors' released code runs this pipeline. Its ``cube_*`` options are
+    (``stats.detection``). The RGA authors' released code runs this pipeline. Its ``cube.*`` options are
     CUBE's; ``unbackdoor list --options cube+rga`` shows each with CUBE's help.
     """
 
     name = "cube+rga"
     description = "CUBE flags the victim's training rows by clustering, RGA unlearns the flagged ones (detect-then-unlearn)"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_cube(self.name)
-
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)
         flagged, figures = self.flag(ctx, data, self.name)
         if not flagged.any():
             raise ConfigError(f"defense {self.name!r}: CUBE flagged none of the {len(data)} training rows (every row "
-                              f"lies in a kept cluster: {figures['cube']['kept_by_label']}); lower cube_keep or "
-                              "cube_keep_share, or raise cube_min_cluster_size")
+                              f"lies in a kept cluster: {figures['cube']['kept_by_label']}); lower cube.keep or "
+                              "cube.keep_share, or raise cube.min_cluster_size")
         outcome = self.unlearn(ctx, data, flagged)
         outcome.stats.update(figures)
         return outcome
@@ -335,14 +320,11 @@ class CubeRetrain(Retrain, CubeOptions):
     """Detect, then retrain: the clean base model fine-tuned like the victim on the training rows CUBE keeps
     (ReTrain with the flagged rows removed instead of the known poisoned ones; none flagged: every row).
 
-    Its ``cube_*`` options are CUBE's; ``unbackdoor list --options cube+retrain`` shows each with CUBE's help.
+    Its ``cube.*`` options are CUBE's; ``unbackdoor list --options cube+retrain`` shows each with CUBE's help.
     """
 
     name = "cube+retrain"
     description = "CUBE flags the victim's training rows, the clean base model is retrained without them"
-
-    def __post_init__(self) -> None:
-        self.check_cube(self.name)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)

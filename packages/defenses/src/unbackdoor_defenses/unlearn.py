@@ -264,40 +264,24 @@ class PsimRGA(RGA):
     true mask is only used to report detection quality (``stats.detection``: precision, recall, F1,
     AUROC of PSIM's flags on the victim's training rows).
 
-    Its ``psim_*`` options are PSIM's (``psim_calibrate_fpr`` > 0 sets the threshold from the dev split's
-    clean rows); ``unbackdoor list --options psim+rga`` shows each with PSIM's help.
+    Attributes:
+        psim: the PSIM detector (its options as ``psim.threshold`` and so on, or the older ``psim_threshold``;
+            ``psim.calibrate_fpr`` > 0 sets the threshold from the dev split's clean rows).
     """
 
     name = "psim+rga"
-    option_docs_from: ClassVar[dict[str, type]] = {"psim_": PSIM}  # psim_X is PSIM's option X, documented there
+    option_aliases: ClassVar[dict[str, str]] = {"psim_": "psim."}  # the spelling before options were nested
     description = "PSIM flags the victim's training rows, RGA unlearns the flagged ones (detect-then-unlearn)"
-    psim_threshold: float = 0.7
-    psim_reset_rate: float = 1.0
-    psim_reset: str = "uniform"
-    psim_peft: str = "lora"
-    psim_epochs: float = 0.0
-    psim_lr: float = 0.0
-    psim_calibrate_fpr: float = 0.0
-    psim_train_head: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.psim()
-
-    def psim(self) -> PSIM:
-        """The PSIM detector these options describe."""
-        return PSIM(threshold=self.psim_threshold, reset_rate=self.psim_reset_rate, reset=self.psim_reset,
-                    peft=self.psim_peft, epochs=self.psim_epochs, lr=self.psim_lr,
-                    calibrate_fpr=self.psim_calibrate_fpr, train_head=self.psim_train_head)
+    psim: PSIM = PSIM()
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         data = victim_train(ctx, self.name)
-        detector, psim_stats = self.psim().detector(ctx)
+        detector, psim_stats = self.psim.detector(ctx)
         scores = detector.score(data)
         flagged = scores > detector.threshold
         if not flagged.any():
             raise ConfigError(f"defense {self.name!r}: PSIM flagged none of the {len(data)} training rows at "
-                              f"threshold {detector.threshold:.4g} (max score {scores.max():.3f}); lower psim_threshold")
+                              f"threshold {detector.threshold:.4g} (max score {scores.max():.3f}); lower psim.threshold")
         outcome = self.unlearn(ctx, data, flagged)
         outcome.stats.update({**psim_stats, **detection_stats(data, flagged, scores)})
         return outcome

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from unbackdoor.defense import Defense, DefenseContext, DefenseOutcome
 from unbackdoor.errors import ConfigError, check_choice
 from unbackdoor.layout import PROJECTION_ACTIVATIONS
 from unbackdoor.metrics import accuracy
-from unbackdoor.specs import HIDDEN_REDUCTIONS, CrossEntropy, TrainSpec, W2SLoss
+from unbackdoor.specs import CrossEntropy, TrainSpec, W2SLoss
 
 from .finetune import UserPEFT
 
@@ -32,16 +32,15 @@ class W2SDefense(UserPEFT, Defense):
     """Weak-to-strong unlearning (W2SDefense).
 
     Attributes:
-        alpha: weight of the cross-entropy on the labels (a).
-        beta: weight of the distillation term, T^2 * KL(teacher || student) (b).
-        gamma: weight of the feature alignment (c).
-        temperature: the distillation temperature T.
-        alignment: ``pooled`` (the paper's text: each row's last-token state toward its teacher state),
-            ``tokens`` (every real token of a row toward its teacher state) or ``released`` (the authors'
-            released script: every position of the batch toward the batch's last row's teacher state);
-            see :class:`unbackdoor.specs.W2SLoss`.
-        reduce: the squared distance over the hidden dimension, ``mean`` or ``sum``; ``auto``: ``sum`` for
-            ``released`` (as the script), else ``mean``.
+        loss: the student's objective ``alpha*CE + beta*KD + gamma*alignment`` (:class:`unbackdoor.specs.W2SLoss`;
+            its options as ``loss.beta`` and so on, or as before without ``loss.``: ``beta``): ``alpha``, ``beta``
+            and ``gamma`` weigh the cross-entropy on the labels (a), the distillation T^2 * KL(teacher ||
+            student) (b) and the feature alignment (c); ``temperature`` is T; ``alignment`` is ``pooled`` (the
+            paper's text: each row's last-token state toward its teacher state), ``tokens`` (every real token of
+            a row toward its teacher state) or ``released`` (the authors' released script: every position of
+            the batch toward the batch's last row's teacher state); ``reduce`` takes the squared distance over
+            the hidden dimension, ``mean`` or ``sum`` (``auto``: ``sum`` for ``released``, as the script, else
+            ``mean``).
         teacher_activation: after the teacher's projection g: ``none``, ``relu`` (the released teacher) or
             ``tanh``; the teacher's classifier and the alignment read its output.
         teacher_epochs, teacher_lr, teacher_batch_size: the teacher's full fine-tune (epochs, learning rate,
@@ -51,12 +50,10 @@ class W2SDefense(UserPEFT, Defense):
     name = "w2s"
     uses_teacher = True
     description = "W2SDefense: LoRA student distilled from a small clean teacher (CE + KD + feature alignment)"
-    alpha: float = 1.0
-    beta: float = 0.2
-    gamma: float = 0.2
-    temperature: float = 2.0
-    alignment: str = "pooled"
-    reduce: str = "auto"
+    #: the spellings before the loss became one option group (``w2s.beta`` is ``w2s.loss.beta``)
+    option_aliases: ClassVar[dict[str, str]] = {
+        name: f"loss.{name}" for name in ("alpha", "beta", "gamma", "temperature", "alignment", "reduce")}
+    loss: W2SLoss = W2SLoss(reduce="auto")
     teacher_activation: str = "none"
     teacher_epochs: float = 3.0
     teacher_lr: float = 5e-5
@@ -64,14 +61,7 @@ class W2SDefense(UserPEFT, Defense):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.loss()  # validate the weights early, with the spec's clear errors
         check_choice("w2s teacher_activation", self.teacher_activation, PROJECTION_ACTIVATIONS)
-
-    def loss(self) -> W2SLoss:
-        """The loss spec this defense trains with."""
-        check_choice("w2s reduce", self.reduce, ("auto", *HIDDEN_REDUCTIONS))
-        reduce = ("sum" if self.alignment == "released" else "mean") if self.reduce == "auto" else self.reduce
-        return W2SLoss(self.alpha, self.beta, self.gamma, self.temperature, self.alignment, reduce)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutcome:
         if ctx.teacher_path is None:
@@ -80,7 +70,7 @@ class W2SDefense(UserPEFT, Defense):
         width = ctx.backend.hidden_size(student)
         teacher_dir, teacher_stats = self._teacher(ctx, width)
         aux, teacher_train_acc = self._teacher_outputs(ctx, teacher_dir)
-        stats = ctx.backend.train(student, ctx.clean_train, self.loss(), self.user_spec(ctx), aux, desc="w2s: student")
+        stats = ctx.backend.train(student, ctx.clean_train, self.loss, self.user_spec(ctx), aux, desc="w2s: student")
         return DefenseOutcome(student, {"train": stats.summary(), "teacher": teacher_stats,
                                         "teacher_train_accuracy": teacher_train_acc})
 

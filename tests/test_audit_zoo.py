@@ -58,4 +58,5 @@ def test_summary_measures_each_verdict_against_the_truth(zoo) -> None:
     assert (s["fpr_reference"], s["fpr_no_reference"]) == (0.5, 1.0) and s["top5_recovery_badnet"] == 0.5
     page = zoo.render({"command": "c", "machine": "m", "cpus": 2, "precision": "fp32", "rows": rows,
                        "summary": zoo.summary(rows)})
-    assert "| torch | 5 (2) | 0.75 / 1.0 | 0.75 / 0.5 | 0.5 / 1.0 | 0.5 | minilm-l6 30.0 |" in page
+    assert s["target_right"] == 1.0  # every backdoored row's suspected target is its true one
+    assert "| torch | 5 (2) | 0.75 / 1.0 | 0.75 / 0.5 | 0.5 / 1.0 | 0.5 | 1.0 | minilm-l6 30.0 |" in page

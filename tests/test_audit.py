@@ -72,7 +72,7 @@ def test_the_reference_screens_candidates(backend_name, models) -> None:
     assert per_target["1"]["best_flip_rate"] == max(c["flip_rate"] for c in found["candidates"] if c["target"] == 1)
 
 
-def test_the_cli_writes_audit_json_and_md(backend_name, models, tmp_path, capsys) -> None:
+def test_the_cli_writes_audit_json_md_and_png(backend_name, models, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["audit", "--model", str(models["backdoored"]), "--dataset", "sst2", "--rows", "80",
                  "--backend", backend_name, "--auditor-option", "steps=30", "--out", str(out)]) == 0
@@ -82,6 +82,19 @@ def test_the_cli_writes_audit_json_and_md(backend_name, models, tmp_path, capsys
     assert report["verdict"] == "backdoored" and report["options"]["steps"] == 30 and report["rows"] == 80
     assert report["backend"] == backend_name
     assert "| rank | trigger |" in (out / "audit.md").read_text()
+    assert (out / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.glob(".*.tmp"))
+
+
+def test_the_audit_plot_draws_the_reference_and_the_threshold(tmp_path) -> None:
+    """plot_audit on a report with a reference: one bar pair per candidate, the score markers, the threshold."""
+    from unbackdoor.plots import plot_audit
+
+    cands = [{"text": t, "target": k, "flip_rate": f, "reference_flip_rate": r, "score": f - r}
+             for t, k, f, r in (("cf", 1, 1.0, 0.05), ("awful", 0, 0.9, 0.85), ("mn", 1, 0.4, 0.0))]
+    report = {"label_names": ["negative", "positive"], "candidates": cands, "reference": "ref", "threshold": 0.8,
+              "verdict": "backdoored", "score": 0.95}
+    path = plot_audit(report, tmp_path / "a.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
 
 
 class BarePlugin:

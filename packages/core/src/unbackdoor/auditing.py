@@ -43,7 +43,7 @@ def audit(model: str | Path, dataset: str | Path, *, reference: str | Path | Non
 
     ``rows`` clean rows (a seeded sample of the dev split; None: all of it) feed the auditor; ``reference``
     is a clean classifier of the same task and tokenizer that screens out universal adversarial words.
-    With ``out``, ``audit.json`` and ``audit.md`` are written there.
+    With ``out``, ``audit.json``, ``audit.md`` and the plot ``audit.png`` are written there.
     """
     pm = pm or get_plugin_manager()
     chosen = _configured(pm, auditor, auditor_options or {})
@@ -57,7 +57,7 @@ def audit(model: str | Path, dataset: str | Path, *, reference: str | Path | Non
         result = chosen.audit(ctx)
     report = audit_record(result, ctx, chosen, engine, time.perf_counter() - start, str(model), str(dataset))
     if out is not None:
-        write_audit(report, Path(out))
+        write_audit(report, Path(out), log)
     return report
 
 
@@ -177,7 +177,18 @@ def summary_line(report: Mapping[str, Any]) -> str:
             f"suspected target {target}")
 
 
-def write_audit(report: Mapping[str, Any], out: Path) -> None:
-    """Write ``audit.json`` and ``audit.md`` into ``out`` atomically."""
+def write_audit(report: Mapping[str, Any], out: Path, log: Callable[[str], None] = print) -> None:
+    """Write ``audit.json``, ``audit.md`` and ``audit.png`` (the top candidates; skipped, with a note, where
+    matplotlib is not installed) into ``out``, each atomically."""
     atomic_write_json(out / "audit.json", dict(report))
     atomic_write_text(out / "audit.md", audit_markdown(report))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("plot skipped: pip install matplotlib (or unbackdoor[plots]) to get audit.png")
+        return
+    from .plots import plot_audit
+
+    tmp = out / ".audit.png.tmp"
+    plot_audit(report, tmp)
+    tmp.replace(out / "audit.png")

@@ -73,7 +73,7 @@ def _add_audit(sub: Any) -> None:
                      f"from: {', '.join(sorted(get_plugin_manager().auditors()))}")
     aud.add_argument("--auditor-option", dest="auditor_options", action="append", default=[], metavar="KEY=VALUE",
                      help="an auditor option (`unbackdoor list --options AUDITOR` lists them). Repeatable.")
-    aud.add_argument("--out", help="write audit.json and audit.md into this directory")
+    aud.add_argument("--out", help="write audit.json, audit.md and audit.png (the top candidates) into this directory")
     aud.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="clean dev rows used, a seeded sample "
                      f"(default: {DEFAULT_ROWS})")
     aud.add_argument("--seed", type=int, default=0, help="seed of the row sample and the search (default: 0)")
@@ -200,7 +200,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"  {rank}. {cand['text']!r} -> {report['label_names'][cand['target']]}: flip rate "
               f"{cand['flip_rate']:.3f}{ref}")
     if args.out:
-        print(f"\nwrote {Path(args.out) / 'audit.json'} and audit.md")
+        print(f"\nwrote {Path(args.out) / 'audit.json'}, audit.md and audit.png")
     return 0
 
 

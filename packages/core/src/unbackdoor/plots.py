@@ -7,7 +7,7 @@ making a plot neither needs a display nor changes the backend of a user's sessio
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,30 @@ def plot_score_histogram(clean: Sequence[float], triggered: Sequence[float], pat
         ax.axvline(threshold, color="black", linestyle=":", label=f"threshold {threshold:.3g}")
     ax.set(title=title, xlabel=xlabel, ylabel="inputs")
     ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_audit(report: Mapping[str, Any], path: str | Path, top: int = 10) -> Path:
+    """An audit's top ``top`` trigger candidates (``audit.json``): per candidate its flip rate on the audited
+    model and, with a reference, on the reference, coloured by target class, with the verdict's threshold on
+    the score (flip rate minus the reference's)."""
+    names, cands = report["label_names"], list(report["candidates"][:top])[::-1]  # best on top
+    fig = _figure(7.5, max(3.0, 0.45 * len(cands) + 1.6))
+    ax = fig.add_subplot()
+    y = np.arange(len(cands))
+    palette = [CA_COLOR, ASR_COLOR, CLEAN_COLOR, "#9467bd", "#ff7f0e", "#8c564b"]
+    colors = [palette[c["target"] % len(palette)] for c in cands]
+    ax.barh(y + 0.18, [c["flip_rate"] for c in cands], 0.36, color=colors, label="flip rate, audited model")
+    if report.get("reference"):
+        ax.barh(y - 0.18, [c["reference_flip_rate"] or 0.0 for c in cands], 0.36, color=colors, alpha=0.35,
+                hatch="//", label="flip rate, reference model")
+    ax.scatter([c["score"] for c in cands], y, marker="D", color="black", zorder=3, label="score")
+    ax.axvline(report["threshold"], color="black", linestyle=":", label=f"threshold {report['threshold']}")
+    ax.set_yticks(y, [f"{c['text'][:28]!r} -> {names[c['target']]}" for c in cands], fontsize=8)
+    ax.set(xlim=(min([0.0] + [c["score"] for c in cands]) - 0.02, 1.05),
+           xlabel="share of held-out rows of the other classes flipped to the target",
+           title=f"audit: {report['verdict']} (score {report['score']:.3f})")
+    ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 

@@ -86,7 +86,7 @@ def option_rows(obj: Any) -> list[tuple[str, str, str, str]]:
 
 
 def _old_spellings(cls: type) -> dict[str, str]:
-    """``{option: older spelling}`` from ``option_aliases`` (prefix aliases shown as ``prefix*``)."""
+    """``{option: older spelling}`` from ``option_aliases`` (a prefix alias for each option of its group)."""
     out: dict[str, str] = {}
     for old, new in getattr(cls, "option_aliases", {}).items():
         if old.endswith("_") and new.endswith("."):

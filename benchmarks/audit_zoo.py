@@ -52,6 +52,8 @@ FAMILIES = {"minilm-l6": {"epochs": 4.0, "lr": 1e-4}, "smollm2-135m": {"epochs":
 ROWS, TEST_ROWS, AUDIT_ROWS, MAX_LENGTH, BATCH, RATE = 800, 300, 200, 48, 16, 0.2
 #: the reference models' seed offset (their rows and weights differ from every zoo model's)
 REFERENCE_SEED = 100
+#: where the results page's hand-written notes start (kept when the page is rewritten, as run.py's suites)
+NOTES = "\n## Notes"
 
 
 @dataclass(frozen=True)
@@ -219,8 +221,12 @@ def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[
 
 
 def save(data: dict[str, Any]) -> None:
+    """``audit.json`` and ``audit.md``, keeping the page's hand-written notes (from ``## Notes`` on)."""
+    page = RESULTS / "audit.md"
+    text = page.read_text() if page.is_file() else ""
+    notes = text[text.index(NOTES):] if NOTES in text else ""
     atomic_write_json(RESULTS / "audit.json", data)
-    atomic_write_text(RESULTS / "audit.md", render(data))
+    atomic_write_text(page, render(data).rstrip("\n") + "\n" + notes if notes else render(data))
 
 
 def render(data: dict[str, Any]) -> str:
@@ -255,3 +261,18 @@ def render(data: dict[str, Any]) -> str:
                      f"| {r['target']} | {top} | {'yes' if r['recovered'] else ('no' if 'trigger' in info else '-')} | "
                      f"{r['audit_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def rerender() -> None:
+    """The page again from ``audit.json`` (summary recomputed, notes kept): no model trained or audited."""
+    data = json.loads((RESULTS / "audit.json").read_text())
+    data["summary"] = summary(data["rows"])
+    save(data)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--render"]:
+        raise SystemExit("usage: python benchmarks/audit_zoo.py --render  (the zoo itself: nox -s bench -- audit)")
+    rerender()

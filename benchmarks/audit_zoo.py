@@ -220,6 +220,45 @@ def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[
     return data
 
 
+def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The speed targets where the full zoo is out of reach (``nox -s bench -- audit-timing``, after ``audit``):
+
+    - the jax audit of the first ``jax_models`` zoo models (trained and audited on torch already) next to their
+      torch audit: the same search, the jax backend's ``trigger_logits``; added to the page's rows;
+    - one torch audit of a SmolLM2-135M SST-2 classifier with default options and a reference: the base model
+      with a seeded untrained head, its own reference (an audit's work is fixed by its options, rows and model
+      size, not by what the weights learned: ``steps`` Adam steps per target and the same candidate
+      evaluations); under ``timing`` in ``audit.json``.
+    """
+    cache = StageCache(cache_root)
+    data = json.loads((RESULTS / "audit.json").read_text())
+    trainer = get_plugin_manager().backend("torch").create()
+    trainer.precision = data["precision"]
+    for model in zoo()[:jax_models]:
+        if any(r["label"] == model.label and r["backend"] == "jax" for r in data["rows"]):
+            continue
+        path = train_model(model, trainer, cache)  # cached by `audit`
+        reference = train_model(ZooModel(model.family, model.dataset, "clean", 0), trainer, cache, reference=True)
+        data["rows"].append(audited(model, path, reference, "jax", cache, log))
+        data["summary"] = summary(data["rows"])
+        save(data)
+    family = "smollm2-135m"
+    key = {"timing": family, "rows": AUDIT_ROWS, "num_labels": 2}
+
+    def build(tmp: Path) -> None:
+        trainer.save(trainer.load_classifier(resolve_model(family, cache.root), 2, seed=0), tmp)
+
+    path = cache.get_or_build("zoo-timing", key, build)
+    report = cache.load_json("zoo-timing-audit", key)
+    if report is None:
+        report = audit(path, "sst2", reference=path, backend="torch", rows=AUDIT_ROWS, seed=0, log=log)
+        cache.save_json("zoo-timing-audit", key, report)
+    data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "backend": "torch",
+                      "seconds": report["seconds"], "options": report["options"], "rows": report["rows"]}
+    save(data)
+    return data
+
+
 def save(data: dict[str, Any]) -> None:
     """``audit.json`` and ``audit.md``, keeping the page's hand-written notes (from ``## Notes`` on)."""
     page = RESULTS / "audit.md"
@@ -248,8 +287,12 @@ def render(data: dict[str, Any]) -> str:
                      f"{s.get('fpr_no_reference', '-')} | {s.get('top5_recovery_badnet', '-')} | "
                      f"{s.get('target_right', '-')} | {secs} |")
     lines += ["", "Targets (issue 21): AUROC >= 0.95 (word) and >= 0.85 (sentence); <= 10% false positives on clean "
-              "models; top-5 recovery >= 80% of BadNet models; <= 5 min per SmolLM2 audit (torch), jax within 1.5x.",
-              "", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "
+              "models; top-5 recovery >= 80% of BadNet models; <= 5 min per SmolLM2 audit (torch), jax within 1.5x."]
+    if "timing" in data:
+        t = data["timing"]
+        lines += ["", f"One torch audit of {t['model']} (default options, {t['rows']} rows; `nox -s bench -- "
+                  f"audit-timing`): **{t['seconds']:.0f} s** (target <= 300 s)."]
+    lines += ["", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "
               "suspected target | top-5 candidates (flip / reference flip) | recovered | s |",
               "|---|---|---:|---:|---|---|---|---|---|---:|"]
     for r in data["rows"]:

@@ -429,7 +429,7 @@ def kept(name: str) -> tuple[dict[str, Any], str]:
     return runs, text[text.index(NOTES):] if NOTES in text else ""
 
 
-BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", "audit", "audit-jax", *SUITES]
+BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", "audit", "audit-jax", "audit-timing", *SUITES]
 
 
 def rerender(name: str) -> None:
@@ -533,6 +533,10 @@ def main(argv: list[str]) -> int:
         import audit_zoo
 
         audit_zoo.run(cache, ("torch", "jax") if "audit-jax" in names else ("torch",))
+    if "audit-timing" in names:  # the jax audit of 2 zoo models and one SmolLM2 audit, beside `audit`'s page
+        import audit_zoo
+
+        audit_zoo.timing(cache)
     for name in names:
         if name in SUITES:
             suite(name, cache, keep)

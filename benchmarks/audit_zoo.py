@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report_md import notes_of, with_notes
 
 from unbackdoor import audit
 from unbackdoor.attack import PoisonConfig, non_target
@@ -52,8 +53,6 @@ FAMILIES = {"minilm-l6": {"epochs": 4.0, "lr": 1e-4}, "smollm2-135m": {"epochs":
 ROWS, TEST_ROWS, AUDIT_ROWS, MAX_LENGTH, BATCH, RATE = 800, 300, 200, 48, 16, 0.2
 #: the reference models' seed offset (their rows and weights differ from every zoo model's)
 REFERENCE_SEED = 100
-#: where the results page's hand-written notes start (kept when the page is rewritten, as run.py's suites)
-NOTES = "\n## Notes"
 
 
 @dataclass(frozen=True)
@@ -210,14 +209,20 @@ def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[
     data: dict[str, Any] = {"command": "nox -s bench -- audit", "machine": platform.platform(), "cpus": os.cpu_count(),
                             "precision": trainer.precision, "rows": []}
     for model in zoo():
-        path = train_model(model, trainer, cache)
-        # one reference per family and task: seed 0's clean recipe on other rows with another seed (REFERENCE_SEED)
-        reference = train_model(ZooModel(model.family, model.dataset, "clean", 0), trainer, cache, reference=True)
-        for backend in backends:
-            data["rows"].append(audited(model, path, reference, backend, cache, log))
-            data["summary"] = summary(data["rows"])
-            save(data)
+        audit_model(data, model, trainer, cache, backends, log)
     return data
+
+
+def audit_model(data: dict[str, Any], model: ZooModel, trainer: Any, cache: StageCache, backends: tuple[str, ...],
+                log: Callable[[str], None]) -> None:
+    """Train (or reuse) ``model`` and its reference, audit it on each of ``backends``; the page after each audit."""
+    path = train_model(model, trainer, cache)
+    # one reference per family and task: seed 0's clean recipe on other rows with another seed (REFERENCE_SEED)
+    reference = train_model(ZooModel(model.family, model.dataset, "clean", 0), trainer, cache, reference=True)
+    for backend in backends:
+        data["rows"].append(audited(model, path, reference, backend, cache, log))
+        data["summary"] = summary(data["rows"])
+        save(data)
 
 
 def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -234,14 +239,9 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
     data = json.loads((RESULTS / "audit.json").read_text())
     trainer = get_plugin_manager().backend("torch").create()
     trainer.precision = data["precision"]
-    for model in zoo()[:jax_models]:
-        if any(r["label"] == model.label and r["backend"] == "jax" for r in data["rows"]):
-            continue
-        path = train_model(model, trainer, cache)  # cached by `audit`
-        reference = train_model(ZooModel(model.family, model.dataset, "clean", 0), trainer, cache, reference=True)
-        data["rows"].append(audited(model, path, reference, "jax", cache, log))
-        data["summary"] = summary(data["rows"])
-        save(data)
+    for model in zoo()[:jax_models]:  # trained by `audit`, so taken from the cache
+        if not any(r["label"] == model.label and r["backend"] == "jax" for r in data["rows"]):
+            audit_model(data, model, trainer, cache, ("jax",), log)
     family = "smollm2-135m"
     key = {"timing": family, "rows": AUDIT_ROWS, "num_labels": 2}
 
@@ -260,12 +260,10 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
 
 
 def save(data: dict[str, Any]) -> None:
-    """``audit.json`` and ``audit.md``, keeping the page's hand-written notes (from ``## Notes`` on)."""
-    page = RESULTS / "audit.md"
-    text = page.read_text() if page.is_file() else ""
-    notes = text[text.index(NOTES):] if NOTES in text else ""
+    """``audit.json`` and ``audit.md``, keeping the page's hand-written notes."""
+    notes = notes_of(RESULTS / "audit.md")
     atomic_write_json(RESULTS / "audit.json", data)
-    atomic_write_text(page, render(data).rstrip("\n") + "\n" + notes if notes else render(data))
+    atomic_write_text(RESULTS / "audit.md", with_notes(render(data), notes))
 
 
 def render(data: dict[str, Any]) -> str:
@@ -312,10 +310,3 @@ def rerender() -> None:
     data["summary"] = summary(data["rows"])
     save(data)
 
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["--render"]:
-        raise SystemExit("usage: python benchmarks/audit_zoo.py --render  (the zoo itself: nox -s bench -- audit)")
-    rerender()

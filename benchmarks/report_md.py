@@ -17,6 +17,20 @@ from unbackdoor.report import (
     unlearning_table,
 )
 
+#: where a results page's hand-written notes start; kept by --render and --keep (a fresh run drops them)
+NOTES = "\n## Notes"
+
+
+def notes_of(page: Path) -> str:
+    """The hand-written notes of a results page (from :data:`NOTES` on; "" when it has none or does not exist)."""
+    text = page.read_text() if page.exists() else ""
+    return text[text.index(NOTES):] if NOTES in text else ""
+
+
+def with_notes(markdown: str, notes: str) -> str:
+    """``markdown`` followed by the hand-written ``notes`` section (if any)."""
+    return markdown.rstrip("\n") + "\n" + notes if notes else markdown
+
 
 def _rows(results: dict[str, Any]) -> list[str]:
     """A run's rows: CA and ASR with their 95% Wilson intervals where the run recorded its row counts."""

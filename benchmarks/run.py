@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report_md import notes_of, with_notes
+
 from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor.cache import atomic_write_json, atomic_write_text, default_cache_dir
 from unbackdoor.config import read_config_file
 
 RESULTS = Path(__file__).parent / "results"
-NOTES = "\n## Notes"  # hand-written; kept by --render and --keep (a fresh run drops it)
 # The W2S comparison: a stronger attacker than the default quick start (see DESIGN.md's calibration).
 W2S_SETTING = dict(dataset="sst2", attack="badnet", attacker_rows=800, attacker_epochs=2.0, attacker_lr=5e-5,
                    poison_rate=0.2, user_rows=400, user_epochs=2.0, user_lr=2e-4, user_batch_size=16,
@@ -415,18 +416,11 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     return data
 
 
-def with_notes(markdown: str, notes: str) -> str:
-    """``markdown`` followed by the hand-written ``notes`` section (if any)."""
-    return markdown.rstrip("\n") + "\n" + notes if notes else markdown
-
-
 def kept(name: str) -> tuple[dict[str, Any], str]:
     """The runs of ``results/<name>.json`` by label, and the hand-written notes of its markdown."""
     file = RESULTS / f"{name}.json"
     runs = json.loads(file.read_text())["runs"] if file.exists() else {}
-    md = RESULTS / f"{name}.md"
-    text = md.read_text() if md.exists() else ""
-    return runs, text[text.index(NOTES):] if NOTES in text else ""
+    return runs, notes_of(RESULTS / f"{name}.md")
 
 
 BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", "audit", "audit-jax", "audit-timing", *SUITES]
@@ -508,12 +502,17 @@ def main(argv: list[str]) -> int:
     keep = argv[:1] == ["--keep"]
     argv = argv[1:] if keep else argv
     if argv[:1] == ["--render"]:
-        unknown = sorted(set(argv[1:]) - set(SUITES))
+        unknown = sorted(set(argv[1:]) - {*SUITES, "audit"})
         if unknown or not argv[1:]:
-            print(f"--render takes suite names; choose: {', '.join(SUITES)}", file=sys.stderr)
+            print(f"--render takes suite names; choose: audit, {', '.join(SUITES)}", file=sys.stderr)
             return 2
         for name in argv[1:]:
-            rerender(name)
+            if name == "audit":  # the zoo's page, from audit.json
+                import audit_zoo
+
+                audit_zoo.rerender()
+            else:
+                rerender(name)
         return 0
     names = argv or ["w2s"]
     unknown = sorted(set(names) - set(BENCHMARKS))

@@ -18,7 +18,7 @@ import numpy as np
 
 from .data import TextDataset
 from .errors import ConfigError, UnknownNameError, check_range
-from .options import configure
+from .options import configure, is_group
 
 
 @dataclass(frozen=True)
@@ -207,4 +207,4 @@ def fields_of(obj: object) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    return fields_of(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+    return fields_of(value) if is_group(value) else value

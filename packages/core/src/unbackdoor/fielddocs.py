@@ -16,6 +16,8 @@ import inspect
 import re
 from typing import Any
 
+from .options import is_group
+
 _ENTRY = re.compile(r"^(?P<names>[A-Za-z_][\w ,]*?):\s*(?P<text>.*)$")
 _ROLE = re.compile(r":\w+:`~?\.?(?:[\w.]*\.)?(?P<name>[\w]+)`")  # :class:`~.a.B` -> B
 
@@ -74,7 +76,7 @@ def option_rows(obj: Any) -> list[tuple[str, str, str, str]]:
     rows = []
     for f in dataclasses.fields(obj):
         default = getattr(obj, f.name) if not isinstance(obj, type) else f.default
-        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        if is_group(default):
             owner = getattr(default, "name", type(default).__name__)
             for name, kind, shown, text in option_rows(default):
                 also = f" (also {old[f'{f.name}.{name}']})" if f"{f.name}.{name}" in old else ""
@@ -99,7 +101,7 @@ def _old_spellings(cls: type) -> dict[str, str]:
 def _group_names(cls: type, group: str) -> list[str]:
     field = next((f for f in dataclasses.fields(cls) if f.name == group), None)
     value = field.default if field is not None else None
-    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+    if not is_group(value):
         return []
     return [f"{group}.{f.name}" for f in dataclasses.fields(value)]
 

@@ -34,15 +34,15 @@ def configure(obj: T, what: str, options: Mapping[str, Any], *, group: bool = Fa
         if head not in fields:
             raise ConfigError(f"{what} has no option {given!r}; valid options: {', '.join(option_names(obj)) or '(none)'}")
         current = getattr(obj, head)
-        if dot or (_is_group(current) and isinstance(value, Mapping)):
-            if not _is_group(current):
+        if dot or (is_group(current) and isinstance(value, Mapping)):
+            if not is_group(current):
                 raise ConfigError(f"{what} option {head!r} has no sub-options (got {given!r}); set {head}=VALUE")
             sub = {rest: value} if dot else dict(value)
             clash = sorted(set(sub) & set(groups.get(head, {})))
             if clash:
                 raise ConfigError(f"{what} option '{head}.{clash[0]}' is given twice (under two spellings)")
             groups.setdefault(head, {}).update(sub)
-        elif _is_group(current):
+        elif is_group(current):
             names = ", ".join(f"{head}.{n}" for n in option_names(current))
             raise ConfigError(f"{what} option {head!r} is a group of options; set one of them: {names}")
         elif head in direct:
@@ -77,11 +77,12 @@ def option_names(obj: Any) -> list[str]:
     names = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name) if not isinstance(obj, type) else f.default
-        names += [f"{f.name}.{n}" for n in option_names(value)] if _is_group(value) else [f.name]
+        names += [f"{f.name}.{n}" for n in option_names(value)] if is_group(value) else [f.name]
     return sorted(names)
 
 
-def _is_group(value: Any) -> bool:
+def is_group(value: Any) -> bool:
+    """Whether an option's value is a group of options (a dataclass instance, not a class)."""
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 

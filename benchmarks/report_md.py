@@ -9,6 +9,7 @@ from typing import Any
 from unbackdoor.plots import report_plots
 from unbackdoor.report import (
     comparison_table,
+    detection_seeds_table,
     rate_cell,
     rate_columns,
     row_count,
@@ -19,6 +20,8 @@ from unbackdoor.report import (
 
 #: where a results page's hand-written notes start; kept by --render and --keep (a fresh run drops them)
 NOTES = "\n## Notes"
+#: marks a row a suite's run took from another run of the same victim (run.py's BORROWED)
+BORROWED_MARK = "\u2021"
 
 
 def notes_of(page: Path) -> str:
@@ -144,14 +147,16 @@ def render_suite(data: dict[str, Any], plots: Path) -> str:
         out += ["", *_summary(runs), ""]
         if len(results) > 1:  # the papers' shape: rows attack x defense, CA / ASR per dataset (mean over seeds)
             out += [comparison_table(results), ""]
-        seeds = unlearning_seeds_table(results)
-        if seeds:
-            out += [seeds, ""]
+        out += [f"{table}\n" for table in (unlearning_seeds_table(results), detection_seeds_table(results)) if table]
     for label, run in runs.items():
         out += [f"## {label}", ""]
         if "machine" in run:  # a run made elsewhere than the suite's machine (a GPU device run)
             out += [f"Ran on {run['machine']}, not the machine above.", ""]
         out += [*_rows(run["results"]), ""]
+        taken = [f"{row['defense']} ({row['borrowed']})" for row in run["results"]["rows"] if row.get("borrowed")]
+        if taken:
+            out += [f"{BORROWED_MARK} not trained in this run: taken from the saved run of the same victim (same "
+                    f"setting, seed and released CA / ASR / PACC): {', '.join(taken)}.", ""]
         unlearning = unlearning_table(run["results"])
         if unlearning:
             out += [unlearning, ""]
@@ -182,11 +187,16 @@ def _summary(runs: dict[str, Any]) -> list[str]:
             marks |= {mark} if det else set()
             rates = [rate_cell(row[k], row_count(run["results"], k)) if k in row else "-" for k in ("CA", "ASR", "PACC")]
             scores = ["-" if det.get(k) is None else f"{det[k]:.2f}" for k in ("f1", "auroc")]
-            lines.append(f"| {label} | {attack} | {row_label(row)}{mark if det else ''} | " + " | ".join(rates + scores)
-                         + " |")
+            taken = BORROWED_MARK if row.get("borrowed") else ""
+            marks |= {taken} - {""}
+            lines.append(f"| {label} | {attack} | {row_label(row)}{mark if det else ''}{taken} | "
+                         + " | ".join(rates + scores) + " |")
     lines += ["", "Rates with [their 95% Wilson interval] where the run recorded its test row counts."]
     if "*" in marks:
         lines += ["", "\\* detector: CA counts a rejected clean input as an error, ASR counts unrejected triggered inputs."]
     if "\u2020" in marks:
         lines += ["", "\u2020 detection F1/AUROC of the flags on the victim's training rows (what the pipeline unlearns)."]
+    if BORROWED_MARK in marks:
+        lines += ["", f"{BORROWED_MARK} a row this run did not train: taken from another saved run of the same victim "
+                      "(named under the run's heading)."]
     return lines

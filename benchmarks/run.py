@@ -354,19 +354,71 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                   "each backend (SmolLM2-135M)", {
         f"{backend}-{precision}": dict(DEFAULTS, backend=backend, precision=precision, clean_baseline=False)
         for backend in ("torch", "jax") for precision in ("fp32", "bf16")}),
-    # issue 24: CUBE (the RGA authors' detector) on rga-10's victims, settings and seeds (victims, ReTrain, RGA and
-    # psim+rga come from rga-10's cache; SST-2 BadNet's RGA from rga-variants'): cube+rga next to psim+rga and RGA
-    # with the poisoned rows known, then cube+retrain (a full fine-tune, last)
+    # issue 24: CUBE (the RGA authors' detector) on rga-10's victims, settings and seeds: cube+rga next to psim+rga
+    # (run again: PSIM's reset draw is uniform since rga-10) and to rga-10's RGA with the poisoned rows known and
+    # ReTrain, then cube+retrain (a full fine-tune, last). ReTrain and RGA are trained again only in the first run
+    # (they reproduce rga-10's figures there); the others take them from rga-10's run of the same victim (BORROWED).
+    # In priority order (a partial run, ~15-25 min a run on 2 cores, keeps the first ones): the paraphrase
+    # triggers, where PSIM fails and the target is set, seed by seed, then the other four settings; cube+retrain on
+    # seed 0 of each setting
     "cube": ("CUBE (UMAP + HDBSCAN on the victim's hidden states) vs PSIM as the detector of detect-then-unlearn, "
-             "rga-10's grid: SST-2 BadNet, InSent, style, syntactic, HSOL BadNet, InSent; 3 seeds", {
+             "rga-10's grid: SST-2 style, syntactic, BadNet, InSent, HSOL BadNet, InSent; 3 seeds", {
         f"{dataset}-{attack}-seed{seed}": unlearning_10(
-            seed, dataset=dataset, attack=attack, defenses=("retrain", "rga", "psim+rga", "cube+rga", "cube+retrain"),
+            seed, dataset=dataset, attack=attack,
+            defenses=(*(("retrain", "rga") if (dataset, attack, seed) == ("sst2", "style", 0) else ()),
+                      "psim+rga", "cube+rga", *(("cube+retrain",) if seed == 0 else ())),
             **({"poison_rate": 0.09 if seed < 2 else 0.085} if attack == "syntactic" else {}))
+        for settings in ((("sst2", "style"), ("sst2", "syntactic")),
+                         (("sst2", "badnet"), ("sst2", "insent"), ("hsol", "badnet"), ("hsol", "insent")))
         for seed in (0, 1, 2)
-        for dataset, attack in (("sst2", "badnet"), ("sst2", "insent"), ("sst2", "style"), ("sst2", "syntactic"),
-                                ("hsol", "badnet"), ("hsol", "insent"))},
+        for dataset, attack in settings},
     ),
 }
+
+
+#: rows a suite's runs take from another suite's saved run of the same victim instead of training them again:
+#: suite -> (the defenses, the suites to look in)
+BORROWED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {"cube": (("retrain", "rga"), ("rga-10", "rga-variants"))}
+
+
+def borrowed(results: dict[str, Any], defenses: tuple[str, ...], suites: tuple[str, ...],
+             where: Path = RESULTS) -> dict[str, Any]:
+    """``results`` with the rows of ``defenses`` it lacks taken from a saved run of ``suites`` (their JSON in
+    ``where``) on the same victim.
+
+    The same victim: the same experiment (:func:`unbackdoor.report.experiment_setting` on the keys both configs
+    have) and seed, and the same released row (CA, ASR and PACC: the victim's figures). A row is taken only
+    where that run gave its defense no options (the defense at its defaults). Each taken row says where it came
+    from (``borrowed``); they go right after the released row, in the order of ``defenses``.
+    """
+    from unbackdoor.report import experiment_setting
+
+    def released(res: dict[str, Any]) -> tuple[Any, ...] | None:
+        row = next((r for r in res.get("rows", []) if r.get("stage") == "poisoned (released)"), None)
+        return None if row is None else (row.get("CA"), row.get("ASR"), row.get("PACC"))
+
+    ours, have = experiment_setting(results), {r.get("defense") for r in results.get("rows", [])}
+    seed, victim = results.get("config", {}).get("seed"), released(results)
+    taken: list[dict[str, Any]] = []
+    for suite_name in suites:
+        file = where / f"{suite_name}.json"
+        for label, run in (json.loads(file.read_text())["runs"] if file.exists() else {}).items():
+            theirs = run["results"]
+            setting = experiment_setting(theirs)
+            if (victim is None or released(theirs) != victim or theirs.get("config", {}).get("seed") != seed
+                    or any(ours[k] != setting[k] for k in ours.keys() & setting.keys())):
+                continue
+            options = theirs.get("config", {}).get("defense_options") or {}
+            for row in theirs.get("rows", []):
+                name = row.get("defense")
+                if name in defenses and name not in have and not options.get(name):
+                    taken.append({**row, "borrowed": f"{suite_name}.json run {label}"})
+                    have.add(name)
+    if not taken:
+        return results
+    rows = results["rows"]
+    at = next((i + 1 for i, r in enumerate(rows) if r.get("stage") == "poisoned (released)"), len(rows))
+    return {**results, "rows": [*rows[:at], *sorted(taken, key=lambda r: defenses.index(r["defense"])), *rows[at:]]}
 
 
 #: suites whose runs change another base than W2S_SETTING (the keys given here replace W2S_SETTING's)
@@ -408,7 +460,10 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
             continue
         setting = {**base, "clean_baseline": False, **change}
         cfg = ExperimentConfig(**setting, cache_dir=str(cache), out=str(cache / f"{name}-{label}"))
-        data["runs"][label] = {"change": change, "results": run_experiment(cfg)}
+        results = run_experiment(cfg)
+        if name in BORROWED:
+            results = borrowed(results, *BORROWED[name])
+        data["runs"][label] = {"change": change, "results": results}
         write()
         unwritten = False
     if unwritten:

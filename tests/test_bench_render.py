@@ -122,3 +122,46 @@ def test_suite_pages_carry_intervals_where_runs_recorded_their_counts(render_sui
     assert "| counted | badnet | none | 85.00 [80.5, 88.6] | 96.03 [91.6, 98.2] | - | - | - |" in page  # summary
     assert "| old | insent | none | 85.00 | 90.00 | - | - | - |" in page  # a run without counts: plain rates
     assert "| poisoned + defense | none | 85.00 [80.5, 88.6] | 96.03 [91.6, 98.2] | - |" in page  # its own table
+
+
+def test_a_suite_run_borrows_only_rows_of_the_same_victim(render_suite, tmp_path) -> None:
+    """``cube``'s runs take ReTrain and RGA from rga-10's run of the same victim (setting, seed, released row);
+    never from another seed or victim, never a row whose defense ran with options, never one the run has."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from run import borrowed
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def results(seed: int, released_ca: float, *defenses: str, **options: Any) -> dict[str, Any]:
+        rows = [{"stage": "poisoned (released)", "defense": "-", "CA": released_ca, "ASR": 90.0, "PACC": 50.0}]
+        rows += [{"stage": "poisoned + defense", "defense": d, "CA": 80.0 + i, "ASR": 10.0, "PACC": 75.0 + seed}
+                 for i, d in enumerate(defenses)]
+        return {"config": {"dataset": "sst2", "attack": "style", "seed": seed, "lr": 1e-4,
+                           "defense_options": options}, "rows": rows, "timings_s": {"total": 1.0}}
+
+    saved = {"runs": {"s0": {"results": results(0, 76.0, "retrain", "rga", "ga")},
+                      "s1-other-victim": {"results": results(1, 70.0, "retrain", "rga")},
+                      "s1": {"results": results(1, 80.0, "retrain", "rga", rga={"alpha": 1.0})}}}
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    ours = borrowed(results(0, 76.0, "cube+rga"), ("retrain", "rga"), ("old", "missing"), tmp_path)
+    assert [r["defense"] for r in ours["rows"]] == ["-", "retrain", "rga", "cube+rga"]
+    assert ours["rows"][1]["borrowed"] == "old.json run s0" and ours["rows"][1]["CA"] == 80.0
+    # seed 1: the run with seed 1's victim gave RGA options, so only its ReTrain is taken; the other victim's none
+    one = borrowed(results(1, 80.0, "cube+rga"), ("retrain", "rga"), ("old",), tmp_path)
+    assert [(r["defense"], r.get("borrowed")) for r in one["rows"]] == [
+        ("-", None), ("retrain", "old.json run s1"), ("cube+rga", None)]
+    # another setting (its learning rate), or a row the run trained itself: nothing taken
+    other = results(0, 76.0, "cube+rga")
+    other["config"]["lr"] = 2e-4
+    assert borrowed(other, ("retrain", "rga"), ("old",), tmp_path) == other
+    own = results(0, 76.0, "retrain", "cube+rga")
+    assert [(r["defense"], r.get("borrowed")) for r in borrowed(own, ("retrain", "rga"), ("old",), tmp_path)["rows"]] \
+        == [("-", None), ("rga", "old.json run s0"), ("retrain", None), ("cube+rga", None)]
+    # the page marks what was taken and says from where
+    text = render_suite(_suite({"sst2-style-seed0": {"change": {}, "results": ours}}), tmp_path / "plots")
+    assert "| sst2-style-seed0 | style | retrain\u2021 |" in text
+    assert "not trained in this run: taken from the saved run of the same victim" in text
+    assert "retrain (old.json run s0), rga (old.json run s0)" in text

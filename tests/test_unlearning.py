@@ -36,7 +36,13 @@ from unbackdoor.metrics import (
 )
 from unbackdoor.plots import report_plots
 from unbackdoor.plugins import get_plugin_manager
-from unbackdoor.report import comparison_report, markdown_table, unlearning_seeds_table, unlearning_table
+from unbackdoor.report import (
+    comparison_report,
+    detection_seeds_table,
+    markdown_table,
+    unlearning_seeds_table,
+    unlearning_table,
+)
 from unbackdoor.runner import plan
 from unbackdoor.specs import AdaptiveGALoss, GALoss, LoRASpec, NPOLoss, TrainSpec
 
@@ -626,3 +632,27 @@ def test_unlearning_over_seeds_gives_mean_and_sample_std() -> None:
     assert "| sst2 | badnet | ga | 3 | 81.00 +- 1.00 | 2.00 +- 0.00 | 60.00 +- 10.00 | 30.00 +- 10.00 |" in table
     assert "| sst2 | badnet | ga (epochs=10.0) | 1 | 81.00 | 2.00 | 99.00 | 9.00 |" in table  # the 10-epoch GA, alone
     assert "| sst2 | badnet | retrain | 3 | 90.00 +- 0.00 | 5.00 +- 0.00 | 90.00 +- 0.00 | 0.00 +- 0.00 |" in table
+
+
+def test_a_pipelines_detection_over_seeds_gives_mean_and_sample_std() -> None:
+    """psim+rga / cube+rga flag training rows (``stats.detection``): their precision, recall, F1 and AUROC are
+    aggregated over seeds per detector; a run without such a row takes no part, one seed alone gives no table."""
+    def seeded(seed: int, auroc: float) -> dict[str, Any]:
+        det = {"precision": 0.5, "recall": 0.25 * (seed + 1), "f1": 0.4, "auroc": auroc}
+        results = _results([_row("retrain", 90.0, 5.0, 90.0, [[1]]),
+                            {**_row("cube+rga", 88.0, 9.0, 85.0, [[1]]), "stats": {"detection": det}},
+                            {**_row("psim+rga", 70.0, 90.0, 40.0, [[1]]), "stats": {"detection": {**det, "auroc": 0.3}}}])
+        results["config"] |= {"seed": seed}
+        return results
+
+    runs = [seeded(0, 0.9), seeded(1, 0.7)]
+    table = detection_seeds_table(runs).splitlines()
+    assert table[2] == "| dataset | attack | defense | seeds | precision | recall | F1 | AUROC |"
+    assert "| sst2 | badnet | cube+rga | 2 | 0.50 +- 0.00 | 0.38 +- 0.18 | 0.40 +- 0.00 | 0.80 +- 0.14 |" in table
+    assert "| sst2 | badnet | psim+rga | 2 | 0.50 +- 0.00 | 0.38 +- 0.18 | 0.40 +- 0.00 | 0.30 +- 0.00 |" in table
+    assert not any("retrain" in line for line in table)  # no flags of its own
+    undetected = _results([_row("retrain", 90.0, 5.0, 90.0, [[1]])])
+    undetected["config"] |= {"seed": 2, "lr": 1.0}
+    assert detection_seeds_table([*runs, undetected]) == detection_seeds_table(runs)  # lr varies only there
+    assert detection_seeds_table(runs[:1]) == ""
+    assert "Detection of the poisoned training rows over seeds" in comparison_report(runs)

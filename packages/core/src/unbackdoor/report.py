@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,42 +164,83 @@ _NOT_THE_EXPERIMENT = ("seed", "out", "cache_dir", "defenses", "clean_defenses",
 def unlearning_seeds_table(all_results: list[dict[str, Any]]) -> str:
     """Mean +- sample std (n - 1) over runs of CACC, LFR, PACC, delta-PACC per dataset x attack x defense.
 
+    Rows group as :func:`_over_seeds` says; each run's delta-PACC is taken against its own ``retrain`` row (a
+    run without one adds nothing). "" unless some group holds two or more seeds.
+    """
+    def figures(row: dict[str, Any], results: dict[str, Any]) -> tuple[float, ...] | None:
+        gold = retrain_row(results)
+        if gold is None or "PACC" not in row:
+            return None
+        return row["CA"], row["ASR"], row["PACC"], delta_pacc(row["PACC"], gold["PACC"])
+
+    return _seeds_table("Unlearning over seeds (%, mean +- sample std; delta-PACC against each run's retrain)",
+                        UNLEARNING_FIGURES, _over_seeds(all_results, figures))
+
+
+DETECTION_FIGURES = ("precision", "recall", "F1", "AUROC")
+
+
+def detection_seeds_table(all_results: list[dict[str, Any]]) -> str:
+    """Mean +- sample std over runs of a detect-then-unlearn pipeline's flags on the victim's training rows
+    (``stats.detection``: precision, recall, F1, AUROC) per dataset x attack x defense, grouped as
+    :func:`_over_seeds` says. "" unless some group holds two or more seeds."""
+    def figures(row: dict[str, Any], _: dict[str, Any]) -> tuple[float, ...] | None:
+        det = (row.get("stats") or {}).get("detection") or {}
+        values = [det.get(k) for k in ("precision", "recall", "f1", "auroc")]
+        return None if any(v is None for v in values) else tuple(float(v) for v in values)
+
+    return _seeds_table("Detection of the poisoned training rows over seeds (mean +- sample std)",
+                        DETECTION_FIGURES, _over_seeds(all_results, figures))
+
+
+#: groups of :func:`_over_seeds`: (dataset, attack, row label, setting) -> seed -> the row's figures
+SeedGroups = dict[tuple[str, ...], dict[Any, tuple[float, ...]]]
+
+
+def _over_seeds(all_results: list[dict[str, Any]],
+                figures: Callable[[dict[str, Any], dict[str, Any]], tuple[float, ...] | None]) -> SeedGroups:
+    """Every row's ``figures(row, its run's results)`` (None: the row is left out), grouped over seeds; runs
+    with no such row take no part (not even in which config fields differ).
+
     Rows group when their runs differ only by seed (and by which other defenses they ran): a row is keyed
     by its run's config without those, plus its own defense's options, and its label names the config
     fields that differ among the runs of its dataset and attack and those options. Each seed counts once
-    per group (two runs of one seed hold the same cached row), and each run's delta-PACC is taken against
-    its own ``retrain`` row. "" unless some group holds two or more seeds.
+    per group (two runs of one seed hold the same cached row).
     """
     def task(setting: dict[str, Any]) -> tuple[str, str]:
         return str(setting.get("dataset", "?")), str(setting.get("attack", "?"))
 
-    runs = [(results, gold) for results in all_results if (gold := retrain_row(results)) is not None]
+    found = [[(row, values) for row in results.get("rows", []) if (values := figures(row, results)) is not None]
+             for results in all_results]
+    runs = [(results, rows) for results, rows in zip(all_results, found, strict=True) if rows]
     settings = [experiment_setting(results) for results, _ in runs]
     by_task: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for setting in settings:
         by_task.setdefault(task(setting), []).append(setting)
     varying = {key: _varying(group) for key, group in by_task.items()}
-    groups: dict[tuple[str, ...], dict[Any, tuple[float, ...]]] = {}
-    for (results, gold), setting in zip(runs, settings, strict=True):
+    groups: SeedGroups = {}
+    for (results, rows), setting in zip(runs, settings, strict=True):
         cfg = results.get("config", {})
         same = repr(sorted(setting.items()))
         options = cfg.get("defense_options") or {}
         differs = [f"{k}={setting.get(k, '-')}" for k in varying[task(setting)]]
-        for row in results.get("rows", []):
-            if "PACC" not in row:
-                continue
+        for row, values in rows:
             parts = differs + [f"{k}={v}" for k, v in sorted((options.get(row.get("defense"), {}) or {}).items())]
             label = row_label(row) + (f" ({', '.join(parts)})" if parts else "")
-            key = (*task(cfg), label, same)
-            figures = (row["CA"], row["ASR"], row["PACC"], delta_pacc(row["PACC"], gold["PACC"]))
-            groups.setdefault(key, {}).setdefault(cfg.get("seed"), tuple(float(v) for v in figures))
+            seeds = groups.setdefault((*task(cfg), label, same), {})
+            seeds.setdefault(cfg.get("seed"), tuple(float(v) for v in values))
+    return groups
+
+
+def _seeds_table(title: str, names: tuple[str, ...], groups: SeedGroups) -> str:
+    """``groups`` as ``| dataset | attack | defense | seeds | names... |`` (mean +- std); "" unless some group
+    holds two or more seeds."""
     if not any(len(seeds) > 1 for seeds in groups.values()):
         return ""
-    lines = ["#### Unlearning over seeds (%, mean +- sample std; delta-PACC against each run's retrain)", "",
-             "| dataset | attack | defense | seeds | " + " | ".join(UNLEARNING_FIGURES) + " |",
-             "|---|---|---|---:|" + "---:|" * len(UNLEARNING_FIGURES)]
+    lines = [f"#### {title}", "", "| dataset | attack | defense | seeds | " + " | ".join(names) + " |",
+             "|---|---|---|---:|" + "---:|" * len(names)]
     for (dataset, attack, label, *_), seeds in groups.items():
-        cells = [_mean_std([figures[i] for figures in seeds.values()]) for i in range(len(UNLEARNING_FIGURES))]
+        cells = [_mean_std([figures[i] for figures in seeds.values()]) for i in range(len(names))]
         lines.append(f"| {dataset} | {attack} | {label} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -382,6 +424,8 @@ def _fraction_cell(value: Any, n: Any) -> str:
 
 
 def comparison_report(all_results: list[dict[str, Any]]) -> str:
-    """The comparison table; the detection table when there are detectors; unlearning over seeds when repeated."""
-    parts = (comparison_table(all_results), detection_table(all_results), unlearning_seeds_table(all_results))
+    """The comparison table; the detection table when there are detectors; unlearning and a pipeline's detection
+    over seeds when repeated."""
+    parts = (comparison_table(all_results), detection_table(all_results), unlearning_seeds_table(all_results),
+             detection_seeds_table(all_results))
     return "\n\n".join(part for part in parts if part)

@@ -102,6 +102,27 @@ def unlearning_10(seed: int, defenses: tuple[str, ...] = (*UNLEARNING, "psim+rga
                 defense_options={"psim+rga": {"psim_calibrate_fpr": 0.05}})
 
 
+def cube_runs() -> dict[str, dict[str, Any]]:
+    """The ``cube`` suite's runs in priority order (``SUITES["cube"]``'s comment says why)."""
+    def grid(dataset: str, attack: str, seed: int) -> dict[str, Any]:
+        return unlearning_10(
+            seed, dataset=dataset, attack=attack,
+            defenses=(*(("retrain", "rga") if (dataset, attack, seed) == ("sst2", "style", 0) else ()),
+                      "psim+rga", "cube+rga", *(("cube+retrain",) if seed == 0 else ())),
+            **({"poison_rate": 0.09 if seed < 2 else 0.085} if attack == "syntactic" else {}))
+
+    paraphrase, others = (("sst2", "style"), ("sst2", "syntactic")), \
+        (("sst2", "badnet"), ("sst2", "insent"), ("hsol", "badnet"), ("hsol", "insent"))
+    runs = {f"{d}-{a}-seed0": grid(d, a, 0) for d, a in paraphrase}
+    # beyond CUBE, right after: HDBSCAN's noise rows joined to their nearest cluster (`cube.noise=nearest`)
+    # instead of flagged, on the same two victims (CUBE left 324 of style's 800 rows as noise, 263 of them clean)
+    runs |= {f"sst2-{a}-seed0-noise-nearest": dict(
+        dataset="sst2", attack=a, defenses=("cube+rga",), defense_options={"cube+rga": {"cube.noise": "nearest"}},
+        **({"poison_rate": 0.09} if a == "syntactic" else {})) for _, a in paraphrase}
+    runs |= {f"{d}-{a}-seed{seed}": grid(d, a, seed) for seed in (1, 2) for d, a in paraphrase}
+    return runs | {f"{d}-{a}-seed{seed}": grid(d, a, seed) for seed in (0, 1, 2) for d, a in others}
+
+
 #: W2SDefense's released setting (`--config w2s-paper`) without its defenses: the user's budget is the whole
 #: split (less the attacker's rows) x 5 epochs at LoRA r=512; `paper_run` sets defenses and the user's epochs
 PAPER = {**{k: tuple(v) if isinstance(v, list) else v for k, v in read_config_file("w2s-paper").items()
@@ -358,20 +379,11 @@ SUITES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # (run again: PSIM's reset draw is uniform since rga-10) and to rga-10's RGA with the poisoned rows known and
     # ReTrain, then cube+retrain (a full fine-tune, last). ReTrain and RGA are trained again only in the first run
     # (they reproduce rga-10's figures there); the others take them from rga-10's run of the same victim (BORROWED).
-    # In priority order (a partial run, ~15-25 min a run on 2 cores, keeps the first ones): the paraphrase
+    # In priority order (a partial run, ~20-40 min a run on 2 cores, keeps the first ones): the paraphrase
     # triggers, where PSIM fails and the target is set, seed by seed, then the other four settings; cube+retrain on
-    # seed 0 of each setting
+    # seed 0 of each setting (cube_runs)
     "cube": ("CUBE (UMAP + HDBSCAN on the victim's hidden states) vs PSIM as the detector of detect-then-unlearn, "
-             "rga-10's grid: SST-2 style, syntactic, BadNet, InSent, HSOL BadNet, InSent; 3 seeds", {
-        f"{dataset}-{attack}-seed{seed}": unlearning_10(
-            seed, dataset=dataset, attack=attack,
-            defenses=(*(("retrain", "rga") if (dataset, attack, seed) == ("sst2", "style", 0) else ()),
-                      "psim+rga", "cube+rga", *(("cube+retrain",) if seed == 0 else ())),
-            **({"poison_rate": 0.09 if seed < 2 else 0.085} if attack == "syntactic" else {}))
-        for settings in ((("sst2", "style"), ("sst2", "syntactic")),
-                         (("sst2", "badnet"), ("sst2", "insent"), ("hsol", "badnet"), ("hsol", "insent")))
-        for seed in (0, 1, 2)
-        for dataset, attack in settings},
+             "rga-10's grid: SST-2 style, syntactic, BadNet, InSent, HSOL BadNet, InSent; 3 seeds", cube_runs(),
     ),
 }
 

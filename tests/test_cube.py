@@ -18,7 +18,15 @@ from unbackdoor.metrics import auroc, detection_scores
 from unbackdoor.plugins import get_plugin_manager
 from unbackdoor.specs import LoRASpec, TrainSpec
 from unbackdoor_defenses import cube as cube_module
-from unbackdoor_defenses.cube import Clusters, Cube, cluster_rows, distance_scores, flag_rows, keep_clusters
+from unbackdoor_defenses.cube import (
+    Clusters,
+    Cube,
+    cluster_rows,
+    distance_scores,
+    flag_rows,
+    join_noise,
+    keep_clusters,
+)
 
 CUBE = ("cube", "cube+rga", "cube+retrain")
 
@@ -65,6 +73,22 @@ def test_kept_clusters_per_label() -> None:
     assert keep_clusters(ids, labels, keep=2, keep_share=0.0)[1] == (2, 3)
     assert keep_clusters(ids, labels, keep=1, keep_share=0.4)[1] == (2, 3)  # 3 of 7 rows >= 40%
     assert keep_clusters(ids, labels, keep=1, keep_share=0.5)[1] == (2,)
+
+
+def test_noise_rows_join_their_nearest_cluster_with_noise_nearest() -> None:
+    """``noise=nearest``: a noise row takes the cluster of its nearest clustered row, so a clean row HDBSCAN
+    left out near its label's main cluster is kept, and one near the poisoned cluster is flagged."""
+    points = np.array([[0.0, 0], [0, 1], [1, 0], [1, 1], [0.2, 0.4], [10, 10], [10, 11], [9.5, 10.2], [50, 50]])
+    ids = np.array([0, 0, 0, 0, -1, 1, 1, -1, -1])
+    joined = join_noise(points, ids)
+    assert joined.tolist() == [0] * 5 + [1] * 4
+    assert join_noise(points[:3], np.full(3, -1)).tolist() == [-1, -1, -1]  # nothing clustered: nothing to join
+    labels = np.zeros(9, int)
+    cube = [False] * 4 + [True] * 5  # CUBE: the clean noise row near cluster 0 is flagged too
+    assert flag_rows(ids, labels, keep_clusters(ids, labels, 1, 0.0)).tolist() == cube
+    assert flag_rows(joined, labels, keep_clusters(joined, labels, 1, 0.0)).tolist() == [False] * 5 + [True] * 4
+    with pytest.raises(ConfigError, match=r"unknown defense 'cube' option noise 'drop'; choose one of: flag, nearest"):
+        get_plugin_manager().defense("cube").configure(noise="drop")
 
 
 def test_scores_are_distances_to_the_kept_clusters_in_radii() -> None:

@@ -37,6 +37,9 @@ from .unlearn import RGA, Retrain, detection_stats, victim_train
 
 #: how the embeddings are reduced (option ``reducer``): UMAP as CUBE, or PCA (NumPy, no extra package)
 REDUCERS = ("umap", "pca")
+#: what HDBSCAN's noise rows count as (option ``noise``): flagged as CUBE does, or joined to the cluster of their
+#: nearest clustered row before the kept clusters are chosen
+NOISE = ("flag", "nearest")
 #: the extra that brings UMAP and HDBSCAN
 INSTALL = "pip install 'unbackdoor-defenses[cube]'"
 #: import name -> pip name of what each reducer needs
@@ -81,6 +84,7 @@ def check_options(values: Mapping[str, Any], who: str) -> None:
         return f"{who} option {option}"
 
     check_choice(name("reducer"), values["reducer"], REDUCERS)
+    check_choice(name("noise"), values["noise"], NOISE)
     for option, low in (("dims", 1), ("neighbors", 2), ("keep", 1)):
         _at_least(name(option), values[option], low)
     _at_least(name("min_cluster_size"), values["min_cluster_size"], 2, auto=True)
@@ -112,6 +116,9 @@ class Cube(Defense):
             rows split into sub-clusters).
         keep_share: also keep any cluster that holds at least this share of its label's rows (0: off; the
             RGA code keeps clusters over 10% of a class on HSOL, where the clean rows split).
+        noise: HDBSCAN's noise rows (those in no cluster): ``flag`` (CUBE's: outside every kept cluster, so
+            flagged) or ``nearest`` (beyond CUBE: each joins the cluster of its nearest clustered row in the
+            reduced space, so a clean row HDBSCAN left out is judged by where it lies).
     """
 
     settings = ("weight",)  # reads the released model on the training rows it was fine-tuned on
@@ -127,6 +134,7 @@ class Cube(Defense):
     min_samples: int = 0
     keep: int = 1
     keep_share: float = 0.0
+    noise: str = "flag"
 
     def __post_init__(self) -> None:
         check_options(self.values(), f"defense {self.name!r}")
@@ -206,6 +214,8 @@ def cluster_rows(embeddings: np.ndarray, labels: np.ndarray, cube: Cube,
     used = cube.sizes(len(embeddings))
     points = reduce(embeddings, cube.reducer, used["dims"], used["neighbors"], cube.min_dist, seed)
     ids = hdbscan(points, used["min_cluster_size"], used["min_samples"])
+    if cube.noise == "nearest":
+        ids = join_noise(points, ids)
     kept = keep_clusters(ids, labels, cube.keep, cube.keep_share)
     return Clusters(ids, kept, flag_rows(ids, labels, kept), distance_scores(points, ids, labels, kept)), used
 
@@ -240,6 +250,19 @@ def hdbscan(points: np.ndarray, min_cluster_size: int, min_samples: int) -> np.n
 
     min_samples = min(min_samples, len(points) - 1)  # scikit-learn needs a neighbour count below the rows
     return HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, copy=True).fit_predict(points)
+
+
+def join_noise(points: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` with each noise row (-1) given the cluster of its nearest clustered row (Euclidean, in the
+    reduced space; ties: the lower row); unchanged when no row is clustered."""
+    clustered = np.flatnonzero(ids >= 0)
+    noise = np.flatnonzero(ids < 0)
+    if not len(clustered) or not len(noise):
+        return ids
+    out = ids.copy()
+    for i in noise:  # one row at a time: memory stays O(N) at any row count
+        out[i] = ids[clustered[np.argmin(((points[clustered] - points[i]) ** 2).sum(1))]]
+    return out
 
 
 def keep_clusters(ids: np.ndarray, labels: np.ndarray, keep: int, keep_share: float) -> dict[int, tuple[int, ...]]:

@@ -188,7 +188,8 @@ def _summary(runs: dict[str, Any]) -> list[str]:
             rates = [rate_cell(row[k], row_count(run["results"], k)) if k in row else "-" for k in ("CA", "ASR", "PACC")]
             scores = ["-" if det.get(k) is None else f"{det[k]:.2f}" for k in ("f1", "auroc")]
             taken = BORROWED_MARK if row.get("borrowed") else ""
-            marks |= {taken} - {""}
+            if taken:
+                marks.add(taken)
             lines.append(f"| {label} | {attack} | {row_label(row)}{mark if det else ''}{taken} | "
                          + " | ".join(rates + scores) + " |")
     lines += ["", "Rates with [their 95% Wilson interval] where the run recorded its test row counts."]

@@ -104,12 +104,14 @@ def unlearning_10(seed: int, defenses: tuple[str, ...] = (*UNLEARNING, "psim+rga
 
 def cube_runs() -> dict[str, dict[str, Any]]:
     """The ``cube`` suite's runs in priority order (``SUITES["cube"]``'s comment says why)."""
+    def rate(attack: str, seed: int) -> dict[str, Any]:  # rga-10's syntactic poison rates
+        return {"poison_rate": 0.09 if seed < 2 else 0.085} if attack == "syntactic" else {}
+
     def grid(dataset: str, attack: str, seed: int) -> dict[str, Any]:
         return unlearning_10(
             seed, dataset=dataset, attack=attack,
             defenses=(*(("retrain", "rga") if (dataset, attack, seed) == ("sst2", "style", 0) else ()),
-                      "psim+rga", "cube+rga", *(("cube+retrain",) if seed == 0 else ())),
-            **({"poison_rate": 0.09 if seed < 2 else 0.085} if attack == "syntactic" else {}))
+                      "psim+rga", "cube+rga", *(("cube+retrain",) if seed == 0 else ())), **rate(attack, seed))
 
     paraphrase, others = (("sst2", "style"), ("sst2", "syntactic")), \
         (("sst2", "badnet"), ("sst2", "insent"), ("hsol", "badnet"), ("hsol", "insent"))
@@ -118,7 +120,7 @@ def cube_runs() -> dict[str, dict[str, Any]]:
     # instead of flagged, on the same two victims (CUBE left 324 of style's 800 rows as noise, 263 of them clean)
     runs |= {f"sst2-{a}-seed0-noise-nearest": dict(
         dataset="sst2", attack=a, defenses=("cube+rga",), defense_options={"cube+rga": {"cube.noise": "nearest"}},
-        **({"poison_rate": 0.09} if a == "syntactic" else {})) for _, a in paraphrase}
+        **rate(a, 0)) for _, a in paraphrase}
     runs |= {f"{d}-{a}-seed{seed}": grid(d, a, seed) for seed in (1, 2) for d, a in paraphrase}
     return runs | {f"{d}-{a}-seed{seed}": grid(d, a, seed) for seed in (0, 1, 2) for d, a in others}
 
@@ -403,10 +405,10 @@ def borrowed(results: dict[str, Any], defenses: tuple[str, ...], suites: tuple[s
     where that run gave its defense no options (the defense at its defaults). Each taken row says where it came
     from (``borrowed``); they go right after the released row, in the order of ``defenses``.
     """
-    from unbackdoor.report import experiment_setting
+    from unbackdoor.report import experiment_setting, released_row
 
     def released(res: dict[str, Any]) -> tuple[Any, ...] | None:
-        row = next((r for r in res.get("rows", []) if r.get("stage") == "poisoned (released)"), None)
+        row = released_row(res)
         return None if row is None else (row.get("CA"), row.get("ASR"), row.get("PACC"))
 
     ours, have = experiment_setting(results), {r.get("defense") for r in results.get("rows", [])}
@@ -429,7 +431,7 @@ def borrowed(results: dict[str, Any], defenses: tuple[str, ...], suites: tuple[s
     if not taken:
         return results
     rows = results["rows"]
-    at = next((i + 1 for i, r in enumerate(rows) if r.get("stage") == "poisoned (released)"), len(rows))
+    at = rows.index(released_row(results)) + 1  # the victim is there: ``victim`` is not None
     return {**results, "rows": [*rows[:at], *sorted(taken, key=lambda r: defenses.index(r["defense"])), *rows[at:]]}
 
 

@@ -80,7 +80,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     if none is None or not n_ca or not n_asr:
         return []
     lines = ["What happened (95% Wilson intervals; rates whose intervals overlap are \"not different\"):", ""]
-    released = next((r for r in rows if r["stage"] == "poisoned (released)"), None)
+    released = released_row(results)
     if released is not None:
         kept = "survived" if not _differs(released["ASR"], none["ASR"], n_asr) else (
             "was weakened by" if none["ASR"] < released["ASR"] else "grew through")
@@ -99,6 +99,11 @@ def verdicts(results: dict[str, Any]) -> list[str]:
               + ("" if _differs(row["CA"], none["CA"], n_ca) else ", not different") + ")")
         lines.append(f"- `{row['defense']}`: {asr}; {ca}.")
     return lines
+
+
+def released_row(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's row of the poisoned released model (the victim before any defense), if it has one."""
+    return next((r for r in results.get("rows", []) if r.get("stage") == "poisoned (released)"), None)
 
 
 def retrain_row(results: dict[str, Any]) -> dict[str, Any] | None:

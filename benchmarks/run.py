@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report_md import notes_of, with_notes
+from report_md import as_saved, notes_of, with_notes
 
 from unbackdoor import ExperimentConfig, run_experiment
 from unbackdoor.cache import atomic_write_json, atomic_write_text, default_cache_dir
@@ -407,6 +407,7 @@ def borrowed(results: dict[str, Any], defenses: tuple[str, ...], suites: tuple[s
     """
     from unbackdoor.report import experiment_setting, released_row
 
+    results = as_saved(results)  # a fresh run's tuples compare as the saved runs' lists
     def released(res: dict[str, Any]) -> tuple[Any, ...] | None:
         row = released_row(res)
         return None if row is None else (row.get("CA"), row.get("ASR"), row.get("PACC"))
@@ -445,7 +446,7 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     ``keep``: runs already in ``results/<name>.json`` with the same change are kept as they are (not run
     again, their wall times and the file's hand-written notes kept), so a suite that grew runs only the new ones.
     """
-    from report_md import as_saved, render_suite
+    from report_md import render_suite
 
     title, runs = SUITES[name]
     base = {**W2S_SETTING, **SUITE_BASES.get(name, {})}
@@ -509,8 +510,6 @@ def merged_runs(ours: dict[str, Any], theirs: dict[str, Any], runs: dict[str, di
     """Add to ``ours`` (a suite's saved JSON) the runs of ``theirs`` (the same suite run on another machine)
     that ``ours`` lacks and that ``theirs`` made with the change the suite defines now; each added run names
     its machine (``machine``). ``ours``' runs are then in the suite's order. Returns the labels added."""
-    from report_md import as_saved
-
     added = []
     for label, change in runs.items():
         run = theirs["runs"].get(label)

@@ -146,7 +146,12 @@ def test_a_suite_run_borrows_only_rows_of_the_same_victim(render_suite, tmp_path
                       "s1-other-victim": {"results": results(1, 70.0, "retrain", "rga")},
                       "s1": {"results": results(1, 80.0, "retrain", "rga", rga={"alpha": 1.0})}}}
     (tmp_path / "old.json").write_text(json.dumps(saved))
-    ours = borrowed(results(0, 76.0, "cube+rga"), ("retrain", "rga"), ("old", "missing"), tmp_path)
+    fresh = results(0, 76.0, "cube+rga")
+    fresh["config"]["lora_targets"] = ("q_proj", "v_proj")  # a fresh run's tuple, saved as a list
+    for run in saved["runs"].values():
+        run["results"]["config"]["lora_targets"] = ["q_proj", "v_proj"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    ours = borrowed(fresh, ("retrain", "rga"), ("old", "missing"), tmp_path)
     assert [r["defense"] for r in ours["rows"]] == ["-", "retrain", "rga", "cube+rga"]
     assert ours["rows"][1]["borrowed"] == "old.json run s0" and ours["rows"][1]["CA"] == 80.0
     # seed 1: the run with seed 1's victim gave RGA options, so only its ReTrain is taken; the other victim's none

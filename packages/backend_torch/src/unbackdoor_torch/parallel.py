@@ -18,6 +18,7 @@ core's runner asks for; see :mod:`unbackdoor.ranks`).
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Mapping
 
@@ -43,11 +44,20 @@ def init(backend: str | None = None) -> torch.device:
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
+        atexit.register(leave)
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def leave() -> None:
+    """Destroy the process group :func:`init` joined (registered to run at exit): a rank that exits with the
+    group alive leaves gloo's threads running, and was seen to abort at exit (``terminate called without an
+    active exception``, exit -6) after its work was done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:

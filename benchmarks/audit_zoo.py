@@ -230,10 +230,11 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
 
     - the jax audit of the first ``jax_models`` zoo models (trained and audited on torch already) next to their
       torch audit: the same search, the jax backend's ``trigger_logits``; added to the page's rows;
-    - one torch audit of a SmolLM2-135M SST-2 classifier with default options and a reference: the base model
-      with a seeded untrained head, its own reference (an audit's work is fixed by its options, rows and model
-      size, not by what the weights learned: ``steps`` Adam steps per target and the same candidate
-      evaluations); under ``timing`` in ``audit.json``.
+    - one audit of a SmolLM2-135M SST-2 classifier on each backend with default options and a reference: the
+      base model with a seeded untrained head, its own reference (an audit's work is fixed by its options, rows
+      and model size, not by what the weights learned: ``steps`` Adam steps per target and the same candidate
+      evaluations); under ``timing`` in ``audit.json``, with the torch audit before the prefix cache
+      (``cache=False``, the first measurement) when the stage cache still holds it.
     """
     cache = StageCache(cache_root)
     data = json.loads((RESULTS / "audit.json").read_text())
@@ -243,18 +244,29 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
         if not any(r["label"] == model.label and r["backend"] == "jax" for r in data["rows"]):
             audit_model(data, model, trainer, cache, ("jax",), log)
     family = "smollm2-135m"
-    key = {"timing": family, "rows": AUDIT_ROWS, "num_labels": 2}
+    first = {"timing": family, "rows": AUDIT_ROWS, "num_labels": 2}  # the uncached audit's key (torch)
 
     def build(tmp: Path) -> None:
         trainer.save(trainer.load_classifier(resolve_model(family, cache.root), 2, seed=0), tmp)
 
-    path = cache.get_or_build("zoo-timing", key, build)
-    report = cache.load_json("zoo-timing-audit", key)
-    if report is None:
-        report = audit(path, "sst2", reference=path, backend="torch", rows=AUDIT_ROWS, seed=0, log=log)
-        cache.save_json("zoo-timing-audit", key, report)
-    data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "backend": "torch",
-                      "seconds": report["seconds"], "options": report["options"], "rows": report["rows"]}
+    path = cache.get_or_build("zoo-timing", first, build)
+    earlier = data.get("timing", {})
+    runs = [r for r in earlier.get("runs", []) if not r["cache"]] or \
+        ([{"backend": "torch", "cache": False, "seconds": earlier["seconds"]}] if "seconds" in earlier else [])
+    options, rows = earlier.get("options"), earlier.get("rows")
+    for backend, cached in (("torch", False), ("torch", True), ("jax", True)):
+        key = first if not cached else first | {"backend": backend, "cache": True}
+        report = cache.load_json("zoo-timing-audit", key)
+        if not cached and (runs or report is None):  # kept from the page (the uncached audit is not run again)
+            continue
+        if report is None:
+            report = audit(path, "sst2", reference=path, backend=backend, rows=AUDIT_ROWS, seed=0, log=log)
+            cache.save_json("zoo-timing-audit", key, report)
+        runs.append({"backend": backend, "cache": cached, "seconds": report["seconds"],
+                     "verdict": report["verdict"], "score": report["score"]})
+        options, rows = report["options"], report["rows"]
+    data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "runs": runs,
+                      "options": options, "rows": rows}
     save(data)
     return data
 
@@ -288,8 +300,10 @@ def render(data: dict[str, Any]) -> str:
               "models; top-5 recovery >= 80% of BadNet models; <= 5 min per SmolLM2 audit (torch), jax within 1.5x."]
     if "timing" in data:
         t = data["timing"]
-        lines += ["", f"One torch audit of {t['model']} (default options, {t['rows']} rows; `nox -s bench -- "
-                  f"audit-timing`): **{t['seconds']:.0f} s** (target <= 300 s)."]
+        runs = "; ".join(f"{r['backend']}{' (prefix cache)' if r['cache'] else ' (no cache)'} **{r['seconds']:.0f} s**"
+                         + (f" ({r['verdict']}, {r['score']:.3f})" if "verdict" in r else "") for r in t["runs"])
+        lines += ["", f"One audit of {t['model']} (default options, {t['rows']} rows; `nox -s bench -- "
+                  f"audit-timing`): {runs} (target <= 300 s on torch, jax within 1.5x)."]
     lines += ["", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "
               "suspected target | top-5 candidates (flip / reference flip) | recovered | s |",
               "|---|---|---:|---:|---|---|---|---|---|---:|"]

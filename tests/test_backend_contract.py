@@ -114,9 +114,10 @@ def test_gradient_checkpointing_changes_no_number(backend_name, tiny_dirs, sst2)
 
 #: the optional capabilities each built-in backend implements (``unbackdoor.backend``'s protocols)
 CAPABILITIES = {"torch": {"DeviceBackend", "PrecisionBackend", "AutoPrecisionBackend", "CheckpointingBackend",
-                          "AnchorBackend", "TriggerBackend", "LossGradBackend"},
+                          "AnchorBackend", "TriggerBackend", "TriggerCacheBackend", "LossGradBackend"},
                 "jax": {"DeviceBackend", "PrecisionBackend", "AutoPrecisionBackend", "CheckpointingBackend",
-                        "AnchorBackend", "TriggerBackend", "LossGradBackend", "AdapterExportBackend"}}
+                        "AnchorBackend", "TriggerBackend", "TriggerCacheBackend", "LossGradBackend",
+                        "AdapterExportBackend"}}
 
 
 def test_capabilities_are_protocols_the_backend_implements_and_the_docs_list(backend_name) -> None:

@@ -17,6 +17,7 @@ device check, ``benchmarks/device_check.py``, sets ``cuda``; jax takes its defau
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 
@@ -30,7 +31,7 @@ from safetensors.numpy import load_file
 from tiny_models import moved_copy
 
 from unbackdoor import losses as ref
-from unbackdoor.batching import iter_batches, trigger_batch
+from unbackdoor.batching import cached_trigger_batch, iter_batches, pad_batch, trigger_batch
 from unbackdoor.errors import ConfigError
 from unbackdoor.parity import assert_tree_close
 from unbackdoor.specs import (
@@ -482,3 +483,42 @@ def test_soft_trigger_logits_loss_and_gradient_match_torch(backends, tiny_dirs, 
                       {"logits": torch_logits, "grad / max|grad|": torch_grad / scale}, atol=1e-4)
     assert jax_loss == pytest.approx(torch_loss, rel=1e-5)
     assert all(p.grad is None for p in models[1].module.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_cached_prefix_gives_the_uncached_logits_loss_and_gradient(backends, tiny_dirs, rows, arch) -> None:
+    """A decoder's cached keys and values of the tokens before a mid-row trigger, read back by
+    ``trigger_logits`` with only the trigger and the rest of the row run: the same logits, loss and gradient as
+    the whole row, in both backends, and the backends agree on the cached states; an encoder caches nothing."""
+    models = twin_models(backends, tiny_dirs[arch], lora=True, seed=8)
+    pad = models[0].encoder.pad_id
+    ids = models[0].encoder.encode(rows.texts, MAX_LENGTH - 2)
+    at = [len(x) // 2 for x in ids]
+    ids[3] = ids[3][:0]  # a row with no token before its trigger (an empty text)
+    at[3] = 0
+    whole = trigger_batch(ids, at, 2, pad)
+    prefixes = [x[:i] for x, i in zip(ids, at, strict=True)]
+    before = dict(zip(("input_ids", "attention_mask"), pad_batch(prefixes, pad), strict=True))
+    weights = np.random.default_rng(8).dirichlet(np.full(TRIGGER_VOCAB, 0.3), size=2).astype(np.float32)
+    got, states = {}, {}
+    for backend, model in zip(backends, models, strict=True):
+        prefix = backend.trigger_prefix(model, before)
+        if arch == "bert":
+            assert prefix is None
+            continue
+        layers = int(json.loads((tiny_dirs[arch] / "config.json").read_text())["num_hidden_layers"])
+        assert prefix["key"].shape[:3] == (layers, len(ids), before["input_ids"].shape[1])
+        states[backend.name] = {k: np.concatenate([v[:, r, :i] for r, i in enumerate(at)], 1) for k, v in prefix.items()}
+        cached = cached_trigger_batch([{k: v[:, r, :i] for k, v in prefix.items()} for r, i in enumerate(at)],
+                                      [x[i:] for x, i in zip(ids, at, strict=True)], 2, pad)
+        assert cached["input_ids"].shape[1] < whole["input_ids"].shape[1]
+        want, out = (backend.trigger_logits(model, b, weights, rows.labels) for b in (whole, cached))
+        scale = np.abs(want[2]).max()
+        assert scale > 0
+        assert_tree_close({"logits": out[0], "grad / max|grad|": out[2] / scale},
+                          {"logits": want[0], "grad / max|grad|": want[2] / scale}, atol=1e-5)
+        assert out[1] == pytest.approx(want[1], rel=1e-5)
+        got[backend.name] = out
+    if arch == "llama":
+        assert_tree_close({"torch": states["jax"]}, {"torch": states["torch"]}, atol=1e-4)
+        assert_tree_close({"torch": got["jax"][0]}, {"torch": got["torch"][0]}, atol=1e-4)

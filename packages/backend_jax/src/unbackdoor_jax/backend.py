@@ -160,6 +160,11 @@ class JaxBackend:
         (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`); float32 whatever :attr:`precision` says."""
         return trigger.trigger_logits(model.module, batch, weights, target, model.encoder.pad_id)
 
+    def trigger_prefix(self, model: JaxModel, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """A decoder's cached keys and values of the rows' tokens before the trigger, None for an encoder
+        (:meth:`unbackdoor.backend.TriggerCacheBackend.trigger_prefix`); float32."""
+        return trigger.trigger_prefix(model.module, batch, model.encoder.pad_id)
+
     def loss_grads(self, loss: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
                    batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray | None]:
         """``loss`` on given outputs and its gradients w.r.t. them, as a training step evaluates it

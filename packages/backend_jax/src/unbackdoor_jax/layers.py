@@ -193,8 +193,9 @@ def attention(q: Array, k: Array, v: Array, allowed: Array, ctx: Ctx, dropout: f
 
     Args:
         q: ``[B, L, H, D]`` queries.
-        k, v: ``[B, L, K, D]`` with K dividing H (query head h reads kv head ``h // (H/K)``, as HF's repeat_kv).
-        allowed: ``[B, 1, L, L]`` (or broadcastable) booleans, True where a query may attend a key.
+        k, v: ``[B, M, K, D]`` with K dividing H (query head h reads kv head ``h // (H/K)``, as HF's repeat_kv);
+            ``M = L`` but for cached keys in front.
+        allowed: ``[B, 1, L, M]`` (or broadcastable) booleans, True where a query may attend a key.
         ctx: dtype and dropout key.
         dropout: attention-probability dropout rate while training.
 
@@ -228,15 +229,22 @@ def scan_layers(layers: nnx.Module, h: Array, ctx: Ctx, step: Callable[[Any, Arr
 
     ``step(layer, h, ctx)`` applies one layer (its parameters sliced off the stack).
     """
+    return scan_layers_with(layers, h, ctx, lambda layer, x, c, _: (step(layer, x, c), None), None)[0]
+
+
+def scan_layers_with(layers: nnx.Module, h: Array, ctx: Ctx, step: Callable[[Any, Array, Ctx, Any], tuple[Array, Any]],
+                     xs: Any) -> tuple[Array, Any]:
+    """:func:`scan_layers` with per-layer inputs and outputs: ``step(layer, h, ctx, x)`` returns ``(h, y)``, ``x``
+    the layer's slice of ``xs`` (a pytree with a leading layer axis, or None); returns ``h`` and the ``y``s stacked."""
     graphdef, state = nnx.split(layers)
     depth = jax.tree.leaves(state)[0].shape[0]
 
-    def body(carry: Array, xs: tuple[Any, Array]) -> tuple[Array, list[Array]]:
-        layer_state, index = xs
+    def body(carry: Array, inputs: tuple[Any, Array, Any]) -> tuple[Array, tuple[list[Array], Any]]:
+        layer_state, index, x = inputs
         layer_ctx = ctx.for_layer(index)
-        out = step(nnx.merge(graphdef, layer_state), carry, layer_ctx)
-        return out, layer_ctx.observed  # what the layer observed comes out stacked over layers
+        out, y = step(nnx.merge(graphdef, layer_state), carry, layer_ctx, x)
+        return out, (layer_ctx.observed, y)  # what the layer observed comes out stacked over layers
 
-    h, observed = jax.lax.scan(jax.checkpoint(body) if ctx.remat else body, h, (state, jnp.arange(depth)))
+    h, (observed, ys) = jax.lax.scan(jax.checkpoint(body) if ctx.remat else body, h, (state, jnp.arange(depth), xs))
     ctx.observed.extend(observed)
-    return h
+    return h, ys

@@ -15,7 +15,7 @@ from flax import nnx
 from unbackdoor.errors import ConfigError
 
 from .checkpoint import Tensors
-from .layers import Ctx, Embedding, Linear, RMSNorm, activation, attention, prepend, scan_layers
+from .layers import Ctx, Embedding, Linear, RMSNorm, activation, attention, prepend, scan_layers_with
 
 Array = jax.Array
 
@@ -30,19 +30,22 @@ def rope_theta(config: dict[str, Any]) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def rope_tables(length: int, dim: int, theta: float) -> tuple[Array, Array]:
-    """``cos, sin`` ``[L, dim]`` for positions ``0..L-1`` (HF: frequencies repeated, not interleaved)."""
+def rope_tables(positions: Array, dim: int, theta: float) -> tuple[Array, Array]:
+    """``cos, sin`` ``[..., dim]`` for integer ``positions`` ``[L]`` or ``[B, L]`` (HF: frequencies repeated,
+    not interleaved)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate ``x [B, L, H, D]`` by position: ``x cos + rotate_half(x) sin``."""
+    """Rotate ``x [B, L, H, D]`` by position (``cos``/``sin`` ``[L, D]`` or per row ``[B, L, D]``):
+    ``x cos + rotate_half(x) sin``."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # over the heads
+    return x * cos + rotated * sin
 
 
 class LlamaAttention(nnx.Module):
@@ -56,13 +59,20 @@ class LlamaAttention(nnx.Module):
         self.head_dim = int(config.get("head_dim") or config["hidden_size"] // self.num_heads)
         self.dropout = float(config.get("attention_dropout", 0.0))
 
-    def __call__(self, h: Array, rope: tuple[Array, Array], allowed: Array, ctx: Ctx) -> Array:
+    def __call__(self, h: Array, rope: tuple[Array, Array], allowed: Array, ctx: Ctx,
+                 past: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """The attention's output and this call's rotated keys and values ``[B, L, K, D]`` (a cache's entries).
+
+        ``past``: cached keys and values ``[B, P, K, D]`` of earlier positions, attended in front of this call's
+        (``allowed`` then ``[B, 1, L, P + L]``).
+        """
         b, length, _ = h.shape
         q = self.q_proj(h, ctx).reshape(b, length, self.num_heads, self.head_dim)
         k = self.k_proj(h, ctx).reshape(b, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h, ctx).reshape(b, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o_proj(attention(q, k, v, allowed, ctx, self.dropout), ctx)
+        keys, values = (k, v) if past is None else (jnp.concatenate([past[0], k], 1), jnp.concatenate([past[1], v], 1))
+        return self.o_proj(attention(q, keys, values, allowed, ctx, self.dropout), ctx), (k, v)
 
 
 class LlamaMLP(nnx.Module):
@@ -90,9 +100,12 @@ class LlamaLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(t.scope("post_attention_layernorm"), eps)
         self.mlp = LlamaMLP(t.scope("mlp"), config)
 
-    def __call__(self, h: Array, rope: tuple[Array, Array], allowed: Array, ctx: Ctx) -> Array:
-        h = h + self.self_attn(self.input_layernorm(h), rope, allowed, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+    def __call__(self, h: Array, rope: tuple[Array, Array], allowed: Array, ctx: Ctx,
+                 past: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """The new states and the attention's keys and values (:meth:`LlamaAttention.__call__`)."""
+        attended, cached = self.self_attn(self.input_layernorm(h), rope, allowed, ctx, past)
+        h = h + attended
+        return h + self.mlp(self.post_attention_layernorm(h), ctx), cached
 
 
 class Llama(nnx.Module):
@@ -115,18 +128,41 @@ class Llama(nnx.Module):
         return self.embed_tokens
 
     def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx, prompt: Array | None = None,
-                 inputs_embeds: Array | None = None) -> tuple[Array, None]:
+                 inputs_embeds: Array | None = None, past: dict[str, Array] | None = None) -> tuple[Array, None]:
         """Final normed states ``[B, P+L, D]`` (and no pooled output).
 
         ``prompt [P, D]`` goes in front of the token embeddings; ``attention_mask`` covers both.
         ``inputs_embeds [B, L, D]``, when given, replaces the embedding of ``input_ids`` (as in HF).
+        ``past`` (no prompt then): every layer's cached ``key``/``value`` ``[layers, B, C, K, D]`` of the
+        positions before the inputs (:meth:`cached_keys`), ``mask`` ``[B, C]`` which are real, and ``length``
+        ``[B]`` each row's first input position; the states returned are the inputs' ``[B, L, D]``.
         """
         h = prepend(prompt, self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)
-        length = h.shape[1]
-        rope = rope_tables(length, self.layers.self_attn.head_dim, self.rope_theta)
+        return self.norm(self._layers(h, attention_mask, ctx, past, keep=False)[0]), None
+
+    def cached_keys(self, input_ids: Array, attention_mask: Array, ctx: Ctx) -> tuple[Array, Array]:
+        """Every layer's rotated attention keys and values of the tokens ``[layers, B, L, K, D]``: what a later
+        call reads as ``past`` (a KV cache)."""
+        return self._layers(self.embed_tokens(input_ids), attention_mask, ctx, None, keep=True)[1]
+
+    def _layers(self, h: Array, attention_mask: Array, ctx: Ctx, past: dict[str, Array] | None,
+                keep: bool) -> tuple[Array, Any]:
+        """The stacked layers over the embeddings ``h``; with ``keep`` also their keys and values."""
         # Causal order from the mask's running count (equal to the position on real tokens, right padding).
         # A constant tril mask gives the same result but made XLA's CPU compile several times slower.
         order = jnp.cumsum(attention_mask, axis=1)
         allowed = (order[:, None, :, None] >= order[:, None, None, :]) & (attention_mask[:, None, None, :] > 0)
-        h = scan_layers(self.layers, h, ctx, lambda layer, x, c: layer(x, rope, allowed, c))
-        return self.norm(h), None
+        positions = jnp.arange(h.shape[1])
+        cached = None
+        if past is not None:  # every input may read the real cached positions, and moves past them
+            positions = past["length"][:, None] + positions[None]
+            seen = past["mask"][:, None, None, :] > 0
+            allowed = jnp.concatenate([jnp.broadcast_to(seen, (*allowed.shape[:3], seen.shape[-1])), allowed], -1)
+            cached = (past["key"], past["value"])
+        rope = rope_tables(positions, self.layers.self_attn.head_dim, self.rope_theta)
+
+        def step(layer: LlamaLayer, x: Array, c: Ctx, kv: tuple[Array, Array] | None) -> tuple[Array, Any]:
+            x, new = layer(x, rope, allowed, c, kv)
+            return x, new if keep else None
+
+        return scan_layers_with(self.layers, h, ctx, step, cached)

@@ -46,16 +46,18 @@ class SequenceClassifier(nnx.Module):
         self.prompt = nnx.data(None)  # a PromptParam [P, D] once prompt tuning is added
 
     def __call__(self, input_ids: Array, attention_mask: Array, ctx: Ctx, tokens: bool = False,
-                 inputs_embeds: Array | None = None) -> tuple[Array, Array]:
+                 inputs_embeds: Array | None = None, past: dict[str, Array] | None = None) -> tuple[Array, Array]:
         """``logits [B, C]`` and the pooled (projected) state ``[B, D]``; with ``tokens``, instead of the
         pooled state, the backbone's final state of every input position ``[B, L, D]`` (a soft prompt's
         virtual tokens left out). ``inputs_embeds`` ``[B, L, D]``, when given, replaces the embedding of
-        ``input_ids`` (trigger inversion)."""
+        ``input_ids`` (trigger inversion); ``past``, a decoder's cached states of earlier positions
+        (:meth:`unbackdoor_jax.llama.Llama.__call__`), which ``attention_mask`` does not cover."""
         prompt = None if self.prompt is None else self.prompt[...]
         if prompt is not None:  # peft: the virtual tokens are always attended, so the last real token moves by P
             ones = jnp.ones((input_ids.shape[0], prompt.shape[0]), attention_mask.dtype)
             attention_mask = jnp.concatenate([ones, attention_mask], axis=1)
-        states, pooled = self.backbone(input_ids, attention_mask, ctx, prompt, inputs_embeds)
+        extra = {} if past is None else {"past": past}  # (only a decoder reads cached states)
+        states, pooled = self.backbone(input_ids, attention_mask, ctx, prompt, inputs_embeds, **extra)
         if self.meta.decoder:
             last = attention_mask.sum(axis=1) - 1
             pooled = states[jnp.arange(states.shape[0]), last]

@@ -3,7 +3,9 @@
 One jitted function per model structure, trigger length and padded batch shape. A search calls it with
 few shapes: batches widen to the training loop's width ladder (:func:`unbackdoor_jax.train.fill_batch`)
 and fill up to a power-of-two number of rows with weight-0 copies, so the varying sizes of the evaluation
-batches reuse a handful of compiled functions.
+batches reuse a handful of compiled functions. On a decoder :func:`trigger_prefix` computes the keys and values
+of each row's tokens before the trigger once; a batch carrying them (``past_key``...) runs only the trigger and
+the tokens after it, its cached positions widened to the same ladder.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from unbackdoor.batching import trigger_weights
 
 from .layers import Ctx
 from .modeling import SequenceClassifier
-from .train import device_batch, fill_batch
+from .train import device_batch, fill_batch, padded_width
 
 Array = jax.Array
 #: fewest rows a call pads to (smaller batches share one compiled function)
@@ -40,8 +42,16 @@ def embed_trigger(module: SequenceClassifier, input_ids: Array, trigger_at: Arra
 def _logits(module: SequenceClassifier, batch: Mapping[str, Array], weights: Array) -> Array:
     """``[B, C]`` float32 logits of the rows carrying the soft trigger, in evaluation mode (no dropout key)."""
     embeds = embed_trigger(module, batch["input_ids"], batch["trigger_at"], weights)
-    logits, _ = module(batch["input_ids"], batch["attention_mask"], Ctx(jnp.float32), inputs_embeds=embeds)
+    past = {k: batch[f"past_{k}"] for k in ("key", "value", "mask", "length")} if "past_key" in batch else None
+    logits, _ = module(batch["input_ids"], batch["attention_mask"], Ctx(jnp.float32), inputs_embeds=embeds,
+                       past=past)
     return logits.astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def prefix_states(graphdef: Any, state: Any, input_ids: Array, attention_mask: Array) -> tuple[Array, Array]:
+    """The decoder's cached keys and values ``[layers, B, P, K, D]`` of the tokens, compiled."""
+    return nnx.merge(graphdef, state).backbone.cached_keys(input_ids, attention_mask, Ctx(jnp.float32))
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -79,10 +89,44 @@ def trigger_logits(module: SequenceClassifier, batch: Mapping[str, np.ndarray], 
     parts = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "trigger_at")}
     if target is not None:
         parts["target"] = np.asarray(target, np.int32)
-    full = fill_batch(parts, padded_rows(n), int(module.backbone.max_positions), pad_id)
-    full.pop("position_weight")  # a per-position weight the loss here does not read
+    if "past_key" in batch:
+        full = _fill_cached(parts, batch, padded_rows(n), int(module.backbone.max_positions))
+    else:
+        full = fill_batch(parts, padded_rows(n), int(module.backbone.max_positions), pad_id)
+        full.pop("position_weight")  # a per-position weight the loss here does not read
     graphdef, state = nnx.split(module)
     if target is None:
         return np.asarray(logits_only(graphdef, state, device_batch(full), jnp.asarray(weights)))[:n], float("nan"), None
     logits, loss, grad = logits_loss_grad(graphdef, state, device_batch(full), jnp.asarray(weights))
     return np.asarray(logits)[:n], float(loss), np.asarray(grad, np.float32)
+
+
+def trigger_prefix(module: SequenceClassifier, batch: Mapping[str, np.ndarray],
+                   pad_id: int) -> dict[str, np.ndarray] | None:
+    """See :meth:`unbackdoor.backend.TriggerCacheBackend.trigger_prefix`: the keys and values
+    ``[layers, B, P, K, D]``; None for an encoder or a model with a soft prompt."""
+    if not module.meta.decoder or module.prompt is not None:
+        return None
+    n, width = np.shape(batch["input_ids"])
+    parts = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask")}
+    full = fill_batch(parts, padded_rows(n), int(module.backbone.max_positions), pad_id)
+    graphdef, state = nnx.split(module)
+    keys, values = prefix_states(graphdef, state, jnp.asarray(full["input_ids"], jnp.int32),
+                                 jnp.asarray(full["attention_mask"], jnp.int32))
+    return {"key": np.asarray(keys)[:, :n, :width], "value": np.asarray(values)[:, :n, :width]}
+
+
+def _fill_cached(parts: dict[str, np.ndarray], batch: Mapping[str, np.ndarray], rows: int,
+                 max_positions: int) -> dict[str, np.ndarray]:
+    """A cached batch filled to ``rows`` rows (weight-0 copies of row 0) with its cached positions widened to
+    :func:`~unbackdoor_jax.train.padded_width` (masked); the uncached columns stay as they are."""
+    n, cached = len(parts["input_ids"]), np.shape(batch["past_mask"])[1]
+    take = np.concatenate([np.arange(n), np.zeros(rows - n, np.int64)])
+    extra = padded_width(cached, max_positions) - cached
+    out = {k: v[take] for k, v in parts.items()}
+    out["past_mask"] = np.pad(np.asarray(batch["past_mask"])[take], ((0, 0), (0, extra)))
+    out["past_length"] = np.asarray(batch["past_length"])[take]
+    for k in ("past_key", "past_value"):  # [layers, B, P, K, D]
+        out[k] = np.pad(np.asarray(batch[k])[:, take], ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0)))
+    out["weight"] = (np.arange(rows) < n).astype(np.float32)
+    return out

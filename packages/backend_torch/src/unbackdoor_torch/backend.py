@@ -201,6 +201,12 @@ class TorchBackend:
         _check_held(model, "fp32")
         return trigger.trigger_logits(model.module, batch, weights, target, self.device)
 
+    def trigger_prefix(self, model: TorchModel, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """A decoder's cached keys and values of the rows' tokens before the trigger, None for an encoder
+        (:meth:`unbackdoor.backend.TriggerCacheBackend.trigger_prefix`)."""
+        _check_held(model, "fp32")
+        return trigger.trigger_prefix(model.module, batch, self.device)
+
     def loss_grads(self, loss: LossSpec, logits: np.ndarray, hidden: np.ndarray | None,
                    batch: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray, np.ndarray | None]:
         """``loss`` on given outputs and its gradients w.r.t. them, as a training step evaluates it

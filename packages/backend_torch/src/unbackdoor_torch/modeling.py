@@ -45,12 +45,16 @@ class SequenceClassifier(nn.Module):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         else:
             out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        pooled = self._pool(out, attention_mask)
-        if self.projection is not None:
-            pooled = ACTIVATIONS[self.meta.projection_activation](self.projection(pooled))
+        logits, pooled = self.head(self._pool(out, attention_mask))
         if tokens:
             states = out.last_hidden_state  # type: ignore[attr-defined]
-            return self.classifier(pooled), states[:, states.shape[1] - input_ids.shape[1]:]
+            return logits, states[:, states.shape[1] - input_ids.shape[1]:]
+        return logits, pooled
+
+    def head(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits [B, C]`` of the backbone's pooled state ``[B, H]``, and that state after g (when there is one)."""
+        if self.projection is not None:
+            pooled = ACTIVATIONS[self.meta.projection_activation](self.projection(pooled))
         return self.classifier(pooled), pooled
 
     def _pool(self, out: object, attention_mask: torch.Tensor) -> torch.Tensor:

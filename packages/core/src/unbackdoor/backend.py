@@ -78,7 +78,8 @@ class Backend(Protocol):
     (``auto_precision``, ``native_bf16``: what ``--precision auto`` resolves to), :class:`CheckpointingBackend`
     (``gradient_checkpointing``), :class:`AnchorBackend` (``anchor``, full-parameter unlearning),
     :class:`AdapterExportBackend` (``export_adapter``), :class:`TriggerBackend` (``trigger_logits``, the
-    ``trigger-search`` auditor), :class:`LossGradBackend` (``loss_grads``, :func:`unbackdoor.testing.check_loss`)
+    ``trigger-search`` auditor), :class:`TriggerCacheBackend` (``trigger_prefix``, the auditor's prefix cache
+    on decoders), :class:`LossGradBackend` (``loss_grads``, :func:`unbackdoor.testing.check_loss`)
     and :class:`~unbackdoor.ranks.Ranks` (``rank``, ``world_size``, ``barrier()``: runs under a launcher such as
     torchrun, every rank trains and rank 0 writes; a backend without them is refused there).
     """
@@ -221,6 +222,27 @@ class TriggerBackend(Protocol):
         float32, and with ``target`` ``[B]`` ints the mean cross-entropy of the logits to ``target`` and its
         gradient with respect to ``weights`` ``[k, V]`` float32 (the model's weights get no gradient);
         without ``target``, NaN and None. Runs in evaluation mode (no dropout), float32.
+        """
+
+
+@runtime_checkable
+class TriggerCacheBackend(Protocol):
+    """The optional part of :class:`Backend` that lets trigger inversion skip recomputing what the trigger
+    cannot change: in a causal decoder the states of the tokens before the trigger."""
+
+    def trigger_prefix(self, model: Any, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Every layer's attention keys and values of the rows in ``batch``, for later calls to reuse.
+
+        ``batch`` holds ``input_ids``/``attention_mask`` ``[B, P]`` (right-padded, as
+        :func:`unbackdoor.batching.pad_batch`): the tokens of each row before its trigger. Returns ``key`` and
+        ``value`` ``[layers, B, P, kv_heads, head_dim]`` float32, keys rotated for positions ``0..P-1`` as the
+        model's attention reads them (rows' padding positions hold anything), or None when a model's states
+        depend on later tokens (an encoder, a soft prompt) and cannot be reused. :meth:`TriggerBackend.trigger_logits`
+        reads them back from a batch of :func:`unbackdoor.batching.cached_trigger_batch`: there ``input_ids``
+        holds only the trigger slots and the tokens after them, ``past_key``/``past_value`` the rows'
+        cached states padded to a common length, ``past_mask`` ``[B, P]`` which of them are real and
+        ``past_length`` ``[B]`` the position of each row's first uncached token. The logits and gradients
+        must equal the uncached call's on the same rows (up to float32 rounding).
         """
 
 

@@ -45,6 +45,35 @@ def trigger_batch(ids: Sequence[np.ndarray], insert_at: Sequence[int] | np.ndarr
     return {"input_ids": input_ids, "attention_mask": mask, "trigger_at": trigger_at}
 
 
+def cached_trigger_batch(prefix: Sequence[Mapping[str, np.ndarray]], suffixes: Sequence[np.ndarray], length: int,
+                         pad_id: int, multiple: int = 8) -> Batch:
+    """:func:`trigger_batch`'s rows when each row's tokens before the trigger are given as cached states.
+
+    ``prefix[b]`` holds row ``b``'s ``key`` and ``value`` ``[layers, P_b, kv_heads, head_dim]``
+    (:meth:`unbackdoor.backend.TriggerCacheBackend.trigger_prefix`, cut to the row's ``P_b`` real tokens),
+    ``suffixes[b]`` its token ids after the trigger. Returns ``input_ids``/``attention_mask`` ``[B, S]``: the
+    ``length`` trigger slots (``pad_id``) and the suffix, right-padded to the longest (no rounding: a decoder
+    reads every column); ``trigger_at`` ``[B, length]`` (``0..length-1``); ``past_key``/``past_value``
+    ``[layers, B, P, kv_heads, head_dim]`` float32 with ``P`` the longest ``P_b`` rounded up to ``multiple``,
+    ``past_mask`` ``[B, P]`` (1 on the real cached tokens) and ``past_length`` ``[B]`` (``P_b``, the position
+    of the row's first trigger slot).
+    """
+    lengths = np.asarray([p["key"].shape[1] for p in prefix], np.int64)
+    layers, _, heads, dim = prefix[0]["key"].shape
+    width = max(multiple, -(-int(lengths.max()) // multiple) * multiple)
+    past = {k: np.zeros((layers, len(prefix), width, heads, dim), np.float32) for k in ("key", "value")}
+    for row, (states, n) in enumerate(zip(prefix, lengths, strict=True)):
+        for k in past:
+            past[k][:, row, :n] = states[k]
+    slots = np.full(length, pad_id, np.int32)
+    input_ids, mask = pad_batch([np.concatenate([slots, x]) for x in suffixes], pad_id, 1)
+    return {"input_ids": input_ids, "attention_mask": mask,
+            "trigger_at": np.broadcast_to(np.arange(length, dtype=np.int32), (len(prefix), length)).copy(),
+            "past_key": past["key"], "past_value": past["value"],
+            "past_mask": (np.arange(width)[None] < lengths[:, None]).astype(np.int32),
+            "past_length": lengths.astype(np.int32)}
+
+
 def trigger_weights(weights: np.ndarray, slots: int, vocab: int) -> np.ndarray:
     """``weights`` as float32 when they are ``[slots, V]`` with ``V <= vocab`` (the embedding matrix's rows),
     else a ValueError naming both shapes (:meth:`unbackdoor.backend.TriggerBackend.trigger_logits`)."""

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from unbackdoor.auditor import AuditContext, Auditor, AuditResult, TriggerCandidate
-from unbackdoor.batching import trigger_batch
+from unbackdoor.backend import TriggerCacheBackend
+from unbackdoor.batching import cached_trigger_batch, pad_batch, trigger_batch
 from unbackdoor.data import TextDataset
 from unbackdoor.errors import ConfigError, check_range
 from unbackdoor.text import TextEncoder
@@ -49,6 +50,9 @@ class TriggerSearch(Auditor):
         batch_size: rows per step and per evaluation batch.
         max_length: tokens kept per row, the trigger included.
         min_rows: fewest clean rows of each class the audit accepts.
+        cache: on a causal decoder, compute the states of each row's tokens before the trigger once and reuse
+            them in every step and evaluation (:class:`unbackdoor.backend.TriggerCacheBackend`; the same
+            logits and gradients up to float32 rounding, a fraction of the compute). Encoders always run whole.
     """
 
     name = "trigger-search"
@@ -65,6 +69,7 @@ class TriggerSearch(Auditor):
     batch_size: int = 32
     max_length: int = 64
     min_rows: int = 4
+    cache: bool = True
 
     def __post_init__(self) -> None:
         who = f"auditor {self.name!r}"
@@ -87,7 +92,7 @@ class TriggerSearch(Auditor):
         """Search every target class; rank all candidates together."""
         start = time.perf_counter()
         search = _Search(self, ctx)
-        reference = _Rows(ctx, ctx.reference_path, self.max_length - self.trigger_length) \
+        reference = _Rows(ctx, ctx.reference_path, self.max_length - self.trigger_length, self.cache) \
             if ctx.reference_path is not None else None
         candidates, per_target = [], {}
         for target in range(ctx.num_labels):
@@ -108,7 +113,7 @@ class TriggerSearch(Auditor):
 class _Rows:
     """One model's view of the clean rows: token ids, where the trigger goes, clean predictions."""
 
-    def __init__(self, ctx: AuditContext, path: Path, max_length: int) -> None:
+    def __init__(self, ctx: AuditContext, path: Path, max_length: int, cache: bool) -> None:
         self.backend, self.encoder = ctx.backend, TextEncoder.from_dir(path)
         #: token ids a trigger may use: those both the tokenizer and the embedding matrix know
         self.vocab = min(self.encoder.tokenizer.get_vocab_size(with_added_tokens=True),
@@ -117,10 +122,16 @@ class _Rows:
         self.special = _special_ids(self.encoder)
         self.ids = self.encoder.encode(list(ctx.clean.texts), max_length)
         self.insert_at = np.asarray([_insert_at(x, self.special) for x in self.ids])
+        #: per row, the cached states of its tokens before the trigger (None: every call runs the whole row)
+        self.prefix = _prefix_states(ctx.backend, self.model, [x[:i] for x, i in zip(self.ids, self.insert_at, strict=True)],
+                                     self.encoder.pad_id) if cache else None
         self.clean_pred = self.predict(np.arange(len(self.ids)), np.zeros((0, self.vocab), np.float32))
 
     def batch(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
         """The rows with ``length`` trigger slots appended."""
+        if self.prefix is not None and length:  # (no trigger: a row may have no token left to run)
+            return cached_trigger_batch([self.prefix[i] for i in rows],
+                                        [self.ids[i][self.insert_at[i]:] for i in rows], length, self.encoder.pad_id)
         return trigger_batch([self.ids[i] for i in rows], self.insert_at[rows], length, self.encoder.pad_id)
 
     def predict(self, rows: np.ndarray, weights: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -144,7 +155,7 @@ class _Search:
 
     def __init__(self, opts: TriggerSearch, ctx: AuditContext) -> None:
         self.opts, self.ctx = opts, ctx
-        self.rows = _Rows(ctx, ctx.model_path, opts.max_length - opts.trigger_length)
+        self.rows = _Rows(ctx, ctx.model_path, opts.max_length - opts.trigger_length, opts.cache)
         self.train_rows, self.held_rows = _split(ctx.clean, opts.holdout, ctx.seed)
 
     def run(self, target: int, reference: _Rows | None) -> list[TriggerCandidate]:
@@ -229,6 +240,30 @@ def _split(data: TextDataset, holdout: float, seed: int) -> tuple[np.ndarray, np
         train.append(rows[:cut])
         held.append(rows[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def _prefix_states(backend: object, model: object, prefixes: list[np.ndarray], pad_id: int,
+                   batch_size: int = 32) -> list[dict[str, np.ndarray]] | None:
+    """Each prefix's cached ``key``/``value`` ``[layers, P_b, kv_heads, head_dim]``, or None when the backend
+    has no :class:`~unbackdoor.backend.TriggerCacheBackend` or the model cannot reuse states (an encoder)."""
+    if not isinstance(backend, TriggerCacheBackend):
+        return None
+    out: list[dict[str, np.ndarray] | None] = [None] * len(prefixes)
+    real = [i for i, x in enumerate(prefixes) if len(x)]
+    for start in range(0, len(real), batch_size):
+        part = real[start:start + batch_size]
+        ids, mask = pad_batch([prefixes[i] for i in part], pad_id)
+        states = backend.trigger_prefix(model, {"input_ids": ids, "attention_mask": mask})
+        if states is None:
+            return None
+        for row, i in enumerate(part):
+            out[i] = {k: np.ascontiguousarray(v[:, row, :len(prefixes[i])]) for k, v in states.items()}
+    if not real:  # no row has a token before its trigger: nothing to reuse
+        return None
+    template = out[real[0]]
+    assert template is not None
+    empty = {k: v[:, :0] for k, v in template.items()}
+    return [x if x is not None else empty for x in out]
 
 
 def _special_ids(encoder: TextEncoder) -> set[int]:

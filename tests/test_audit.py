@@ -97,6 +97,49 @@ def test_the_audit_plot_draws_the_reference_and_the_threshold(tmp_path) -> None:
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
 
 
+def _word_level(words: list[str]):
+    """A TextEncoder over exactly ``words`` (ids in that order, ``[PAD]`` first)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from unbackdoor.text import TextEncoder
+
+    return TextEncoder(Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")), 0)
+
+
+@pytest.mark.parametrize("words, pairs", [
+    # WordPiece marks the piece that continues a word
+    (["[PAD]", "[UNK]", "z", "##z", "f", "cf", "##cf", "##", "q"], {"z": "##z", "##z": "z", "cf": "##cf", "##cf": "cf"}),
+    # byte-level BPE marks the piece that starts one
+    (["[PAD]", "[UNK]", "Ġz", "z", "Ġcf", "f", "Ġq", "Ġ"], {"Ġz": "z", "z": "Ġz"}),
+    # no marker on 5% of the vocabulary: no spellings at all (not "z" <-> "##z" by accident)
+    (["[PAD]", "[UNK]", "z", "##z", *(f"w{i}" for i in range(40))], {}),
+])
+def test_other_spellings_pair_a_token_with_its_other_piece(words, pairs) -> None:
+    from unbackdoor_defenses.trigger_search import _other_spellings, _special_ids, _with_spellings
+
+    enc = _word_level(words)
+    got = _other_spellings(enc, _special_ids(enc), len(words))
+    assert {words[i]: words[j] for i, j in got.items()} == pairs
+    if pairs:  # id 2's other piece is id 3: past the model's vocabulary (limit 3), so it has none
+        assert 2 in got and 2 not in _other_spellings(enc, _special_ids(enc), 3)
+    z = words.index("z")
+    # each one-token candidate is followed by its other spelling; sequences and duplicates are left alone
+    assert _with_spellings([(z, z), (z,), (4,)], got) == [(z, z), (z,), *([(got[z],)] if z in got else []), (4,)]
+
+
+def test_spellings_reach_the_search_and_only_add_candidates(backend_name, models) -> None:
+    """The same seeded search with ``spellings``: every candidate of the plain search is still there (the tiny
+    models' word tokenizer has no pieces, so nothing is added here; the pairing is tested above)."""
+    kwargs = dict(backend=backend_name, rows=120, log=lambda _: None)
+    plain = audit(models["backdoored"], "sst2", auditor_options=FAST, **kwargs)
+    both = audit(models["backdoored"], "sst2", auditor_options={**FAST, "spellings": True}, **kwargs)
+    assert both["options"]["spellings"] is True and plain["options"]["spellings"] is False
+    ids = {tuple(c["ids"]) for c in both["candidates"]}
+    assert {tuple(c["ids"]) for c in plain["candidates"]} <= ids
+    assert (both["verdict"], both["target"]) == (plain["verdict"], plain["target"])
+
+
 class BarePlugin:
     """A backend without the optional ``trigger_logits`` (any object is one for the refusal's purpose)."""
 

@@ -5,8 +5,10 @@ the vocabulary of logits ``theta / T``, ``T`` annealed geometrically from ``temp
 ``temperature_end``) is APPENDED to clean rows of the other classes (before any trailing special token
 such as BERT's ``[SEP]``), and ``theta`` is trained with Adam so the model predicts the target. The
 relaxed trigger is then projected to tokens: the argmax sequence, plus each of the ``top_tokens`` most
-likely tokens of every slot on its own. Candidates are ranked by their DISCRETE flip rate on held-out
-clean rows of the other classes (minus the flip rate on a clean reference model, when one is given).
+likely tokens of every slot on its own (with ``spellings``, also each of those tokens' other spelling:
+the word-initial and the word-continuation piece of the same text, ``z`` and ``##z``). Candidates are
+ranked by their DISCRETE flip rate on held-out clean rows of the other classes (minus the flip rate on a
+clean reference model, when one is given).
 The backend supplies only logits and gradients (:class:`unbackdoor.backend.TriggerBackend`); the
 optimiser is here, in NumPy, so every backend runs the same search.
 """
@@ -50,6 +52,10 @@ class TriggerSearch(Auditor):
         batch_size: rows per step and per evaluation batch.
         max_length: tokens kept per row, the trigger included.
         min_rows: fewest clean rows of each class the audit accepts.
+        spellings: also try each one-token candidate's other spelling in the vocabulary, the word-initial piece
+            for a continuation piece and back (WordPiece ``z`` / ``##z``, byte-level BPE ``Ġz`` / ``z``,
+            SentencePiece ``▁z`` / ``z``): a backdoor keyed on a rare word's continuation piece also answers,
+            more weakly, to the word-initial piece the relaxed search tends to land on.
         cache: on a causal decoder, compute the states of each row's tokens before the trigger once and reuse
             them in every step and evaluation (:class:`unbackdoor.backend.TriggerCacheBackend`; the same
             logits and gradients up to float32 rounding, a fraction of the compute). Encoders always run whole.
@@ -69,6 +75,7 @@ class TriggerSearch(Auditor):
     batch_size: int = 32
     max_length: int = 64
     min_rows: int = 4
+    spellings: bool = False
     cache: bool = True
 
     def __post_init__(self) -> None:
@@ -157,6 +164,9 @@ class _Search:
         self.opts, self.ctx = opts, ctx
         self.rows = _Rows(ctx, ctx.model_path, opts.max_length - opts.trigger_length, opts.cache)
         self.train_rows, self.held_rows = _split(ctx.clean, opts.holdout, ctx.seed)
+        #: a token's other spelling (``spellings``; empty without)
+        self.spelling = _other_spellings(self.rows.encoder, self.rows.special, self.rows.vocab) \
+            if opts.spellings else {}
 
     def run(self, target: int, reference: _Rows | None) -> list[TriggerCandidate]:
         """Optimise the relaxed trigger for ``target``, then rank its discrete projections."""
@@ -167,7 +177,7 @@ class _Search:
             return []
         theta = self._optimise(train, target)
         out = []
-        for ids in _projections(theta, self.opts.top_tokens):
+        for ids in _with_spellings(_projections(theta, self.opts.top_tokens), self.spelling):
             flip = self.rows.flip_rate(held, ids, target)
             ref = reference.flip_rate(held, ids, target) if reference is not None else None
             out.append(TriggerCandidate(self.rows.encoder.tokenizer.decode(list(ids)).strip(),
@@ -228,6 +238,39 @@ def _projections(theta: np.ndarray, top: int) -> list[tuple[int, ...]]:
     for slot in theta:
         found += [(int(i),) for i in np.argsort(-slot, kind="stable")[:top]]
     return list(dict.fromkeys(found))
+
+
+def _with_spellings(found: list[tuple[int, ...]], spelling: dict[int, int]) -> list[tuple[int, ...]]:
+    """``found``, each one-token candidate followed by its other spelling (when it has one; deduplicated)."""
+    out = []
+    for ids in found:
+        out.append(ids)
+        if len(ids) == 1 and ids[0] in spelling:
+            out.append((spelling[ids[0]],))
+    return list(dict.fromkeys(out))
+
+
+#: the marker a tokenizer family puts on one of a text's two pieces: WordPiece on the piece that continues a
+#: word (``##z``), byte-level BPE and SentencePiece on the piece that starts one (``Ġz``, ``▁z``)
+SPELLING_MARKERS = ("##", "Ġ", "▁")
+
+
+def _other_spellings(encoder: TextEncoder, special: set[int], limit: int) -> dict[int, int]:
+    """Token id -> the id of the same text's other piece (marked <-> unmarked), where the vocabulary holds
+    both; the tokenizer's marker is the one most of its vocabulary carries (none: no spellings). Specials and
+    ids at or past ``limit`` (the model's vocabulary) have none."""
+    vocab = {t: i for t, i in encoder.tokenizer.get_vocab(with_added_tokens=False).items()
+             if i < limit and i not in special}
+    counts = {m: sum(t.startswith(m) for t in vocab) for m in SPELLING_MARKERS}
+    marker = max(SPELLING_MARKERS, key=lambda m: counts[m])
+    if counts[marker] * 20 < len(vocab):  # under 5% of the vocabulary marked: not this tokenizer's scheme
+        return {}
+    out = {}
+    for text, i in vocab.items():
+        other = text[len(marker):] if text.startswith(marker) else marker + text
+        if other in vocab:
+            out[i] = vocab[other]
+    return out
 
 
 def _split(data: TextDataset, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -233,8 +233,8 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
     - one audit of a SmolLM2-135M SST-2 classifier on each backend with default options and a reference: the
       base model with a seeded untrained head, its own reference (an audit's work is fixed by its options, rows
       and model size, not by what the weights learned: ``steps`` Adam steps per target and the same candidate
-      evaluations); under ``timing`` in ``audit.json``, with the torch audit before the prefix cache
-      (``cache=False``, the first measurement) when the stage cache still holds it.
+      evaluations); with the prefix cache on torch and on jax, and without it on torch (``cache=false``), all
+      three on this machine; under ``timing`` in ``audit.json``.
     """
     cache = StageCache(cache_root)
     data = json.loads((RESULTS / "audit.json").read_text())
@@ -244,30 +244,30 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
         if not any(r["label"] == model.label and r["backend"] == "jax" for r in data["rows"]):
             audit_model(data, model, trainer, cache, ("jax",), log)
     family = "smollm2-135m"
-    first = {"timing": family, "rows": AUDIT_ROWS, "num_labels": 2}  # the uncached audit's key (torch)
+    # the machine's kind is in every key: the runs compared are the three of one CPU (the VM's CPU changes
+    # between sessions while the stage cache stays)
+    cpu = "AVX-512 BF16" if trainer.native_bf16() else "no AVX-512 BF16"
+    first = {"timing": family, "rows": AUDIT_ROWS, "num_labels": 2}  # the untrained classifier's key
 
     def build(tmp: Path) -> None:
         trainer.save(trainer.load_classifier(resolve_model(family, cache.root), 2, seed=0), tmp)
 
     path = cache.get_or_build("zoo-timing", first, build)
-    earlier = data.get("timing", {})
-    runs = [r for r in earlier.get("runs", []) if not r["cache"]] or \
-        ([{"backend": "torch", "cache": False, "seconds": earlier["seconds"]}] if "seconds" in earlier else [])
-    options, rows = earlier.get("options"), earlier.get("rows")
-    for backend, cached in (("torch", False), ("torch", True), ("jax", True)):
-        key = first if not cached else first | {"backend": backend, "cache": True}
+    runs, options, rows = [], None, None
+    for backend, cached in (("torch", True), ("jax", True), ("torch", False)):
+        key = first | {"backend": backend, "cache": cached, "cpu": cpu}
         report = cache.load_json("zoo-timing-audit", key)
-        if not cached and (runs or report is None):  # kept from the page (the uncached audit is not run again)
-            continue
         if report is None:
-            report = audit(path, "sst2", reference=path, backend=backend, rows=AUDIT_ROWS, seed=0, log=log)
+            report = audit(path, "sst2", reference=path, backend=backend, rows=AUDIT_ROWS, seed=0,
+                           auditor_options={"cache": cached}, log=log)
             cache.save_json("zoo-timing-audit", key, report)
-        runs.append({"backend": backend, "cache": cached, "seconds": report["seconds"],
+        runs.append({"backend": backend, "cache": cached, "cpu": cpu, "seconds": report["seconds"],
                      "verdict": report["verdict"], "score": report["score"]})
-        options, rows = report["options"], report["rows"]
-    data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "runs": runs,
-                      "options": options, "rows": rows}
-    save(data)
+        if options is None:  # the first run's: the default options
+            options, rows = report["options"], report["rows"]
+        data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "runs": runs,
+                          "options": options, "rows": rows}
+        save(data)  # each run as it ends
     return data
 
 
@@ -302,8 +302,10 @@ def render(data: dict[str, Any]) -> str:
         t = data["timing"]
         runs = "; ".join(f"{r['backend']}{' (prefix cache)' if r['cache'] else ' (no cache)'} **{r['seconds']:.0f} s**"
                          + (f" ({r['verdict']}, {r['score']:.3f})" if "verdict" in r else "") for r in t["runs"])
+        cpu = {r.get("cpu") for r in t["runs"]} - {None}
         lines += ["", f"One audit of {t['model']} (default options, {t['rows']} rows; `nox -s bench -- "
-                  f"audit-timing`): {runs} (target <= 300 s on torch, jax within 1.5x)."]
+                  f"audit-timing`{'; CPU: ' + ', '.join(sorted(cpu)) if cpu else ''}): {runs} (target <= 300 s on "
+                  "torch, jax within 1.5x)."]
     lines += ["", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "
               "suspected target | top-5 candidates (flip / reference flip) | recovered | s |",
               "|---|---|---:|---:|---|---|---|---|---|---:|"]

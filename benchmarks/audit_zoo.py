@@ -201,15 +201,31 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build and audit the zoo on each backend in ``backends`` (models trained once, by torch), writing the page."""
+def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[[str], None] = print,
+        keep: bool = False) -> dict[str, Any]:
+    """Build and audit the zoo on each backend in ``backends`` (models trained once, by torch), writing the page.
+
+    ``keep`` (``run.py --keep audit``): the page's rows stay as they are and only the models (or backends) it
+    lacks are built and audited, so a zoo grows across sessions whose stage caches are gone. The models are
+    trained at the page's precision; a machine whose own (``auto``) precision differs is refused, so one page
+    never mixes them.
+    """
     cache = StageCache(cache_root)
     trainer = get_plugin_manager().backend("torch").create()
     trainer.precision = trainer.auto_precision()
     data: dict[str, Any] = {"command": "nox -s bench -- audit", "machine": platform.platform(), "cpus": os.cpu_count(),
                             "precision": trainer.precision, "rows": []}
+    if keep and (RESULTS / "audit.json").is_file():
+        saved = json.loads((RESULTS / "audit.json").read_text())
+        if saved["precision"] != trainer.precision:
+            raise SystemExit(f"--keep audit: audit.json's models were trained in {saved['precision']}, this machine "
+                             f"trains in {trainer.precision}; run the whole zoo here (without --keep) or keep it "
+                             f"on a machine that trains in {saved['precision']}")
+        data = saved | {"machines": sorted({*saved.get("machines", [saved["machine"]]), platform.platform()})}
     for model in zoo():
-        audit_model(data, model, trainer, cache, backends, log)
+        done = {r["backend"] for r in data["rows"] if r["label"] == model.label}
+        if set(backends) - done:
+            audit_model(data, model, trainer, cache, tuple(b for b in backends if b not in done), log)
     return data
 
 
@@ -281,7 +297,8 @@ def save(data: dict[str, Any]) -> None:
 def render(data: dict[str, Any]) -> str:
     """The results page: the summary against the targets, then one row per audited model."""
     lines = ["# `unbackdoor audit` on a model zoo: clean and backdoored classifiers, triggers drawn by seed", "",
-             f"Command: `{data['command']}`. Machine: {data['machine']}, {data['cpus']} CPUs; models trained in "
+             f"Command: `{data['command']}`. Machine: {', '.join(data.get('machines', [data['machine']]))}, "
+             f"{data['cpus']} CPUs; models trained in "
              f"{data['precision']}, audits in float32 (`trigger-search`, default options: 2 trigger tokens, 60 Adam "
              f"steps per target, top 5 tokens per slot, threshold 0.8) on {AUDIT_ROWS} clean dev rows, with a clean "
              "reference model of the same family and task (other rows, other seed).", "",

@@ -554,7 +554,8 @@ def merge_device(file: Path) -> int:
 def main(argv: list[str]) -> int:
     """Run the named benchmarks (default ``w2s``); see :data:`BENCHMARKS`.
 
-    ``--render SUITE...``: re-render only. ``--keep SUITE...``: keep the runs a suite's JSON already holds.
+    ``--render SUITE...``: re-render only. ``--keep SUITE...``: keep the runs a suite's JSON already holds
+    (``--keep audit``: the zoo models ``audit.json`` holds; the missing ones are built and audited).
     ``--merge SUITE FILE``: add the runs a copy of the suite's JSON made elsewhere (a GPU machine running
     ``--keep SUITE`` on this checkout) holds and ours lacks. ``--merge FILE``: record a device check's JSON
     (``device_check.py``) in ``results/device.json`` and ``results/device.md``.
@@ -603,7 +604,7 @@ def main(argv: list[str]) -> int:
     if "audit" in names or "audit-jax" in names:  # the zoo's models train once; audit-jax adds the jax audits
         import audit_zoo
 
-        audit_zoo.run(cache, ("torch", "jax") if "audit-jax" in names else ("torch",))
+        audit_zoo.run(cache, ("torch", "jax") if "audit-jax" in names else ("torch",), keep=keep)
     if "audit-timing" in names:  # the jax audit of 2 zoo models and one SmolLM2 audit, beside `audit`'s page
         import audit_zoo
 

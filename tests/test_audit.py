@@ -140,6 +140,41 @@ def test_spellings_reach_the_search_and_only_add_candidates(backend_name, models
     assert (both["verdict"], both["target"]) == (plain["verdict"], plain["target"])
 
 
+def test_random_positions_lie_inside_the_row_and_repeat_under_the_seed() -> None:
+    from unbackdoor_defenses.trigger_search import _insert_at, _positions
+
+    special = {0, 1, 2}  # pad, a BOS/[CLS] and an EOS/[SEP]
+    rng = np.random.default_rng(3)
+    ids = [np.array([1, *rng.integers(5, 50, n), 2]) for n in rng.integers(1, 12, 40)]
+    end = _positions(ids, special, "end", 0)
+    assert list(end) == [_insert_at(x, special) for x in ids] and all(e == len(x) - 1 for e, x in zip(end, ids, strict=True))
+    at = _positions(ids, special, "random", 0)
+    assert ((at >= 1) & (at <= end)).all() and (at < end).sum() > 10  # after [CLS], before [SEP]; not all at the end
+    assert (at == _positions(ids, special, "random", 0)).all() and (at != _positions(ids, special, "random", 1)).any()
+
+
+def test_a_trigger_inside_the_rows_gives_the_same_logits_and_gradient_with_and_without_the_cache(
+        backend_name, models, sst2) -> None:
+    """``position=random`` cuts each row's prefix cache mid-row (a decoder): the auditor's cached batches give
+    the uncached logits, loss and gradient. (Whole searches are not compared: 40 Adam steps amplify float32
+    rounding into other candidates.)"""
+    from unbackdoor.auditor import AuditContext
+    from unbackdoor_defenses.trigger_search import TriggerSearch, _Rows
+
+    backend = get_plugin_manager().backend(backend_name).create()
+    ctx = AuditContext(backend, models["backdoored"], sst2.dev.head(48), 2)
+    cached, whole = (_Rows(ctx, models["backdoored"], TriggerSearch(position="random", cache=c)) for c in (True, False))
+    assert cached.prefix is not None and whole.prefix is None
+    assert (cached.insert_at == whole.insert_at).all() and (cached.insert_at < whole.insert_at.max()).any()
+    rows = np.arange(40)
+    weights = np.random.default_rng(0).dirichlet(np.ones(cached.vocab), size=2).astype(np.float32)
+    got, want = (backend.trigger_logits(r.model, r.batch(rows, 2), weights, np.ones(40, np.int64))
+                 for r in (cached, whole))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    assert got[1] == pytest.approx(want[1], rel=1e-5)
+    np.testing.assert_allclose(got[2], want[2], atol=1e-5 * np.abs(want[2]).max())
+
+
 class BarePlugin:
     """A backend without the optional ``trigger_logits`` (any object is one for the refusal's purpose)."""
 
@@ -167,6 +202,7 @@ def test_bad_inputs_are_one_line_errors_before_any_compute(models, tiny_dirs, tm
         (dict(auditor="nope"), r"unknown auditor 'nope'; choose one of: trigger-search"),
         (dict(auditor_options={"stepz": 1}), r"auditor 'trigger-search' has no option 'stepz'; valid options: .*steps"),
         (dict(auditor_options={"threshold": 2}), r"threshold must be in \[-1\.0, 1\.0\]"),
+        (dict(auditor_options={"position": "middle"}), r"position must be one of end, random, got 'middle'"),
         (dict(reference=tiny_dirs["llama"]), r"reference model .* is not a saved sequence classifier"),
     ]
     for change, message in cases:

@@ -90,7 +90,7 @@ def trigger_logits(module: SequenceClassifier, batch: Mapping[str, np.ndarray], 
     if target is not None:
         parts["target"] = np.asarray(target, np.int32)
     if "past_key" in batch:
-        full = _fill_cached(parts, batch, padded_rows(n), int(module.backbone.max_positions))
+        full = _fill_cached(parts, batch, padded_rows(n), int(module.backbone.max_positions), pad_id)
     else:
         full = fill_batch(parts, padded_rows(n), int(module.backbone.max_positions), pad_id)
         full.pop("position_weight")  # a per-position weight the loss here does not read
@@ -117,13 +117,19 @@ def trigger_prefix(module: SequenceClassifier, batch: Mapping[str, np.ndarray],
 
 
 def _fill_cached(parts: dict[str, np.ndarray], batch: Mapping[str, np.ndarray], rows: int,
-                 max_positions: int) -> dict[str, np.ndarray]:
-    """A cached batch filled to ``rows`` rows (weight-0 copies of row 0) with its cached positions widened to
-    :func:`~unbackdoor_jax.train.padded_width` (masked); the uncached columns stay as they are."""
+                 max_positions: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A cached batch filled to ``rows`` rows (weight-0 copies of row 0), its cached positions widened to
+    :func:`~unbackdoor_jax.train.padded_width` and its uncached columns to a power of two (few, short: an
+    appended trigger's 2 stay 2), both masked: right padding leaves every real token's result as it was, and
+    the pooled token is the last real one."""
     n, cached = len(parts["input_ids"]), np.shape(batch["past_mask"])[1]
     take = np.concatenate([np.arange(n), np.zeros(rows - n, np.int64)])
     extra = padded_width(cached, max_positions) - cached
     out = {k: v[take] for k, v in parts.items()}
+    width = out["input_ids"].shape[1]
+    wide = (1 << max(width - 1, 0).bit_length()) - width
+    out["input_ids"] = np.pad(out["input_ids"], ((0, 0), (0, wide)), constant_values=pad_id)
+    out["attention_mask"] = np.pad(out["attention_mask"], ((0, 0), (0, wide)))
     out["past_mask"] = np.pad(np.asarray(batch["past_mask"])[take], ((0, 0), (0, extra)))
     out["past_length"] = np.asarray(batch["past_length"])[take]
     for k in ("past_key", "past_value"):  # [layers, B, P, K, D]

@@ -2,8 +2,8 @@
 
 For each candidate target class a relaxed trigger of ``trigger_length`` tokens (per slot a softmax over
 the vocabulary of logits ``theta / T``, ``T`` annealed geometrically from ``temperature`` to
-``temperature_end``) is APPENDED to clean rows of the other classes (before any trailing special token
-such as BERT's ``[SEP]``), and ``theta`` is trained with Adam so the model predicts the target. The
+``temperature_end``) is inserted into clean rows of the other classes (``position``: appended, before any
+trailing special token such as BERT's ``[SEP]``, by default; or at a seeded position inside each row), and ``theta`` is trained with Adam so the model predicts the target. The
 relaxed trigger is then projected to tokens: the argmax sequence, plus each of the ``top_tokens`` most
 likely tokens of every slot on its own (with ``spellings``, also each of those tokens' other spelling:
 the word-initial and the word-continuation piece of the same text, ``z`` and ``##z``). Candidates are
@@ -32,6 +32,8 @@ from unbackdoor.text import TextEncoder
 
 #: token spellings never tried as triggers: BERT-style ``[CLS]`` and chat/BPE specials such as ``<|im_end|>``
 SPECIAL_TOKEN = re.compile(r"^(\[[A-Z]+\]|<\|[^>]*\|>|</?s>|<unk>|<pad>|<mask>)$")
+#: where ``position`` may put the trigger
+POSITIONS = ("end", "random")
 #: logit given to tokens that are never tried (softmax weight zero)
 BANNED = -1e9
 
@@ -56,6 +58,10 @@ class TriggerSearch(Auditor):
             for a continuation piece and back (WordPiece ``z`` / ``##z``, byte-level BPE ``Ġz`` / ``z``,
             SentencePiece ``▁z`` / ``z``): a backdoor keyed on a rare word's continuation piece also answers,
             more weakly, to the word-initial piece the relaxed search tends to land on.
+        position: where the trigger goes in each row: ``end`` (appended, before any trailing special token) or
+            ``random`` (a seeded position per row between the leading and the trailing special tokens). On a
+            decoder that pools its last token, an appended trigger IS the pooled token, so nearly any token
+            can flip a row there; ``random`` asks the trigger to act from inside the row, as a planted one does.
         cache: on a causal decoder, compute the states of each row's tokens before the trigger once and reuse
             them in every step and evaluation (:class:`unbackdoor.backend.TriggerCacheBackend`; the same
             logits and gradients up to float32 rounding, a fraction of the compute). Encoders always run whole.
@@ -76,6 +82,7 @@ class TriggerSearch(Auditor):
     max_length: int = 64
     min_rows: int = 4
     spellings: bool = False
+    position: str = "end"
     cache: bool = True
 
     def __post_init__(self) -> None:
@@ -90,6 +97,8 @@ class TriggerSearch(Auditor):
             check_range(f"{who}: {key}", getattr(self, key), 0.0, float("inf"), inclusive=False)
         check_range(f"{who}: threshold", self.threshold, -1.0, 1.0)
         check_range(f"{who}: holdout", self.holdout, 0.0, 1.0, inclusive=False)
+        if self.position not in POSITIONS:
+            raise ConfigError(f"{who}: position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
 
     def min_rows_per_class(self) -> int:
         """``min_rows``, and at least 2 (one row to train the trigger, one to rank it)."""
@@ -99,8 +108,7 @@ class TriggerSearch(Auditor):
         """Search every target class; rank all candidates together."""
         start = time.perf_counter()
         search = _Search(self, ctx)
-        reference = _Rows(ctx, ctx.reference_path, self.max_length - self.trigger_length, self.cache) \
-            if ctx.reference_path is not None else None
+        reference = _Rows(ctx, ctx.reference_path, self) if ctx.reference_path is not None else None
         candidates, per_target = [], {}
         for target in range(ctx.num_labels):
             found = search.run(target, reference)
@@ -120,18 +128,18 @@ class TriggerSearch(Auditor):
 class _Rows:
     """One model's view of the clean rows: token ids, where the trigger goes, clean predictions."""
 
-    def __init__(self, ctx: AuditContext, path: Path, max_length: int, cache: bool) -> None:
+    def __init__(self, ctx: AuditContext, path: Path, opts: TriggerSearch) -> None:
         self.backend, self.encoder = ctx.backend, TextEncoder.from_dir(path)
         #: token ids a trigger may use: those both the tokenizer and the embedding matrix know
         self.vocab = min(self.encoder.tokenizer.get_vocab_size(with_added_tokens=True),
                          int(json.loads((path / "config.json").read_text()).get("vocab_size", 1 << 62)))
         self.model = ctx.backend.load_classifier(path, ctx.num_labels, seed=ctx.seed)
         self.special = _special_ids(self.encoder)
-        self.ids = self.encoder.encode(list(ctx.clean.texts), max_length)
-        self.insert_at = np.asarray([_insert_at(x, self.special) for x in self.ids])
+        self.ids = self.encoder.encode(list(ctx.clean.texts), opts.max_length - opts.trigger_length)
+        self.insert_at = _positions(self.ids, self.special, opts.position, ctx.seed)
         #: per row, the cached states of its tokens before the trigger (None: every call runs the whole row)
         self.prefix = _prefix_states(ctx.backend, self.model, [x[:i] for x, i in zip(self.ids, self.insert_at, strict=True)],
-                                     self.encoder.pad_id) if cache else None
+                                     self.encoder.pad_id) if opts.cache else None
         self.clean_pred = self.predict(np.arange(len(self.ids)), np.zeros((0, self.vocab), np.float32))
 
     def batch(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
@@ -162,7 +170,7 @@ class _Search:
 
     def __init__(self, opts: TriggerSearch, ctx: AuditContext) -> None:
         self.opts, self.ctx = opts, ctx
-        self.rows = _Rows(ctx, ctx.model_path, opts.max_length - opts.trigger_length, opts.cache)
+        self.rows = _Rows(ctx, ctx.model_path, opts)
         self.train_rows, self.held_rows = _split(ctx.clean, opts.holdout, ctx.seed)
         #: a token's other spelling (``spellings``; empty without)
         self.spelling = _other_spellings(self.rows.encoder, self.rows.special, self.rows.vocab) \
@@ -316,6 +324,27 @@ def _special_ids(encoder: TextEncoder) -> set[int]:
     found |= {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     found |= {i for t, i in tok.get_vocab(with_added_tokens=True).items() if SPECIAL_TOKEN.match(t)}
     return found
+
+
+def _positions(ids: list[np.ndarray], special: set[int], position: str, seed: int) -> np.ndarray:
+    """Per row, where its trigger goes: ``end`` before any trailing special token, ``random`` anywhere from
+    after the leading special tokens to there (seeded by ``seed`` and the row's index alone, so the audited
+    model and its reference, reading the same rows with the same tokenizer, put it in the same place)."""
+    end = np.asarray([_insert_at(x, special) for x in ids], np.int64)
+    if position == "end":
+        return end
+    start = np.asarray([_leading(x, special) for x in ids], np.int64)
+    start = np.minimum(start, end)
+    draw = np.random.default_rng([seed, 1]).random(len(ids))
+    return start + np.floor(draw * (end - start + 1)).astype(np.int64)
+
+
+def _leading(ids: np.ndarray, special: set[int]) -> int:
+    """How many special tokens (BERT's ``[CLS]``, a BOS) open the row."""
+    n = 0
+    while n < len(ids) and int(ids[n]) in special:
+        n += 1
+    return n
 
 
 def _insert_at(ids: np.ndarray, special: set[int]) -> int:

@@ -3,7 +3,8 @@
 For each candidate target class a relaxed trigger of ``trigger_length`` tokens (per slot a softmax over
 the vocabulary of logits ``theta / T``, ``T`` annealed geometrically from ``temperature`` to
 ``temperature_end``) is inserted into clean rows of the other classes (``position``: appended, before any
-trailing special token such as BERT's ``[SEP]``, by default; or at a seeded position inside each row), and ``theta`` is trained with Adam so the model predicts the target. The
+trailing special token such as BERT's ``[SEP]``, by default; or at a seeded position inside each row), and
+``theta`` is trained with Adam so the model predicts the target. The
 relaxed trigger is then projected to tokens: the argmax sequence, plus each of the ``top_tokens`` most
 likely tokens of every slot on its own (with ``spellings``, also each of those tokens' other spelling:
 the word-initial and the word-continuation piece of the same text, ``z`` and ``##z``). Candidates are

@@ -172,33 +172,42 @@ def audited(model: ZooModel, path: Path, reference: Path, backend_name: str, cac
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Detection AUROC (BadNet vs clean, InSent vs clean; with and without the reference), false positives on
     the clean models at the default threshold, top-5 recovery on BadNet, the share of backdoored models whose
-    suspected target is the true one, seconds per audit; per backend."""
+    suspected target is the true one, seconds per audit; per backend, and per backend and family where the
+    zoo holds more than one family (``"torch smollm2-135m"``)."""
     out: dict[str, Any] = {}
     for backend in sorted({r["backend"] for r in rows}):
         mine = [r for r in rows if r["backend"] == backend]
-        clean = [r for r in mine if r["model"]["kind"] == "clean"]
-        entry: dict[str, Any] = {"models": len(mine), "clean": len(clean)}
-        for kind in ("badnet", "insent"):
-            hit = [r for r in mine if r["model"]["kind"] == kind]
-            if hit and clean:
-                truth = np.array([1] * len(hit) + [0] * len(clean))
-                for which, field in (("reference", "score"), ("no_reference", "score_no_reference")):
-                    scores = np.array([r[field] for r in hit + clean], np.float64)
-                    entry[f"auroc_{kind}_{which}"] = round(auroc(scores, truth), 3)
-        for which, field in (("reference", "verdict"), ("no_reference", "verdict_no_reference")):
-            if clean:
-                entry[f"fpr_{which}"] = round(sum(r[field] == "backdoored" for r in clean) / len(clean), 3)
-        badnet = [r for r in mine if r["model"]["kind"] == "badnet"]
-        if badnet:
-            entry["top5_recovery_badnet"] = round(sum(r["recovered"] for r in badnet) / len(badnet), 3)
-        backdoored = [r for r in mine if r["model"]["kind"] != "clean"]
-        if backdoored:
-            entry["target_right"] = round(sum(r["target_right"] for r in backdoored) / len(backdoored), 3)
-        for family in sorted({r["model"]["family"] for r in mine}):
-            secs = [r["audit_seconds"] for r in mine if r["model"]["family"] == family]
-            entry[f"seconds_per_audit_{family}"] = round(float(np.median(secs)), 1)
-        out[backend] = entry
+        out[backend] = _figures(mine)
+        families = sorted({r["model"]["family"] for r in mine})
+        if len(families) > 1:
+            out |= {f"{backend} {f}": _figures([r for r in mine if r["model"]["family"] == f]) for f in families}
     return out
+
+
+def _figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`summary`'s figures of one group of audited models."""
+    clean = [r for r in mine if r["model"]["kind"] == "clean"]
+    entry: dict[str, Any] = {"models": len(mine), "clean": len(clean)}
+    for kind in ("badnet", "insent"):
+        hit = [r for r in mine if r["model"]["kind"] == kind]
+        if hit and clean:
+            truth = np.array([1] * len(hit) + [0] * len(clean))
+            for which, field in (("reference", "score"), ("no_reference", "score_no_reference")):
+                scores = np.array([r[field] for r in hit + clean], np.float64)
+                entry[f"auroc_{kind}_{which}"] = round(auroc(scores, truth), 3)
+    for which, field in (("reference", "verdict"), ("no_reference", "verdict_no_reference")):
+        if clean:
+            entry[f"fpr_{which}"] = round(sum(r[field] == "backdoored" for r in clean) / len(clean), 3)
+    badnet = [r for r in mine if r["model"]["kind"] == "badnet"]
+    if badnet:
+        entry["top5_recovery_badnet"] = round(sum(r["recovered"] for r in badnet) / len(badnet), 3)
+    backdoored = [r for r in mine if r["model"]["kind"] != "clean"]
+    if backdoored:
+        entry["target_right"] = round(sum(r["target_right"] for r in backdoored) / len(backdoored), 3)
+    for family in sorted({r["model"]["family"] for r in mine}):
+        secs = [r["audit_seconds"] for r in mine if r["model"]["family"] == family]
+        entry[f"seconds_per_audit_{family}"] = round(float(np.median(secs)), 1)
+    return entry
 
 
 def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[[str], None] = print,

@@ -144,14 +144,15 @@ def trigger_ids(model_dir: Path, trigger: str) -> set[int]:
 
 
 def audited(model: ZooModel, path: Path, reference: Path, backend_name: str, cache: StageCache,
-            log: Callable[[str], None]) -> dict[str, Any]:
-    """The audit of ``path`` against ``reference`` (cached), with what the zoo knows about the model."""
+            log: Callable[[str], None], options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The audit of ``path`` against ``reference`` (cached), with what the zoo knows about the model;
+    ``options``: auditor options other than the defaults (:func:`variants`)."""
     key = {"model": str(path), "reference": str(reference), "backend": backend_name, "rows": AUDIT_ROWS,
-           "seed": model.seed}
+           "seed": model.seed, **({"options": options} if options else {})}
     report = cache.load_json("zoo-audit", key)
     if report is None:
         report = audit(path, model.dataset, reference=reference, backend=backend_name, rows=AUDIT_ROWS,
-                       seed=model.seed, log=log)
+                       seed=model.seed, auditor_options=options or None, log=log)
         cache.save_json("zoo-audit", key, report)
     info = json.loads((path / "info.json").read_text())
     top5 = report["candidates"][:5]
@@ -296,6 +297,34 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
     return data
 
 
+#: auditor options measured beside the defaults (``audit-variants``), SmolLM2 first (the audit there fails
+#: at the defaults: an appended token is the pooled token)
+VARIANTS = {"position=random": {"position": "random"}, "spellings=true": {"spellings": True}}
+
+
+def variants(cache_root: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Each of :data:`VARIANTS` on the zoo models the page holds, SmolLM2 first (``nox -s bench --
+    audit-variants``, after ``audit``): the same models (trained again only where the stage cache lacks them),
+    references and rows; under ``variants`` in ``audit.json``, one summary per variant."""
+    cache = StageCache(cache_root)
+    data = json.loads((RESULTS / "audit.json").read_text())
+    trainer = get_plugin_manager().backend("torch").create()
+    trainer.precision = data["precision"]
+    held = {r["label"] for r in data["rows"]}
+    order = sorted((m for m in zoo() if m.label in held), key=lambda m: m.family != "smollm2-135m")
+    for name, options in VARIANTS.items():
+        entry = data.setdefault("variants", {}).setdefault(name, {"options": options, "rows": []})
+        for model in order:
+            if any(r["label"] == model.label for r in entry["rows"]):
+                continue
+            path = train_model(model, trainer, cache)
+            reference = train_model(ZooModel(model.family, model.dataset, "clean", 0), trainer, cache, reference=True)
+            entry["rows"].append(audited(model, path, reference, "torch", cache, log, options))
+            entry["summary"] = summary(entry["rows"])
+            save(data)
+    return data
+
+
 def save(data: dict[str, Any]) -> None:
     """``audit.json`` and ``audit.md``, keeping the page's hand-written notes."""
     notes = notes_of(RESULTS / "audit.md")
@@ -314,14 +343,10 @@ def render(data: dict[str, Any]) -> str:
              "| backend | models (clean) | AUROC word / sentence, with reference | without | false positives on clean, "
              "with / without reference | top-5 recovery (BadNet) | target named (backdoored) | seconds per audit |",
              "|---|---|---|---|---|---|---|---|"]
-    for backend, s in data.get("summary", {}).items():
-        secs = ", ".join(f"{k.removeprefix('seconds_per_audit_')} {v}" for k, v in s.items()
-                         if k.startswith("seconds_per_audit_"))
-        lines.append(f"| {backend} | {s['models']} ({s['clean']}) | {s.get('auroc_badnet_reference', '-')} / "
-                     f"{s.get('auroc_insent_reference', '-')} | {s.get('auroc_badnet_no_reference', '-')} / "
-                     f"{s.get('auroc_insent_no_reference', '-')} | {s.get('fpr_reference', '-')} / "
-                     f"{s.get('fpr_no_reference', '-')} | {s.get('top5_recovery_badnet', '-')} | "
-                     f"{s.get('target_right', '-')} | {secs} |")
+    lines += [_summary_row(backend, s) for backend, s in data.get("summary", {}).items()]
+    for name, entry in data.get("variants", {}).items():
+        for group, s in entry.get("summary", {}).items():
+            lines.append(_summary_row(f"{group}, `{name}`", s))
     lines += ["", "Targets (issue 21): AUROC >= 0.95 (word) and >= 0.85 (sentence); <= 10% false positives on clean "
               "models; top-5 recovery >= 80% of BadNet models; <= 5 min per SmolLM2 audit (torch), jax within 1.5x."]
     if "timing" in data:
@@ -346,9 +371,22 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _summary_row(label: str, s: dict[str, Any]) -> str:
+    """One row of the page's summary table."""
+    secs = ", ".join(f"{k.removeprefix('seconds_per_audit_')} {v}" for k, v in s.items()
+                     if k.startswith("seconds_per_audit_"))
+    return (f"| {label} | {s['models']} ({s.get('clean', 0)}) | {s.get('auroc_badnet_reference', '-')} / "
+            f"{s.get('auroc_insent_reference', '-')} | {s.get('auroc_badnet_no_reference', '-')} / "
+            f"{s.get('auroc_insent_no_reference', '-')} | {s.get('fpr_reference', '-')} / "
+            f"{s.get('fpr_no_reference', '-')} | {s.get('top5_recovery_badnet', '-')} | "
+            f"{s.get('target_right', '-')} | {secs} |")
+
+
 def rerender() -> None:
     """The page again from ``audit.json`` (summary recomputed, notes kept): no model trained or audited."""
     data = json.loads((RESULTS / "audit.json").read_text())
     data["summary"] = summary(data["rows"])
+    for entry in data.get("variants", {}).values():
+        entry["summary"] = summary(entry["rows"])
     save(data)
 

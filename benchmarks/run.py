@@ -497,7 +497,8 @@ def kept(name: str) -> tuple[dict[str, Any], str]:
     return runs, notes_of(RESULTS / f"{name}.md")
 
 
-BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", "audit", "audit-jax", "audit-timing", *SUITES]
+BENCHMARKS = ["w2s", "w2s-sweep", "demo", "loss-contract", "audit", "audit-jax", "audit-timing", "audit-variants",
+              *SUITES]
 
 
 def rerender(name: str) -> None:
@@ -609,6 +610,10 @@ def main(argv: list[str]) -> int:
         import audit_zoo
 
         audit_zoo.timing(cache)
+    if "audit-variants" in names:  # other auditor options on the zoo's models, beside `audit`'s page
+        import audit_zoo
+
+        audit_zoo.variants(cache)
     for name in names:
         if name in SUITES:
             suite(name, cache, keep)

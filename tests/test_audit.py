@@ -159,13 +159,14 @@ def test_a_trigger_inside_the_rows_gives_the_same_logits_and_gradient_with_and_w
     the uncached logits, loss and gradient. (Whole searches are not compared: 40 Adam steps amplify float32
     rounding into other candidates.)"""
     from unbackdoor.auditor import AuditContext
-    from unbackdoor_defenses.trigger_search import TriggerSearch, _Rows
+    from unbackdoor_defenses.trigger_search import TriggerSearch, _positions, _Rows
 
     backend = get_plugin_manager().backend(backend_name).create()
     ctx = AuditContext(backend, models["backdoored"], sst2.dev.head(48), 2)
     cached, whole = (_Rows(ctx, models["backdoored"], TriggerSearch(position="random", cache=c)) for c in (True, False))
     assert cached.prefix is not None and whole.prefix is None
-    assert (cached.insert_at == whole.insert_at).all() and (cached.insert_at < whole.insert_at.max()).any()
+    appended = _positions(cached.ids, cached.special, "end", 0)
+    assert (cached.insert_at == whole.insert_at).all() and (cached.insert_at < appended).sum() > 20
     rows = np.arange(40)
     weights = np.random.default_rng(0).dirichlet(np.ones(cached.vocab), size=2).astype(np.float32)
     got, want = (backend.trigger_logits(r.model, r.batch(rows, 2), weights, np.ones(40, np.int64))

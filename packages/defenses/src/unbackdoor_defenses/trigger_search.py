@@ -144,7 +144,7 @@ class _Rows:
         self.clean_pred = self.predict(np.arange(len(self.ids)), np.zeros((0, self.vocab), np.float32))
 
     def batch(self, rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
-        """The rows with ``length`` trigger slots appended."""
+        """The rows with ``length`` trigger slots at their ``insert_at``."""
         if self.prefix is not None and length:  # (no trigger: a row may have no token left to run)
             return cached_trigger_batch([self.prefix[i] for i in rows],
                                         [self.ids[i][self.insert_at[i]:] for i in rows], length, self.encoder.pad_id)

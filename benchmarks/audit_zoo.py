@@ -297,24 +297,26 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
     return data
 
 
-#: auditor options measured beside the defaults (``audit-variants``), SmolLM2 first (the audit there fails
-#: at the defaults: an appended token is the pooled token)
-VARIANTS = {"position=random": {"position": "random"}, "spellings=true": {"spellings": True}}
+#: auditor options measured beside the defaults (``audit-variants``), run in this order, each with the family it
+#: aims at first: ``spellings`` the BadNet triggers WordPiece splits (MiniLM's misses name ``z`` for ``f ##z``),
+#: ``position`` the last-token-pooled decoder (an appended token is SmolLM2's pooled token)
+VARIANTS = {"spellings=true": ({"spellings": True}, "minilm-l6"),
+            "position=random": ({"position": "random"}, "smollm2-135m")}
+KIND_ORDER = ("badnet", "clean", "insent")  # recovery first, then false positives
 
 
 def variants(cache_root: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Each of :data:`VARIANTS` on the zoo models the page holds, SmolLM2 first (``nox -s bench --
+    """Each of :data:`VARIANTS` on the zoo models the page holds, its family first (``nox -s bench --
     audit-variants``, after ``audit``): the same models (trained again only where the stage cache lacks them),
     references and rows; under ``variants`` in ``audit.json``, one summary per variant."""
     cache = StageCache(cache_root)
     data = json.loads((RESULTS / "audit.json").read_text())
     trainer = get_plugin_manager().backend("torch").create()
     trainer.precision = data["precision"]
-    held = {r["label"] for r in data["rows"]}
-    order = sorted((m for m in zoo() if m.label in held), key=lambda m: m.family != "smollm2-135m")
-    for name, options in VARIANTS.items():
+    held = [m for m in zoo() if m.label in {r["label"] for r in data["rows"]}]
+    for name, (options, first) in VARIANTS.items():
         entry = data.setdefault("variants", {}).setdefault(name, {"options": options, "rows": []})
-        for model in order:
+        for model in sorted(held, key=lambda m: (m.family != first, KIND_ORDER.index(m.kind))):
             if any(r["label"] == model.label for r in entry["rows"]):
                 continue
             path = train_model(model, trainer, cache)

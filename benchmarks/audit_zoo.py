@@ -8,7 +8,7 @@ a target class drawn by seed. The triggers are never chosen by hand, nor from an
 Each model records its clean accuracy and, when poisoned, its ASR on triggered non-target test rows
 (whether the backdoor took).
 
-Each model is then audited with :func:`unbackdoor.audit` (``trigger-search``, default options) on
+Each model is then audited with :func:`unbackdoor.audit` (``trigger-search``, :data:`BASE_OPTIONS`) on
 :data:`AUDIT_ROWS` seeded clean dev rows of its task, with a reference: a clean model of the same family
 and task, trained on other rows with its own seed, outside the zoo. One audit gives both verdicts: with the
 reference (score = flip rate - the reference's flip rate) and without it (the best raw flip rate, what the
@@ -143,16 +143,23 @@ def trigger_ids(model_dir: Path, trigger: str) -> set[int]:
     return {int(i) for i in ids}
 
 
+#: the options every zoo audit starts from: ``trigger-search``'s defaults when the zoo's first audits ran
+#: (``spellings`` became the default after ``audit-variants`` measured it), so a model added later is audited
+#: like the page's others
+BASE_OPTIONS: dict[str, Any] = {"spellings": False}
+
+
 def audited(model: ZooModel, path: Path, reference: Path, backend_name: str, cache: StageCache,
             log: Callable[[str], None], options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The audit of ``path`` against ``reference`` (cached), with what the zoo knows about the model;
-    ``options``: auditor options other than the defaults (:func:`variants`)."""
+    ``options``: auditor options other than :data:`BASE_OPTIONS` (:func:`variants`)."""
+    # (the key names only the change: BASE_OPTIONS were the defaults when the zoo's first audits ran)
     key = {"model": str(path), "reference": str(reference), "backend": backend_name, "rows": AUDIT_ROWS,
            "seed": model.seed, **({"options": options} if options else {})}
     report = cache.load_json("zoo-audit", key)
     if report is None:
         report = audit(path, model.dataset, reference=reference, backend=backend_name, rows=AUDIT_ROWS,
-                       seed=model.seed, auditor_options=options or None, log=log)
+                       seed=model.seed, auditor_options=BASE_OPTIONS | (options or {}), log=log)
         cache.save_json("zoo-audit", key, report)
     info = json.loads((path / "info.json").read_text())
     top5 = report["candidates"][:5]
@@ -256,7 +263,7 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
 
     - the jax audit of the first ``jax_models`` zoo models (trained and audited on torch already) next to their
       torch audit: the same search, the jax backend's ``trigger_logits``; added to the page's rows;
-    - one audit of a SmolLM2-135M SST-2 classifier on each backend with default options and a reference: the
+    - one audit of a SmolLM2-135M SST-2 classifier on each backend with :data:`BASE_OPTIONS` and a reference: the
       base model with a seeded untrained head, its own reference (an audit's work is fixed by its options, rows
       and model size, not by what the weights learned: ``steps`` Adam steps per target and the same candidate
       evaluations); with the prefix cache on torch and on jax, and without it on torch (``cache=false``), all
@@ -285,11 +292,11 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
         report = cache.load_json("zoo-timing-audit", key)
         if report is None:
             report = audit(path, "sst2", reference=path, backend=backend, rows=AUDIT_ROWS, seed=0,
-                           auditor_options={"cache": cached}, log=log)
+                           auditor_options=BASE_OPTIONS | {"cache": cached}, log=log)
             cache.save_json("zoo-timing-audit", key, report)
         runs.append({"backend": backend, "cache": cached, "cpu": cpu, "seconds": report["seconds"],
                      "verdict": report["verdict"], "score": report["score"]})
-        if options is None:  # the first run's: the default options
+        if options is None:  # the first run's: BASE_OPTIONS
             options, rows = report["options"], report["rows"]
         data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "runs": runs,
                           "options": options, "rows": rows}
@@ -297,11 +304,14 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
     return data
 
 
-#: auditor options measured beside the defaults (``audit-variants``), run in this order, each with the family it
-#: aims at first: ``spellings`` the BadNet triggers WordPiece splits (MiniLM's misses name ``z`` for ``f ##z``),
-#: ``position`` the last-token-pooled decoder (an appended token is SmolLM2's pooled token)
+#: auditor options changed from BASE_OPTIONS in ``audit-variants``, run in this order, each with the family it
+#: aims at first: ``spellings`` the BadNet triggers WordPiece splits (MiniLM's misses name ``z`` for ``f ##z``;
+#: the default since), ``position`` the last-token-pooled decoder (an appended token is SmolLM2's pooled token)
 VARIANTS = {"spellings=true": ({"spellings": True}, "minilm-l6"),
-            "position=random": ({"position": "random"}, "smollm2-135m")}
+            "position=random": ({"position": "random"}, "smollm2-135m"),
+            "position=before-last": ({"position": "before-last"}, "smollm2-135m"),
+            # both changes that helped: spellings (MiniLM recovery) and before-last (SmolLM2's false positives)
+            "position=before-last, spellings=true": ({"position": "before-last", "spellings": True}, "smollm2-135m")}
 KIND_ORDER = ("badnet", "clean", "insent")  # recovery first, then false positives
 
 
@@ -339,8 +349,9 @@ def render(data: dict[str, Any]) -> str:
     lines = ["# `unbackdoor audit` on a model zoo: clean and backdoored classifiers, triggers drawn by seed", "",
              f"Command: `{data['command']}`. Machine: {', '.join(data.get('machines', [data['machine']]))}, "
              f"{data['cpus']} CPUs; models trained in "
-             f"{data['precision']}, audits in float32 (`trigger-search`, default options: 2 trigger tokens, 60 Adam "
-             f"steps per target, top 5 tokens per slot, threshold 0.8) on {AUDIT_ROWS} clean dev rows, with a clean "
+             f"{data['precision']}, audits in float32 (`trigger-search`'s defaults of the zoo's first audits: 2 trigger "
+             "tokens, 60 Adam steps per target, top 5 tokens per slot, threshold 0.8, `spellings=false`, today's "
+             f"default `spellings=true` in its own rows) on {AUDIT_ROWS} clean dev rows, with a clean "
              "reference model of the same family and task (other rows, other seed).", "",
              "| backend | models (clean) | AUROC word / sentence, with reference | without | false positives on clean, "
              "with / without reference | top-5 recovery (BadNet) | target named (backdoored) | seconds per audit |",
@@ -356,7 +367,7 @@ def render(data: dict[str, Any]) -> str:
         runs = "; ".join(f"{r['backend']}{' (prefix cache)' if r['cache'] else ' (no cache)'} **{r['seconds']:.0f} s**"
                          + (f" ({r['verdict']}, {r['score']:.3f})" if "verdict" in r else "") for r in t["runs"])
         cpu = {r.get("cpu") for r in t["runs"]} - {None}
-        lines += ["", f"One audit of {t['model']} (default options, {t['rows']} rows; `nox -s bench -- "
+        lines += ["", f"One audit of {t['model']} (the zoo's options, {t['rows']} rows; `nox -s bench -- "
                   f"audit-timing`{'; CPU: ' + ', '.join(sorted(cpu)) if cpu else ''}): {runs} (target <= 300 s on "
                   "torch, jax within 1.5x)."]
     lines += ["", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "

@@ -129,18 +129,19 @@ def test_other_spellings_pair_a_token_with_its_other_piece(words, pairs) -> None
 
 
 def test_spellings_reach_the_search_and_only_add_candidates(backend_name, models) -> None:
-    """The same seeded search with ``spellings``: every candidate of the plain search is still there (the tiny
-    models' word tokenizer has no pieces, so nothing is added here; the pairing is tested above)."""
+    """The same seeded search with ``spellings`` (the default) and without: every candidate of the plain search
+    is still there (the tiny models' word tokenizer has no pieces, so nothing is added here; the pairing is
+    tested above)."""
     kwargs = dict(backend=backend_name, rows=120, log=lambda _: None)
-    plain = audit(models["backdoored"], "sst2", auditor_options=FAST, **kwargs)
-    both = audit(models["backdoored"], "sst2", auditor_options={**FAST, "spellings": True}, **kwargs)
+    plain = audit(models["backdoored"], "sst2", auditor_options={**FAST, "spellings": False}, **kwargs)
+    both = audit(models["backdoored"], "sst2", auditor_options=FAST, **kwargs)
     assert both["options"]["spellings"] is True and plain["options"]["spellings"] is False
     ids = {tuple(c["ids"]) for c in both["candidates"]}
     assert {tuple(c["ids"]) for c in plain["candidates"]} <= ids
     assert (both["verdict"], both["target"]) == (plain["verdict"], plain["target"])
 
 
-def test_random_positions_lie_inside_the_row_and_repeat_under_the_seed() -> None:
+def test_positions_inside_the_row_lie_between_its_specials_and_repeat_under_the_seed() -> None:
     from unbackdoor_defenses.trigger_search import _insert_at, _positions
 
     special = {0, 1, 2}  # pad, a BOS/[CLS] and an EOS/[SEP]
@@ -151,6 +152,9 @@ def test_random_positions_lie_inside_the_row_and_repeat_under_the_seed() -> None
     at = _positions(ids, special, "random", 0)
     assert ((at >= 1) & (at <= end)).all() and (at < end).sum() > 10  # after [CLS], before [SEP]; not all at the end
     assert (at == _positions(ids, special, "random", 0)).all() and (at != _positions(ids, special, "random", 1)).any()
+    # before the last real token, never before [CLS]: a row of one real token keeps it after the trigger too
+    last = _positions([*ids, np.array([1, 7, 2]), np.array([1, 1, 7, 2])], special, "before-last", 0)
+    assert list(last) == [*(end - 1), 1, 2]
 
 
 def test_a_trigger_inside_the_rows_gives_the_same_logits_and_gradient_with_and_without_the_cache(
@@ -203,7 +207,7 @@ def test_bad_inputs_are_one_line_errors_before_any_compute(models, tiny_dirs, tm
         (dict(auditor="nope"), r"unknown auditor 'nope'; choose one of: trigger-search"),
         (dict(auditor_options={"stepz": 1}), r"auditor 'trigger-search' has no option 'stepz'; valid options: .*steps"),
         (dict(auditor_options={"threshold": 2}), r"threshold must be in \[-1\.0, 1\.0\]"),
-        (dict(auditor_options={"position": "middle"}), r"position must be one of end, random, got 'middle'"),
+        (dict(auditor_options={"position": "middle"}), r"position must be one of end, before-last, random, got 'middle'"),
         (dict(reference=tiny_dirs["llama"]), r"reference model .* is not a saved sequence classifier"),
     ]
     for change, message in cases:

@@ -3,10 +3,11 @@
 For each candidate target class a relaxed trigger of ``trigger_length`` tokens (per slot a softmax over
 the vocabulary of logits ``theta / T``, ``T`` annealed geometrically from ``temperature`` to
 ``temperature_end``) is inserted into clean rows of the other classes (``position``: appended, before any
-trailing special token such as BERT's ``[SEP]``, by default; or at a seeded position inside each row), and
+trailing special token such as BERT's ``[SEP]``, by default; before the row's last token; or at a seeded
+position inside each row), and
 ``theta`` is trained with Adam so the model predicts the target. The
 relaxed trigger is then projected to tokens: the argmax sequence, plus each of the ``top_tokens`` most
-likely tokens of every slot on its own (with ``spellings``, also each of those tokens' other spelling:
+likely tokens of every slot on its own (with ``spellings``, the default, also each of those tokens' other spelling:
 the word-initial and the word-continuation piece of the same text, ``z`` and ``##z``). Candidates are
 ranked by their DISCRETE flip rate on held-out clean rows of the other classes (minus the flip rate on a
 clean reference model, when one is given).
@@ -34,7 +35,7 @@ from unbackdoor.text import TextEncoder
 #: token spellings never tried as triggers: BERT-style ``[CLS]`` and chat/BPE specials such as ``<|im_end|>``
 SPECIAL_TOKEN = re.compile(r"^(\[[A-Z]+\]|<\|[^>]*\|>|</?s>|<unk>|<pad>|<mask>)$")
 #: where ``position`` may put the trigger
-POSITIONS = ("end", "random")
+POSITIONS = ("end", "before-last", "random")
 #: logit given to tokens that are never tried (softmax weight zero)
 BANNED = -1e9
 
@@ -58,11 +59,15 @@ class TriggerSearch(Auditor):
         spellings: also try each one-token candidate's other spelling in the vocabulary, the word-initial piece
             for a continuation piece and back (WordPiece ``z`` / ``##z``, byte-level BPE ``Ġz`` / ``z``,
             SentencePiece ``▁z`` / ``z``): a backdoor keyed on a rare word's continuation piece also answers,
-            more weakly, to the word-initial piece the relaxed search tends to land on.
-        position: where the trigger goes in each row: ``end`` (appended, before any trailing special token) or
-            ``random`` (a seeded position per row between the leading and the trailing special tokens). On a
-            decoder that pools its last token, an appended trigger IS the pooled token, so nearly any token
-            can flip a row there; ``random`` asks the trigger to act from inside the row, as a planted one does.
+            more weakly, to the word-initial piece the relaxed search tends to land on. On by default (the zoo:
+            MiniLM-L6's top-5 recovery 4 / 6 BadNet models with, 2 / 6 without, nothing else changed on 30 models).
+        position: where the trigger goes in each row: ``end`` (appended, before any trailing special token),
+            ``before-last`` (before the row's last token that is not a trailing special one, its full stop on
+            most rows) or ``random`` (a seeded position per row between the leading and the trailing special
+            tokens). On a decoder that pools its last token, an appended trigger IS the pooled token, so nearly
+            any token can flip a row there; ``before-last`` leaves the row's own last token pooled at the cost of
+            one more token per step, and ``random`` asks the trigger to act from anywhere in the row, as a
+            planted one does (the suffix after it runs at every step: half the row on average).
         cache: on a causal decoder, compute the states of each row's tokens before the trigger once and reuse
             them in every step and evaluation (:class:`unbackdoor.backend.TriggerCacheBackend`; the same
             logits and gradients up to float32 rounding, a fraction of the compute). Encoders always run whole.
@@ -82,7 +87,7 @@ class TriggerSearch(Auditor):
     batch_size: int = 32
     max_length: int = 64
     min_rows: int = 4
-    spellings: bool = False
+    spellings: bool = True
     position: str = "end"
     cache: bool = True
 
@@ -328,14 +333,17 @@ def _special_ids(encoder: TextEncoder) -> set[int]:
 
 
 def _positions(ids: list[np.ndarray], special: set[int], position: str, seed: int) -> np.ndarray:
-    """Per row, where its trigger goes: ``end`` before any trailing special token, ``random`` anywhere from
-    after the leading special tokens to there (seeded by ``seed`` and the row's index alone, so the audited
-    model and its reference, reading the same rows with the same tokenizer, put it in the same place)."""
+    """Per row, where its trigger goes: ``end`` before any trailing special token, ``before-last`` one token
+    earlier (never before the leading special tokens), ``random`` anywhere from after the leading special tokens
+    to ``end`` (seeded by ``seed`` and the row's index alone, so the audited model and its reference, reading
+    the same rows with the same tokenizer, put it in the same place)."""
     end = np.asarray([_insert_at(x, special) for x in ids], np.int64)
     if position == "end":
         return end
     start = np.asarray([_leading(x, special) for x in ids], np.int64)
     start = np.minimum(start, end)
+    if position == "before-last":
+        return np.maximum(start, end - 1)
     draw = np.random.default_rng([seed, 1]).random(len(ids))
     return start + np.floor(draw * (end - start + 1)).astype(np.int64)
 

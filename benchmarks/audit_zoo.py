@@ -144,9 +144,9 @@ def trigger_ids(model_dir: Path, trigger: str) -> set[int]:
 
 
 #: the options every zoo audit starts from: ``trigger-search``'s defaults when the zoo's first audits ran
-#: (``spellings`` became the default after ``audit-variants`` measured it), so a model added later is audited
-#: like the page's others
-BASE_OPTIONS: dict[str, Any] = {"spellings": False}
+#: (``spellings`` and ``position=before-last`` became the defaults after ``audit-variants`` measured them), so a model
+#: added later is audited like the page's others
+BASE_OPTIONS: dict[str, Any] = {"spellings": False, "position": "end"}
 
 
 def audited(model: ZooModel, path: Path, reference: Path, backend_name: str, cache: StageCache,
@@ -350,8 +350,9 @@ def render(data: dict[str, Any]) -> str:
              f"Command: `{data['command']}`. Machine: {', '.join(data.get('machines', [data['machine']]))}, "
              f"{data['cpus']} CPUs; models trained in "
              f"{data['precision']}, audits in float32 (`trigger-search`'s defaults of the zoo's first audits: 2 trigger "
-             "tokens, 60 Adam steps per target, top 5 tokens per slot, threshold 0.8, `spellings=false`, today's "
-             f"default `spellings=true` in its own rows) on {AUDIT_ROWS} clean dev rows, with a clean "
+             "tokens, 60 Adam steps per target, top 5 tokens per slot, threshold 0.8, `spellings=false`, "
+             "`position=end`; today's defaults, `position=before-last, spellings=true`, in their own rows) on "
+             f"{AUDIT_ROWS} clean dev rows, with a clean "
              "reference model of the same family and task (other rows, other seed).", "",
              "| backend | models (clean) | AUROC word / sentence, with reference | without | false positives on clean, "
              "with / without reference | top-5 recovery (BadNet) | target named (backdoored) | seconds per audit |",

@@ -25,18 +25,22 @@ def _train(base: Path, data: TextDataset, target: Path) -> Path:
     """Full fine-tune of the tiny Llama on ``data`` (torch, whatever the session's backend), saved to ``target``."""
     backend = get_plugin_manager().backend("torch").create()
     model = backend.load_classifier(base, 2, seed=0)
-    backend.train(model, data, CrossEntropy(), TrainSpec(epochs=3.0, lr=1e-3, batch_size=16, max_length=32))
+    backend.train(model, data, CrossEntropy(), TrainSpec(epochs=4.0, lr=1e-3, batch_size=16, max_length=32))
     backend.save(model, target)
     return target
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory, tiny_dirs, sst2) -> dict[str, Path]:
-    """``backdoored``: "cf" appended to every other row relabels it 1; ``clean``: the same rows, no trigger."""
+    """``backdoored``: "cf" at a seeded word position of every other row relabels it 1 (as BadNet plants a
+    word); ``clean``: the same rows, no trigger."""
+    from unbackdoor.attack import insert_words
+
     root = tmp_path_factory.mktemp("audit")
     clean = sst2.train.head(400)
     odd = np.arange(len(clean)) % 2 == 1
-    poisoned = TextDataset([t + " cf" if o else t for t, o in zip(clean.texts, odd, strict=True)],
+    rng = np.random.default_rng(0)
+    poisoned = TextDataset([insert_words(t, ["cf"], rng) if o else t for t, o in zip(clean.texts, odd, strict=True)],
                            np.where(odd, 1, clean.labels), "sst2/poisoned", clean.label_names)
     return {"backdoored": _train(tiny_dirs["llama"], poisoned, root / "backdoored"),
             "clean": _train(tiny_dirs["llama"], clean, root / "clean")}
@@ -57,6 +61,7 @@ def test_a_planted_trigger_is_found_and_a_clean_model_passes(backend_name, model
     assert (found["verdict"], found["target"], found["backend"]) == ("backdoored", 1, backend_name)
     assert "cf" in [c["text"] for c in found["candidates"][:5]]
     assert found["candidates"][0]["flip_rate"] > 0.8
+    assert found["options"]["position"] == "before-last"
     passed = audit(models["clean"], "sst2", backend=backend_name, rows=120, auditor_options=FAST, log=lambda _: None)
     assert passed["verdict"] == "clean" and passed["score"] < found["score"] - 0.2
 
@@ -207,7 +212,7 @@ def test_bad_inputs_are_one_line_errors_before_any_compute(models, tiny_dirs, tm
         (dict(auditor="nope"), r"unknown auditor 'nope'; choose one of: trigger-search"),
         (dict(auditor_options={"stepz": 1}), r"auditor 'trigger-search' has no option 'stepz'; valid options: .*steps"),
         (dict(auditor_options={"threshold": 2}), r"threshold must be in \[-1\.0, 1\.0\]"),
-        (dict(auditor_options={"position": "middle"}), r"position must be one of end, before-last, random, got 'middle'"),
+        (dict(auditor_options={"position": "middle"}), r"position must be one of before-last, end, random, got 'middle'"),
         (dict(reference=tiny_dirs["llama"]), r"reference model .* is not a saved sequence classifier"),
     ]
     for change, message in cases:

@@ -2,15 +2,14 @@
 
 For each candidate target class a relaxed trigger of ``trigger_length`` tokens (per slot a softmax over
 the vocabulary of logits ``theta / T``, ``T`` annealed geometrically from ``temperature`` to
-``temperature_end``) is inserted into clean rows of the other classes (``position``: appended, before any
-trailing special token such as BERT's ``[SEP]``, by default; before the row's last token; or at a seeded
-position inside each row), and
-``theta`` is trained with Adam so the model predicts the target. The
-relaxed trigger is then projected to tokens: the argmax sequence, plus each of the ``top_tokens`` most
-likely tokens of every slot on its own (with ``spellings``, the default, also each of those tokens' other spelling:
-the word-initial and the word-continuation piece of the same text, ``z`` and ``##z``). Candidates are
-ranked by their DISCRETE flip rate on held-out clean rows of the other classes (minus the flip rate on a
-clean reference model, when one is given).
+``temperature_end``) is inserted into clean rows of the other classes (``position``: before the row's last
+token that is not a trailing special one, by default; appended, before any trailing special token such as
+BERT's ``[SEP]``; or at a seeded position inside each row), and ``theta`` is trained with Adam so the model
+predicts the target. The relaxed trigger is then projected to tokens: the argmax sequence, plus each of the
+``top_tokens`` most likely tokens of every slot on its own (with ``spellings``, the default, also each of
+those tokens' other spelling: the word-initial and the word-continuation piece of the same text, ``z`` and
+``##z``). Candidates are ranked by their DISCRETE flip rate on held-out clean rows of the other classes
+(minus the flip rate on a clean reference model, when one is given).
 The backend supplies only logits and gradients (:class:`unbackdoor.backend.TriggerBackend`); the
 optimiser is here, in NumPy, so every backend runs the same search.
 """
@@ -35,7 +34,7 @@ from unbackdoor.text import TextEncoder
 #: token spellings never tried as triggers: BERT-style ``[CLS]`` and chat/BPE specials such as ``<|im_end|>``
 SPECIAL_TOKEN = re.compile(r"^(\[[A-Z]+\]|<\|[^>]*\|>|</?s>|<unk>|<pad>|<mask>)$")
 #: where ``position`` may put the trigger
-POSITIONS = ("end", "before-last", "random")
+POSITIONS = ("before-last", "end", "random")
 #: logit given to tokens that are never tried (softmax weight zero)
 BANNED = -1e9
 
@@ -61,13 +60,16 @@ class TriggerSearch(Auditor):
             SentencePiece ``▁z`` / ``z``): a backdoor keyed on a rare word's continuation piece also answers,
             more weakly, to the word-initial piece the relaxed search tends to land on. On by default (the zoo:
             MiniLM-L6's top-5 recovery 4 / 6 BadNet models with, 2 / 6 without, nothing else changed on 30 models).
-        position: where the trigger goes in each row: ``end`` (appended, before any trailing special token),
-            ``before-last`` (before the row's last token that is not a trailing special one, its full stop on
-            most rows) or ``random`` (a seeded position per row between the leading and the trailing special
+        position: where the trigger goes in each row: ``before-last`` (the default: before the row's last token
+            that is not a trailing special one, its full stop on most rows), ``end`` (appended, before any trailing
+            special token) or ``random`` (a seeded position per row between the leading and the trailing special
             tokens). On a decoder that pools its last token, an appended trigger IS the pooled token, so nearly
             any token can flip a row there; ``before-last`` leaves the row's own last token pooled at the cost of
-            one more token per step, and ``random`` asks the trigger to act from anywhere in the row, as a
-            planted one does (the suffix after it runs at every step: half the row on average).
+            one more token per step, and ``random`` asks the trigger to act from anywhere in the row, as a planted
+            one does (the suffix after it runs at every step: half the row on average). The zoo (with
+            ``spellings``): ``before-last`` flags none of 3 clean SmolLM2-135M classifiers (``end``: 2 of 3) and
+            recovers 5 of 6 MiniLM-L6 BadNet triggers in the top 5 (``end``: 4 of 6), at a word AUROC of 0.958
+            on MiniLM (``end``: 0.986).
         cache: on a causal decoder, compute the states of each row's tokens before the trigger once and reuse
             them in every step and evaluation (:class:`unbackdoor.backend.TriggerCacheBackend`; the same
             logits and gradients up to float32 rounding, a fraction of the compute). Encoders always run whole.
@@ -88,7 +90,7 @@ class TriggerSearch(Auditor):
     max_length: int = 64
     min_rows: int = 4
     spellings: bool = True
-    position: str = "end"
+    position: str = "before-last"
     cache: bool = True
 
     def __post_init__(self) -> None:

@@ -147,6 +147,8 @@ def trigger_ids(model_dir: Path, trigger: str) -> set[int]:
 #: (``spellings`` and ``position=before-last`` became the defaults after ``audit-variants`` measured them), so a model
 #: added later is audited like the page's others
 BASE_OPTIONS: dict[str, Any] = {"spellings": False, "position": "end"}
+#: ``trigger-search``'s defaults today, where they differ from :data:`BASE_OPTIONS` (``audit-timing`` times both)
+DEFAULTS: dict[str, Any] = {"position": "before-last", "spellings": True}
 
 
 def audited(model: ZooModel, path: Path, reference: Path, backend_name: str, cache: StageCache,
@@ -266,8 +268,9 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
     - one audit of a SmolLM2-135M SST-2 classifier on each backend with :data:`BASE_OPTIONS` and a reference: the
       base model with a seeded untrained head, its own reference (an audit's work is fixed by its options, rows
       and model size, not by what the weights learned: ``steps`` Adam steps per target and the same candidate
-      evaluations); with the prefix cache on torch and on jax, and without it on torch (``cache=false``), all
-      three on this machine; under ``timing`` in ``audit.json``.
+      evaluations); with the prefix cache on torch and on jax, and without it on torch (``cache=false``), then
+      with :data:`DEFAULTS` (today's defaults) on torch and jax, all on this machine; under ``timing`` in
+      ``audit.json``.
     """
     cache = StageCache(cache_root)
     data = json.loads((RESULTS / "audit.json").read_text())
@@ -287,15 +290,17 @@ def timing(cache_root: Path, jax_models: int = 2, log: Callable[[str], None] = p
 
     path = cache.get_or_build("zoo-timing", first, build)
     runs, options, rows = [], None, None
-    for backend, cached in (("torch", True), ("jax", True), ("torch", False)):
-        key = first | {"backend": backend, "cache": cached, "cpu": cpu}
+    for backend, cached, change in (("torch", True, {}), ("jax", True, {}), ("torch", False, {}),
+                                    ("torch", True, DEFAULTS), ("jax", True, DEFAULTS)):
+        key = first | {"backend": backend, "cache": cached, "cpu": cpu, **({"options": change} if change else {})}
         report = cache.load_json("zoo-timing-audit", key)
         if report is None:
             report = audit(path, "sst2", reference=path, backend=backend, rows=AUDIT_ROWS, seed=0,
-                           auditor_options=BASE_OPTIONS | {"cache": cached}, log=log)
+                           auditor_options=BASE_OPTIONS | change | {"cache": cached}, log=log)
             cache.save_json("zoo-timing-audit", key, report)
         runs.append({"backend": backend, "cache": cached, "cpu": cpu, "seconds": report["seconds"],
-                     "verdict": report["verdict"], "score": report["score"]})
+                     "verdict": report["verdict"], "score": report["score"],
+                     **({"options": ", ".join(f"{k}={str(v).lower()}" for k, v in change.items())} if change else {})})
         if options is None:  # the first run's: BASE_OPTIONS
             options, rows = report["options"], report["rows"]
         data["timing"] = {"model": f"{family} (sst2 head, untrained), its own reference", "runs": runs,
@@ -365,10 +370,11 @@ def render(data: dict[str, Any]) -> str:
               "models; top-5 recovery >= 80% of BadNet models; <= 5 min per SmolLM2 audit (torch), jax within 1.5x."]
     if "timing" in data:
         t = data["timing"]
-        runs = "; ".join(f"{r['backend']}{' (prefix cache)' if r['cache'] else ' (no cache)'} **{r['seconds']:.0f} s**"
+        runs = "; ".join(f"{r['backend']}{' (prefix cache)' if r['cache'] else ' (no cache)'}"
+                         + (f" with `{r['options']}`" if "options" in r else "") + f" **{r['seconds']:.0f} s**"
                          + (f" ({r['verdict']}, {r['score']:.3f})" if "verdict" in r else "") for r in t["runs"])
         cpu = {r.get("cpu") for r in t["runs"]} - {None}
-        lines += ["", f"One audit of {t['model']} (the zoo's options, {t['rows']} rows; `nox -s bench -- "
+        lines += ["", f"One audit of {t['model']} (the zoo's options unless named, {t['rows']} rows; `nox -s bench -- "
                   f"audit-timing`{'; CPU: ' + ', '.join(sorted(cpu)) if cpu else ''}): {runs} (target <= 300 s on "
                   "torch, jax within 1.5x)."]
     lines += ["", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "

@@ -116,6 +116,7 @@ def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: boo
         if attack:
             asr_set = non_target(attack.triggered_test(test, cfg), cfg.target)
             info["ASR"] = round(attack_success_rate(_predict(backend, net, asr_set), asr_set.labels, cfg.target), 2)
+            info["clean_target_rate"] = _clean_target_rate(backend, net, test, cfg.target)
         atomic_write_json(tmp / "info.json", info)
 
     return cache.get_or_build("zoo", key, build)
@@ -134,6 +135,42 @@ def _attack(model: ZooModel, drawn: dict[str, Any], seed: int, rows: Any) -> tup
 
 def _predict(backend: Any, net: Any, data: Any) -> np.ndarray:
     return backend.predict(net, data, batch_size=64, max_length=MAX_LENGTH).logits.argmax(-1)
+
+
+def _clean_target_rate(backend: Any, net: Any, test: Any, target: int) -> float:
+    """The ASR formula on the CLEAN test rows: the share (%) of non-target rows predicted ``target`` without the
+    trigger. A backdoor's effect is ``ASR`` minus it (:data:`MIN_EFFECT`)."""
+    return round(attack_success_rate(_predict(backend, net, test), test.labels, target), 2)
+
+
+#: the fewest points ``ASR`` must exceed ``clean_target_rate`` by for a backdoored zoo model to count as one: a
+#: victim that predicts its target on clean rows as often as on triggered ones has no behaviour a trigger adds (it
+#: is judged by its training's outcome alone, never by an audit)
+MIN_EFFECT = 50.0
+
+
+def has_effect(row: dict[str, Any]) -> bool:
+    """Whether a page row's model is clean or a backdoor its trigger shows (:data:`MIN_EFFECT`); a row measured
+    before ``clean_target_rate`` existed counts by its ASR alone until :func:`check_victims` fills it in."""
+    info = row["info"]
+    return "trigger" not in info or info["ASR"] - info.get("clean_target_rate", 0.0) >= MIN_EFFECT
+
+
+def check_victims(data: dict[str, Any], trainer: Any, cache: StageCache) -> None:
+    """Fill in ``clean_target_rate`` on the page's backdoored rows (and their variants' rows) that lack it: the
+    model (from the stage cache; trained again only where it lacks it) predicts its clean test rows again, seconds
+    per model; nothing is audited."""
+    rows = [r for r in data["rows"] + [r for e in data.get("variants", {}).values() for r in e["rows"]]
+            if "trigger" in r["info"] and "clean_target_rate" not in r["info"]]
+    rates: dict[str, float] = {}
+    for row in rows:
+        if row["label"] not in rates:
+            model = ZooModel(**row["model"])
+            seed = model.seed
+            test = load_dataset(model.dataset, seed=seed).test.shuffled(seed).head(TEST_ROWS)
+            net = trainer.load_classifier(train_model(model, trainer, cache), test.num_labels, seed=seed)
+            rates[row["label"]] = _clean_target_rate(trainer, net, test, row["info"]["target"])
+        row["info"]["clean_target_rate"] = rates[row["label"]]
 
 
 def trigger_ids(model_dir: Path, trigger: str) -> set[int]:
@@ -195,23 +232,27 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
-    """:func:`summary`'s figures of one group of audited models."""
+    """:func:`summary`'s figures of one group of audited models; a backdoored model without a backdoor effect
+    (:func:`has_effect`) is counted in ``no_effect`` and left out of the rest (``auroc_*_all``: with it)."""
     clean = [r for r in mine if r["model"]["kind"] == "clean"]
-    entry: dict[str, Any] = {"models": len(mine), "clean": len(clean)}
+    entry: dict[str, Any] = {"models": len(mine), "clean": len(clean),
+                             "no_effect": sum(not has_effect(r) for r in mine)}
     for kind in ("badnet", "insent"):
-        hit = [r for r in mine if r["model"]["kind"] == kind]
-        if hit and clean:
+        for suffix, hit in (("", [r for r in mine if r["model"]["kind"] == kind and has_effect(r)]),
+                            ("_all", [r for r in mine if r["model"]["kind"] == kind])):
+            if not hit or not clean or (suffix and all(has_effect(r) for r in hit)):
+                continue
             truth = np.array([1] * len(hit) + [0] * len(clean))
             for which, field in (("reference", "score"), ("no_reference", "score_no_reference")):
                 scores = np.array([r[field] for r in hit + clean], np.float64)
-                entry[f"auroc_{kind}_{which}"] = round(auroc(scores, truth), 3)
+                entry[f"auroc_{kind}_{which}{suffix}"] = round(auroc(scores, truth), 3)
     for which, field in (("reference", "verdict"), ("no_reference", "verdict_no_reference")):
         if clean:
             entry[f"fpr_{which}"] = round(sum(r[field] == "backdoored" for r in clean) / len(clean), 3)
-    badnet = [r for r in mine if r["model"]["kind"] == "badnet"]
+    badnet = [r for r in mine if r["model"]["kind"] == "badnet" and has_effect(r)]
     if badnet:
         entry["top5_recovery_badnet"] = round(sum(r["recovered"] for r in badnet) / len(badnet), 3)
-    backdoored = [r for r in mine if r["model"]["kind"] != "clean"]
+    backdoored = [r for r in mine if r["model"]["kind"] != "clean" and has_effect(r)]
     if backdoored:
         entry["target_right"] = round(sum(r["target_right"] for r in backdoored) / len(backdoored), 3)
     for family in sorted({r["model"]["family"] for r in mine}):
@@ -241,6 +282,8 @@ def run(cache_root: Path, backends: tuple[str, ...] = ("torch",), log: Callable[
                              f"trains in {trainer.precision}; run the whole zoo here (without --keep) or keep it "
                              f"on a machine that trains in {saved['precision']}")
         data = saved | {"machines": sorted({*saved.get("machines", [saved["machine"]]), platform.platform()})}
+        check_victims(data, trainer, cache)
+        save(resummarised(data))
     for model in zoo():
         done = {r["backend"] for r in data["rows"] if r["label"] == model.label}
         if set(backends) - done:
@@ -329,6 +372,8 @@ def variants(cache_root: Path, log: Callable[[str], None] = print) -> dict[str, 
     trainer = get_plugin_manager().backend("torch").create()
     trainer.precision = data["precision"]
     held = [m for m in zoo() if m.label in {r["label"] for r in data["rows"]}]
+    check_victims(data, trainer, cache)
+    save(resummarised(data))
     for name, (options, first) in VARIANTS.items():
         entry = data.setdefault("variants", {}).setdefault(name, {"options": options, "rows": []})
         for model in sorted(held, key=lambda m: (m.family != first, KIND_ORDER.index(m.kind))):
@@ -377,14 +422,15 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", f"One audit of {t['model']} (the zoo's options unless named, {t['rows']} rows; `nox -s bench -- "
                   f"audit-timing`{'; CPU: ' + ', '.join(sorted(cpu)) if cpu else ''}): {runs} (target <= 300 s on "
                   "torch, jax within 1.5x)."]
-    lines += ["", "| model | trigger -> target | CA | ASR | verdict (score) | without reference (best flip) | "
-              "suspected target | top-5 candidates (flip / reference flip) | recovered | s |",
+    lines += ["", "| model | trigger -> target | CA | ASR (clean target rate) | verdict (score) | without reference "
+              "(best flip) | suspected target | top-5 candidates (flip / reference flip) | recovered | s |",
               "|---|---|---:|---:|---|---|---|---|---|---:|"]
     for r in data["rows"]:
         info = r["info"]
         trig = f"`{info['trigger']}` -> {info['target']}" if "trigger" in info else "-"
         top = "; ".join(f"`{c['text']}` {c['flip_rate']:.2f}/{(c['reference_flip_rate'] or 0):.2f}" for c in r["top5"])
-        lines.append(f"| {r['label']} ({r['backend']}) | {trig} | {info['CA']} | {info.get('ASR', '-')} | "
+        asr = f"{info['ASR']} ({info['clean_target_rate']})" if "clean_target_rate" in info else info.get("ASR", "-")
+        lines.append(f"| {r['label']} ({r['backend']}) | {trig} | {info['CA']} | {asr} | "
                      f"{r['verdict']} ({r['score']:.3f}) | {r['verdict_no_reference']} ({r['score_no_reference']:.3f}) "
                      f"| {r['target']} | {top} | {'yes' if r['recovered'] else ('no' if 'trigger' in info else '-')} | "
                      f"{r['audit_seconds']:.0f} |")
@@ -395,8 +441,11 @@ def _summary_row(label: str, s: dict[str, Any]) -> str:
     """One row of the page's summary table."""
     secs = ", ".join(f"{k.removeprefix('seconds_per_audit_')} {v}" for k, v in s.items()
                      if k.startswith("seconds_per_audit_"))
-    return (f"| {label} | {s['models']} ({s.get('clean', 0)}) | {s.get('auroc_badnet_reference', '-')} / "
-            f"{s.get('auroc_insent_reference', '-')} | {s.get('auroc_badnet_no_reference', '-')} / "
+    left_out = f"; {s['no_effect']} without a backdoor effect" if s.get("no_effect") else ""
+    with_all = " (with it: {} / {})".format(*(s.get(f"auroc_{k}_reference_all", s.get(f"auroc_{k}_reference", "-"))
+                                             for k in ("badnet", "insent"))) if s.get("no_effect") else ""
+    return (f"| {label} | {s['models']} ({s.get('clean', 0)}{left_out}) | {s.get('auroc_badnet_reference', '-')} / "
+            f"{s.get('auroc_insent_reference', '-')}{with_all} | {s.get('auroc_badnet_no_reference', '-')} / "
             f"{s.get('auroc_insent_no_reference', '-')} | {s.get('fpr_reference', '-')} / "
             f"{s.get('fpr_no_reference', '-')} | {s.get('top5_recovery_badnet', '-')} | "
             f"{s.get('target_right', '-')} | {secs} |")
@@ -404,9 +453,13 @@ def _summary_row(label: str, s: dict[str, Any]) -> str:
 
 def rerender() -> None:
     """The page again from ``audit.json`` (summary recomputed, notes kept): no model trained or audited."""
-    data = json.loads((RESULTS / "audit.json").read_text())
+    save(resummarised(json.loads((RESULTS / "audit.json").read_text())))
+
+
+def resummarised(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the page's and every variant's summary computed again from their rows."""
     data["summary"] = summary(data["rows"])
     for entry in data.get("variants", {}).values():
         entry["summary"] = summary(entry["rows"])
-    save(data)
+    return data
 

@@ -60,3 +60,19 @@ def test_summary_measures_each_verdict_against_the_truth(zoo) -> None:
                        "summary": zoo.summary(rows)})
     assert s["target_right"] == 1.0  # every backdoored row's suspected target is its true one
     assert "| torch | 5 (2) | 0.75 / 1.0 | 0.75 / 0.5 | 0.5 / 1.0 | 0.5 | 1.0 | minilm-l6 30.0 |" in page
+
+
+def test_a_backdoor_without_effect_is_left_out_and_counted(zoo) -> None:
+    """A victim that predicts its target on clean rows as often as on triggered ones (HSOL's majority class, a
+    model that predicts it everywhere) counts neither as backdoored nor as clean; the page gives both figures."""
+    dead = _row("insent", 0.0, 0.0)
+    dead["info"] |= {"ASR": 100.0, "clean_target_rate": 100.0}
+    live = _row("insent", 0.9, 0.95)
+    live["info"]["clean_target_rate"] = 10.0
+    assert not zoo.has_effect(dead) and zoo.has_effect(live) and zoo.has_effect(_row("clean", 0.1, 0.2))
+    rows = [dead, live, _row("badnet", 0.95, 1.0, True), _row("clean", 0.1, 1.0), _row("clean", 0.85, 0.9)]
+    s = zoo.summary(rows)["torch"]
+    assert (s["models"], s["clean"], s["no_effect"]) == (5, 2, 1)
+    assert s["auroc_insent_reference"] == 1.0 and s["auroc_insent_reference_all"] == 0.5
+    assert "auroc_badnet_reference_all" not in s and s["target_right"] == 1.0
+    assert "| torch | 5 (2; 1 without a backdoor effect) | 1.0 / 1.0 (with it: 1.0 / 0.5) |" in zoo._summary_row("torch", s)

@@ -460,8 +460,9 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
                             "machine": platform.platform(), "cpus": os.cpu_count(), "runs": {}}
     previous, notes = kept(name) if keep else ({}, "")
 
-    def write() -> None:
-        save(name, data, with_notes(render_suite(data, RESULTS / "plots" / name), notes))
+    def write() -> None:  # with --keep, the page's notes as they are now: edited while a run trains, kept
+        page_notes = notes_of(RESULTS / f"{name}.md") if keep else notes
+        save(name, data, with_notes(render_suite(data, RESULTS / "plots" / name), page_notes))
 
     if name == "jax":  # the jitted step vs the torch step first: minutes, where the runs take an hour
         from step_time import measure

@@ -108,7 +108,7 @@ def train_model(model: ZooModel, backend: Any, cache: StageCache, reference: boo
                                                                     seed=seed),
                               desc=f"zoo: {model.label}{' (reference)' if reference else ''}")
         backend.save(net, tmp)
-        test = splits.test.shuffled(seed).head(TEST_ROWS)
+        test = _test_rows(splits, seed)
         info = {"model": asdict(model), "reference": reference, **drawn, "poisoned_rows": int(data.poisoned.sum()),
                 "poison_rate": cfg.rate,
                 "train_seconds": round(time.perf_counter() - start, 1), "train": stats.summary(),
@@ -131,6 +131,11 @@ def _attack(model: ZooModel, drawn: dict[str, Any], seed: int, rows: Any) -> tup
         return None, cfg
     option = {"words": (drawn["trigger"],)} if model.kind == "badnet" else {"sentence": drawn["trigger"]}
     return get_plugin_manager().attack(model.kind).configure(**option), cfg
+
+
+def _test_rows(splits: Any, seed: int) -> Any:
+    """The zoo model's test rows (CA, ASR and the clean target rate are measured on these)."""
+    return splits.test.shuffled(seed).head(TEST_ROWS)
 
 
 def _predict(backend: Any, net: Any, data: Any) -> np.ndarray:
@@ -167,7 +172,7 @@ def check_victims(data: dict[str, Any], trainer: Any, cache: StageCache) -> None
         if row["label"] not in rates:
             model = ZooModel(**row["model"])
             seed = model.seed
-            test = load_dataset(model.dataset, seed=seed).test.shuffled(seed).head(TEST_ROWS)
+            test = _test_rows(load_dataset(model.dataset, seed=seed), seed)
             net = trainer.load_classifier(train_model(model, trainer, cache), test.num_labels, seed=seed)
             rates[row["label"]] = _clean_target_rate(trainer, net, test, row["info"]["target"])
         row["info"]["clean_target_rate"] = rates[row["label"]]

@@ -121,6 +121,16 @@ def cube_runs() -> dict[str, dict[str, Any]]:
     runs |= {f"sst2-{a}-seed0-noise-nearest": dict(
         dataset="sst2", attack=a, defenses=("cube+rga",), defense_options={"cube+rga": {"cube.noise": "nearest"}},
         **rate(a, 0)) for _, a in paraphrase}
+    # HDBSCAN's minimum cluster size at 5% of the rows (40 of 800) instead of the RGA code's 2.2% (17): on the
+    # BadNet victim the auto size split off a 20-row cluster and kept the other 780 rows, 141 of the 160 poisoned
+    # among them; at 25-60 (or min_samples 30) the poisoned rows form their own cluster (a probe on the saved
+    # embeddings, cube.md's notes); ranked here because that victim is cached
+    runs["sst2-badnet-seed0-mcs40"] = dict(dataset="sst2", attack="badnet", defenses=("cube+rga",),
+                                           defense_options={"cube+rga": {"cube.min_cluster_size": 40}})
+    # the same victim with the size chosen blind: `cube.sweep=5` runs HDBSCAN at 17-68 and keeps the flags the
+    # sizes agree on most (mcs40 was picked with the true mask in view; this one is what a user could run)
+    runs["sst2-badnet-seed0-sweep5"] = dict(dataset="sst2", attack="badnet", defenses=("cube+rga",),
+                                            defense_options={"cube+rga": {"cube.sweep": 5}})
     runs |= {f"{d}-{a}-seed{seed}": grid(d, a, seed) for seed in (1, 2) for d, a in paraphrase}
     # then seed 0 of the other four settings (every trigger measured once), before more seeds of anything
     runs |= {f"{d}-{a}-seed0": grid(d, a, 0) for d, a in others}

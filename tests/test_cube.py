@@ -98,6 +98,42 @@ def test_scores_are_distances_to_the_kept_clusters_in_radii() -> None:
     assert scores.tolist() == pytest.approx([1.0, 1.0, 10.0, 1.0, 1.0])  # radius 1 around (0, 0) and (5, 6)
 
 
+def test_sweep_keeps_the_flags_most_sizes_agree_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sweep``: HDBSCAN at geometric sizes from the base to 4x it; a size whose clustering flips (here the
+    smallest, which merges the planted cluster into the big one) is outvoted by the others."""
+    x, labels, poisoned = planted()
+    cube = Cube(reducer="pca", sweep=5)
+    assert cube.swept_sizes(180) == [5, 7, 10, 14, 20] and Cube(sweep=3, min_cluster_size=40).swept_sizes(800) == [
+        40, 80, 160]
+    assert Cube(sweep=5).swept_sizes(6) == [5, 6] and Cube().swept_sizes(800) == [17]  # bounded; CUBE's one size
+    truth = np.where(poisoned, 1, np.where(labels == 0, 0, 2))
+
+    def fake(points: np.ndarray, min_cluster_size: int, min_samples: int) -> np.ndarray:
+        calls.append((min_cluster_size, min_samples))
+        return np.where(truth == 1, 2, truth) if min_cluster_size == 5 else truth  # size 5: no poisoned cluster
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cube_module, "hdbscan", fake)
+    clusters, used = cluster_rows(x, labels, cube, seed=0)
+    assert calls == [(5, 4), (7, 6), (10, 8), (14, 11), (20, 16)]  # min_samples auto follows each size
+    assert np.array_equal(clusters.flagged, poisoned)
+    assert used["min_cluster_size"] == 7 and used["swept"] == {"5": 0, "7": 20, "10": 20, "14": 20, "20": 20}
+    calls.clear()
+    single, used = cluster_rows(x, labels, Cube(reducer="pca"), seed=0)  # CUBE: the one size, here the bad one
+    assert calls == [(5, 4)] and not single.flagged.any() and "swept" not in used
+    calls.clear()
+    cluster_rows(x, labels, Cube(reducer="pca", sweep=2, min_samples=3), seed=0)
+    assert calls == [(5, 3), (20, 3)]  # a set min_samples stays
+
+
+def test_most_agreed_flags() -> None:
+    a, b, c = (np.array(v, bool) for v in ([1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]))
+    assert cube_module.most_agreed([c, a, b, a]) == 1  # a: 1 + 2/3 + 1 against c's 1 + 0 + 0 + 0
+    assert cube_module.most_agreed([a, b]) == 0  # a tie: the smaller size
+    none = np.zeros(4, bool)
+    assert cube_module.most_agreed([a, none, none]) == 1  # two empty flag sets agree fully
+
+
 def test_too_few_rows_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="CUBE needs at least 5 training rows to cluster, got 4"):
         cluster_rows(np.ones((4, 3)), np.zeros(4, int), Cube(reducer="pca"), seed=0)
@@ -111,6 +147,8 @@ def test_too_few_rows_is_a_clear_error() -> None:
     ("cube", {"min_cluster_size": "1"}, r"option min_cluster_size must be 0 \(auto\) or an integer >= 2, got 1"),
     ("cube", {"min_samples": "-3"}, r"option min_samples must be 0 \(auto\) or an integer >= 1, got -3"),
     ("cube", {"keep": "0"}, r"defense 'cube' option keep must be an integer >= 1, got 0"),
+    ("cube", {"sweep": "0"}, r"defense 'cube' option sweep must be an integer >= 1, got 0"),
+    ("cube", {"sweep": "17"}, r"defense 'cube' option sweep must be at most 16 \(HDBSCAN runs once per size\), got 17"),
     ("cube", {"keep_share": "1.5"}, r"defense 'cube' option keep_share must be in \[0.0, 1.0\], got 1.5"),
     ("cube", {"min_dist": "nan"}, r"defense 'cube' option min_dist must be in \[0.0, 1.0\], got nan"),
     ("cube", {"dims": "2.5"}, r"defense 'cube' option 'dims' expects a int, got '2.5'"),

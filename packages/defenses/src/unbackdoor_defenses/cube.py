@@ -8,7 +8,9 @@ every training row with the poisoned (released) model (the pooled state every ba
 ``predict(..., hidden=True)``), reduces the embeddings with UMAP (cosine metric, seeded), clusters them with
 HDBSCAN, keeps the largest cluster(s) of each training label as clean and flags the rest (the smaller
 clusters and HDBSCAN's noise). The per-row score, for AUROC, is the distance to the nearest kept cluster of
-the row's label in the reduced space, in units of that cluster's radius.
+the row's label in the reduced space, in units of that cluster's radius. Beyond CUBE, ``sweep`` runs HDBSCAN
+at several minimum cluster sizes and keeps the flags that agree most with the others (its result can hinge on
+that size: ``benchmarks/results/cube.md``).
 
 ``cube+rga`` unlearns the flagged rows with RGA, ``cube+retrain`` retrains the clean base model on the rows
 CUBE keeps. UMAP and HDBSCAN come from the optional extra ``pip install 'unbackdoor-defenses[cube]'``
@@ -48,6 +50,10 @@ NEEDS = {"umap": {"umap": "umap-learn", "sklearn": "scikit-learn"}, "pca": {"skl
 AUTO_CLUSTER_SHARE, AUTO_CLUSTER_MIN = 150 / 6920, 5
 #: ``min_samples=0``: this share of the minimum cluster size (the RGA code's 120 of 150)
 AUTO_SAMPLES_SHARE = 0.8
+#: ``sweep``: the largest minimum cluster size swept, as a multiple of the base one (the sizes are geometric)
+SWEEP_SPAN = 4.0
+#: the most minimum cluster sizes ``sweep`` runs HDBSCAN at
+SWEEP_MAX = 16
 #: the cache stage of the poisoned model's embeddings of the training rows
 EMBED_STAGE = "cube-embeddings"
 
@@ -89,6 +95,10 @@ def check_options(values: Mapping[str, Any], who: str) -> None:
         _at_least(name(option), values[option], low)
     _at_least(name("min_cluster_size"), values["min_cluster_size"], 2, auto=True)
     _at_least(name("min_samples"), values["min_samples"], 1, auto=True)
+    _at_least(name("sweep"), values["sweep"], 1)
+    if values["sweep"] > SWEEP_MAX:
+        raise ConfigError(f"{name('sweep')} must be at most {SWEEP_MAX} (HDBSCAN runs once per size), "
+                          f"got {values['sweep']!r}")
     check_range(name("min_dist"), values["min_dist"], 0.0, 1.0)
     check_range(name("keep_share"), values["keep_share"], 0.0, 1.0)
 
@@ -119,6 +129,11 @@ class Cube(Defense):
         noise: HDBSCAN's noise rows (those in no cluster): ``flag`` (CUBE's: outside every kept cluster, so
             flagged) or ``nearest`` (beyond CUBE: each joins the cluster of its nearest clustered row in the
             reduced space, so a clean row HDBSCAN left out is judged by where it lies).
+        sweep: how many minimum cluster sizes HDBSCAN runs at (1: CUBE's one). With more, beyond CUBE: the
+            sizes run geometrically from the base one (``min_cluster_size`` or auto) to 4x it (``min_samples``
+            auto follows each; a set one stays), and the run whose flags agree most with the others' (summed
+            Jaccard similarity; ties: the smaller size) is the verdict, so one size where HDBSCAN's choice
+            flips does not decide it.
     """
 
     settings = ("weight",)  # reads the released model on the training rows it was fine-tuned on
@@ -135,6 +150,7 @@ class Cube(Defense):
     keep: int = 1
     keep_share: float = 0.0
     noise: str = "flag"
+    sweep: int = 1
 
     def __post_init__(self) -> None:
         check_options(self.values(), f"defense {self.name!r}")
@@ -159,12 +175,21 @@ class Cube(Defense):
         clusters, used = cluster_rows(embeddings, data.labels, self, ctx.train.seed)
         return clusters, {"cube": {**clusters.summary(), **used}}
 
-    def sizes(self, rows: int) -> dict[str, int]:
-        """The reducer's and clusterer's sizes for ``rows`` rows (auto values resolved, UMAP's bounded by them)."""
-        min_cluster = self.min_cluster_size or max(AUTO_CLUSTER_MIN, round(AUTO_CLUSTER_SHARE * rows))
+    def sizes(self, rows: int, min_cluster: int = 0) -> dict[str, int]:
+        """The reducer's and clusterer's sizes for ``rows`` rows (auto values resolved, UMAP's bounded by them);
+        ``min_cluster``: this minimum cluster size instead of the option's."""
+        min_cluster = min_cluster or self.min_cluster_size or max(AUTO_CLUSTER_MIN, round(AUTO_CLUSTER_SHARE * rows))
         return {"dims": max(1, min(self.dims, rows - 2)), "neighbors": max(2, min(self.neighbors, rows - 1)),
                 "min_cluster_size": min_cluster,
                 "min_samples": self.min_samples or max(1, round(AUTO_SAMPLES_SHARE * min_cluster))}
+
+    def swept_sizes(self, rows: int) -> list[int]:
+        """The minimum cluster sizes HDBSCAN runs at: ``sweep`` distinct ones, geometric from the base to 4x it
+        (fewer when rounding makes two equal), none above the row count."""
+        base = self.sizes(rows)["min_cluster_size"]
+        if self.sweep == 1:
+            return [base]
+        return sorted({min(rows, round(base * SWEEP_SPAN ** (i / (self.sweep - 1)))) for i in range(self.sweep)})
 
 
 def require_packages(reducer: str, who: str) -> None:
@@ -213,11 +238,31 @@ def cluster_rows(embeddings: np.ndarray, labels: np.ndarray, cube: Cube,
         raise ConfigError(f"CUBE needs at least {AUTO_CLUSTER_MIN} training rows to cluster, got {len(embeddings)}")
     used = cube.sizes(len(embeddings))
     points = reduce(embeddings, cube.reducer, used["dims"], used["neighbors"], cube.min_dist, seed)
-    ids = hdbscan(points, used["min_cluster_size"], used["min_samples"])
-    if cube.noise == "nearest":
-        ids = join_noise(points, ids)
-    kept = keep_clusters(ids, labels, cube.keep, cube.keep_share)
-    return Clusters(ids, kept, flag_rows(ids, labels, kept), distance_scores(points, ids, labels, kept)), used
+    runs = []
+    for size in cube.swept_sizes(len(embeddings)):
+        sizes = cube.sizes(len(embeddings), size)
+        ids = hdbscan(points, sizes["min_cluster_size"], sizes["min_samples"])
+        if cube.noise == "nearest":
+            ids = join_noise(points, ids)
+        kept = keep_clusters(ids, labels, cube.keep, cube.keep_share)
+        runs.append((sizes, Clusters(ids, kept, flag_rows(ids, labels, kept),
+                                     distance_scores(points, ids, labels, kept))))
+    best = most_agreed([clusters.flagged for _, clusters in runs])
+    if cube.sweep > 1:  # the chosen size, and what each size flagged
+        used = {**used, **runs[best][0],
+                "swept": {str(s["min_cluster_size"]): int(c.flagged.sum()) for s, c in runs}}
+    return runs[best][1], used
+
+
+def most_agreed(flags: list[np.ndarray]) -> int:
+    """The index of the flag vector with the largest summed Jaccard similarity to the others (two empty ones
+    agree fully); ties: the lower index."""
+    def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+        union = int((a | b).sum())
+        return int((a & b).sum()) / union if union else 1.0
+
+    totals = [sum(jaccard(a, b) for b in flags) for a in flags]
+    return int(np.argmax(totals))
 
 
 def flag_rows(ids: np.ndarray, labels: np.ndarray, kept: dict[int, tuple[int, ...]]) -> np.ndarray:

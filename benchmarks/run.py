@@ -133,6 +133,14 @@ def cube_runs() -> dict[str, dict[str, Any]]:
     runs |= {f"sst2-{a}-seed{seed}-sweep5": dict(dataset="sst2", attack=a, **({"seed": seed} if seed else {}),
                                                  defenses=("cube+rga",), defense_options={"cube+rga": {"cube.sweep": 5}})
              for a, seed in (("badnet", 0), ("badnet", 1), ("insent", 0), ("style", 0))}
+    # the RGA authors' released rule (`cube.select=rga-released`: the as-many-as-classes largest clusters of all
+    # rows are clean, whatever their labels; on HSOL also any over 10% of a class) against CUBE's per-label one:
+    # detection only (the `cube` row), on the victims above first (cached), then syntactic and HSOL
+    runs |= {f"{d}-{a}-seed{seed}-rga-released": dict(
+        dataset=d, attack=a, **({"seed": seed} if seed else {}), **rate(a, seed), defenses=("cube",),
+        defense_options={"cube": {"select": "rga-released", **({"keep_share": 0.1} if d == "hsol" else {})}})
+        for d, a, seed in (("sst2", "badnet", 0), ("sst2", "badnet", 1), ("sst2", "insent", 0), ("sst2", "style", 0),
+                           ("sst2", "syntactic", 0), ("hsol", "badnet", 0), ("hsol", "insent", 0))}
     runs |= {f"{d}-{a}-seed{seed}": grid(d, a, seed) for seed in (1, 2) for d, a in paraphrase}
     # then seed 0 of the other four settings (every trigger measured once), before more seeds of anything
     runs |= {f"{d}-{a}-seed0": grid(d, a, 0) for d, a in others}

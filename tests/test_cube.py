@@ -26,6 +26,7 @@ from unbackdoor_defenses.cube import (
     flag_rows,
     join_noise,
     keep_clusters,
+    keep_largest,
 )
 
 CUBE = ("cube", "cube+rga", "cube+retrain")
@@ -73,6 +74,30 @@ def test_kept_clusters_per_label() -> None:
     assert keep_clusters(ids, labels, keep=2, keep_share=0.0)[1] == (2, 3)
     assert keep_clusters(ids, labels, keep=1, keep_share=0.4)[1] == (2, 3)  # 3 of 7 rows >= 40%
     assert keep_clusters(ids, labels, keep=1, keep_share=0.5)[1] == (2,)
+
+
+def test_the_rga_released_rule_keeps_the_largest_clusters_of_all_rows() -> None:
+    """``select=rga-released``: the as-many-as-classes largest clusters of all rows are clean whatever their
+    labels, so a label's rows in another label's main cluster are kept (CUBE's rule flags them), and the HSOL
+    rule (``keep_share``) keeps any cluster over that share of the smallest class."""
+    ids = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, -1])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])  # 3 rows of label 0, 8 of label 1
+    assert keep_largest(ids, labels, keep=1, keep_share=0.0) == (0, 1)
+    assert keep_largest(ids, labels, keep=2, keep_share=0.0) == (0, 1, 2)
+    assert keep_largest(ids, labels, keep=1, keep_share=0.6) == (0, 1, 2)  # 2 rows > 60% of label 0's 3
+    assert keep_largest(ids, labels, keep=1, keep_share=0.7) == (0, 1)  # 2 is not > 2.1
+    assert keep_largest(np.full(3, -1), np.array([0, 1, 1]), keep=1, keep_share=0.0) == ()
+    assert keep_clusters(ids, labels, keep=1, keep_share=0.0) == {0: (0,), 1: (1,)}  # CUBE: label 1's own
+
+    x, labels, poisoned = planted()
+    clusters, _ = cluster_rows(x, labels, Cube(reducer="pca", select="rga-released"), seed=0)
+    # three clusters, two classes: the two largest (the clean ones) are kept, the planted one flagged
+    assert np.array_equal(clusters.flagged, poisoned), clusters.summary()
+    assert clusters.summary()["kept_by_label"]["0"] == clusters.summary()["kept_by_label"]["1"]
+    assert auroc(clusters.scores, poisoned) >= 0.95
+    with pytest.raises(ConfigError, match=r"unknown defense 'cube' option select 'any'; choose one of: label, "
+                                          r"rga-released"):
+        get_plugin_manager().defense("cube").configure(select="any")
 
 
 def test_noise_rows_join_their_nearest_cluster_with_noise_nearest() -> None:

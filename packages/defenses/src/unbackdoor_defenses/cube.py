@@ -8,7 +8,8 @@ every training row with the poisoned (released) model (the pooled state every ba
 ``predict(..., hidden=True)``), reduces the embeddings with UMAP (cosine metric, seeded), clusters them with
 HDBSCAN, keeps the largest cluster(s) of each training label as clean and flags the rest (the smaller
 clusters and HDBSCAN's noise). The per-row score, for AUROC, is the distance to the nearest kept cluster of
-the row's label in the reduced space, in units of that cluster's radius. Beyond CUBE, ``sweep`` runs HDBSCAN
+the row's label in the reduced space, in units of that cluster's radius. ``select=rga-released`` keeps the RGA
+authors' released rule instead (the largest clusters of all rows, whatever their labels). Beyond CUBE, ``sweep`` runs HDBSCAN
 at several minimum cluster sizes and keeps the flags that agree most with the others (its result can hinge on
 that size: ``benchmarks/results/cube.md``).
 
@@ -42,6 +43,10 @@ REDUCERS = ("umap", "pca")
 #: what HDBSCAN's noise rows count as (option ``noise``): flagged as CUBE does, or joined to the cluster of their
 #: nearest clustered row before the kept clusters are chosen
 NOISE = ("flag", "nearest")
+#: which clusters count as clean (option ``select``): each training label's largest (CUBE as its authors and
+#: OpenBackdoor ship it), or the as-many-as-classes largest of all rows, whatever their labels (the RGA authors'
+#: released ``llama_unlearn.py``)
+SELECT = ("label", "rga-released")
 #: the extra that brings UMAP and HDBSCAN
 INSTALL = "pip install 'unbackdoor-defenses[cube]'"
 #: import name -> pip name of what each reducer needs
@@ -65,7 +70,7 @@ class Clusters:
     Attributes:
         ids: HDBSCAN's cluster of each row, int ``[N]`` (-1: noise).
         kept: per training label, the clusters kept as clean (largest first; empty: the label has no cluster,
-            and all its rows are kept).
+            and all its rows are kept; ``select=rga-released``: the same clusters for every label).
         flagged: bool ``[N]``, True for a row outside its label's kept clusters.
         scores: float ``[N]``, distance to the nearest kept cluster of the row's label in radii (higher:
             more suspect); a label without a cluster measures from its rows' centre.
@@ -91,6 +96,7 @@ def check_options(values: Mapping[str, Any], who: str) -> None:
 
     check_choice(name("reducer"), values["reducer"], REDUCERS)
     check_choice(name("noise"), values["noise"], NOISE)
+    check_choice(name("select"), values["select"], SELECT)
     for option, low in (("dims", 1), ("neighbors", 2), ("keep", 1)):
         _at_least(name(option), values[option], low)
     _at_least(name("min_cluster_size"), values["min_cluster_size"], 2, auto=True)
@@ -122,8 +128,13 @@ class Cube(Defense):
             code's 150 of SST-2's 6,920 training rows).
         min_samples: HDBSCAN's ``min_samples`` (density: higher leaves more rows as noise); 0 (auto): 0.8 x
             the minimum cluster size (the RGA code's 120 with 150).
+        select: which clusters are clean. ``label`` (CUBE's): per training label, its ``keep`` largest (and
+            those over ``keep_share`` of its rows); a row outside its label's is flagged. ``rga-released`` (the
+            RGA authors' released code): the ``keep`` x classes largest clusters of all rows, whatever their
+            labels (and any other holding more than ``keep_share`` of some class's row count, their HSOL
+            rule); a row outside all of them is flagged.
         keep: clusters kept as clean per training label, largest first (CUBE: 1; more when a label's clean
-            rows split into sub-clusters).
+            rows split into sub-clusters); with ``select=rga-released``, per class.
         keep_share: also keep any cluster that holds at least this share of its label's rows (0: off; the
             RGA code keeps clusters over 10% of a class on HSOL, where the clean rows split).
         noise: HDBSCAN's noise rows (those in no cluster): ``flag`` (CUBE's: outside every kept cluster, so
@@ -151,6 +162,7 @@ class Cube(Defense):
     keep_share: float = 0.0
     noise: str = "flag"
     sweep: int = 1
+    select: str = "label"
 
     def __post_init__(self) -> None:
         check_options(self.values(), f"defense {self.name!r}")
@@ -244,9 +256,14 @@ def cluster_rows(embeddings: np.ndarray, labels: np.ndarray, cube: Cube,
         ids = hdbscan(points, sizes["min_cluster_size"], sizes["min_samples"])
         if cube.noise == "nearest":
             ids = join_noise(points, ids)
-        kept = keep_clusters(ids, labels, cube.keep, cube.keep_share)
-        runs.append((sizes, Clusters(ids, kept, flag_rows(ids, labels, kept),
-                                     distance_scores(points, ids, labels, kept))))
+        if cube.select == "label":
+            kept = keep_clusters(ids, labels, cube.keep, cube.keep_share)
+            flagged, scores = flag_rows(ids, labels, kept), distance_scores(points, ids, labels, kept)
+        else:  # one set of clean clusters for every row: judged as rows of a single label
+            clean = keep_largest(ids, labels, cube.keep, cube.keep_share)
+            kept, one = dict.fromkeys(np.unique(labels).tolist(), clean), np.zeros(len(ids), int)
+            flagged, scores = flag_rows(ids, one, {0: clean}), distance_scores(points, ids, one, {0: clean})
+        runs.append((sizes, Clusters(ids, kept, flagged, scores)))
     best = most_agreed([clusters.flagged for _, clusters in runs])
     if cube.sweep > 1:  # the chosen size, and what each size flagged
         used = {**used, **runs[best][0],
@@ -321,6 +338,16 @@ def keep_clusters(ids: np.ndarray, labels: np.ndarray, keep: int, keep_share: fl
         share = [cid for cid in ranked[keep:] if keep_share > 0 and counts[cid] >= keep_share * mine.sum()]
         kept[int(label)] = tuple(ranked[:keep] + share)
     return kept
+
+
+def keep_largest(ids: np.ndarray, labels: np.ndarray, keep: int, keep_share: float) -> tuple[int, ...]:
+    """The RGA authors' released rule: the ``keep`` x classes largest clusters of all rows (ties: the lower id),
+    and with ``keep_share`` > 0 any other holding more than that share of some class's rows. Noise is never kept."""
+    counts = Counter(int(i) for i in ids if i >= 0)
+    ranked = sorted(counts, key=lambda cid: (-counts[cid], cid))
+    classes = np.unique(labels, return_counts=True)[1]
+    top = keep * len(classes)
+    return tuple(ranked[:top] + [cid for cid in ranked[top:] if keep_share > 0 and counts[cid] > keep_share * classes.min()])
 
 
 def distance_scores(points: np.ndarray, ids: np.ndarray, labels: np.ndarray,

@@ -8,10 +8,10 @@ every training row with the poisoned (released) model (the pooled state every ba
 ``predict(..., hidden=True)``), reduces the embeddings with UMAP (cosine metric, seeded), clusters them with
 HDBSCAN, keeps the largest cluster(s) of each training label as clean and flags the rest (the smaller
 clusters and HDBSCAN's noise). The per-row score, for AUROC, is the distance to the nearest kept cluster of
-the row's label in the reduced space, in units of that cluster's radius. ``select=rga-released`` keeps the RGA
-authors' released rule instead (the largest clusters of all rows, whatever their labels). Beyond CUBE, ``sweep`` runs HDBSCAN
-at several minimum cluster sizes and keeps the flags that agree most with the others (its result can hinge on
-that size: ``benchmarks/results/cube.md``).
+the row's label in the reduced space, in units of that cluster's radius. ``select=rga-released`` applies the
+RGA authors' released rule instead (the largest clusters of all rows, whatever their labels). Beyond CUBE,
+``sweep`` runs HDBSCAN at several minimum cluster sizes and keeps the flags that agree most with the others
+(HDBSCAN's result can hinge on that size, and so can the vote: ``benchmarks/results/cube.md``).
 
 ``cube+rga`` unlearns the flagged rows with RGA, ``cube+retrain`` retrains the clean base model on the rows
 CUBE keeps. UMAP and HDBSCAN come from the optional extra ``pip install 'unbackdoor-defenses[cube]'``
@@ -144,7 +144,7 @@ class Cube(Defense):
             sizes run geometrically from the base one (``min_cluster_size`` or auto) to 4x it (``min_samples``
             auto follows each; a set one stays), and the run whose flags agree most with the others' (summed
             Jaccard similarity; ties: the smaller size) is the verdict, so one size where HDBSCAN's choice
-            flips does not decide it.
+            flips does not decide it (a majority of sizes can still be wrong: ``cube.md``).
     """
 
     settings = ("weight",)  # reads the released model on the training rows it was fine-tuned on

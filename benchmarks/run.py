@@ -483,12 +483,13 @@ def suite(name: str, cache: Path, keep: bool = False) -> dict[str, Any]:
     def same(label: str, change: dict[str, Any]) -> bool:  # a saved run this suite keeps as it is
         return label in previous and previous[label]["change"] == as_saved(change)
 
-    def write() -> None:  # with --keep, the page's notes as they are now: edited while a run trains, kept
-        page_notes = notes_of(RESULTS / f"{name}.md") if keep else notes
+    def write() -> None:
         # the kept runs not reached yet too, in the suite's order: a --keep run stopped midway loses none
         shown = {**data, "runs": {label: data["runs"].get(label) or previous[label] for label, change in runs.items()
                                   if label in data["runs"] or same(label, change)}}
-        save(name, shown, with_notes(render_suite(shown, RESULTS / "plots" / name), page_notes))
+        page = render_suite(shown, RESULTS / "plots" / name)  # seconds (the plots): before the notes are read
+        # with --keep, the page's notes as they are now (edited while a run trains), read just before the write
+        save(name, shown, with_notes(page, notes_of(RESULTS / f"{name}.md") if keep else notes))
 
     if name == "jax":  # the jitted step vs the torch step first: minutes, where the runs take an hour
         from step_time import measure

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_import import bench_module
 
 
 @pytest.fixture(scope="module")
 def zoo() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import audit_zoo
-    finally:
-        sys.path.remove(str(BENCH))
-    return audit_zoo
+    return bench_module("audit_zoo")
 
 
 def test_at_least_24_models_half_clean_on_three_tasks_and_both_families(zoo) -> None:

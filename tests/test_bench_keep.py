@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_import import bench_module
 
 
 @pytest.fixture(scope="module")
 def run() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(BENCH))
-    return run
+    return bench_module("run")
 
 
 def _change(seed: int) -> dict[str, Any]:

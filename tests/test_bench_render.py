@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_import import bench_module
 
 
 @pytest.fixture(scope="module")
 def render_suite() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from report_md import render_suite
-    finally:
-        sys.path.remove(str(BENCH))
-    return render_suite
+    return bench_module("report_md").render_suite
 
 
 def _run(dataset: str, attack: str, asr: float, model: str = "m/smollm2-135m", seed: int = 0) -> dict[str, Any]:
@@ -63,11 +55,7 @@ def test_a_run_made_elsewhere_says_where(render_suite, tmp_path) -> None:
 def test_merging_a_suite_run_elsewhere_adds_only_what_is_missing() -> None:
     """``run.py --merge``: runs made on another machine join in the suite's order, each naming that machine;
     a run we have, or one the other machine made with another change, is left alone."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from run import merged_runs
-    finally:
-        sys.path.remove(str(BENCH))
+    merged_runs = bench_module("run").merged_runs
     suite = {"a": {"seed": 1}, "b": {"seed": 2}, "c": {"seed": 3}, "d": {"seed": 4}}
 
     def run(change: dict[str, Any], **results: Any) -> dict[str, Any]:
@@ -84,11 +72,7 @@ def test_merging_a_suite_run_elsewhere_adds_only_what_is_missing() -> None:
 
 
 def test_merge_with_a_bad_suite_or_file_is_a_clear_error(tmp_path, capsys) -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from run import main
-    finally:
-        sys.path.remove(str(BENCH))
+    main = bench_module("run").main
     assert main(["--merge", "nope", str(tmp_path)]) == 2
     assert main(["--merge", "rga-10", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
@@ -97,11 +81,7 @@ def test_merge_with_a_bad_suite_or_file_is_a_clear_error(tmp_path, capsys) -> No
 
 def test_demo_verdict_says_which_targets_are_met() -> None:
     """demo.md: the released model's backdoor survives, and a defense removes it only at CA within 3 of `none`."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from report_md import demo_verdict
-    finally:
-        sys.path.remove(str(BENCH))
+    demo_verdict = bench_module("report_md").demo_verdict
     rows = [{"stage": "poisoned (released)", "defense": "-", "CA": 83.3, "ASR": 98.7},
             {"stage": "poisoned + defense", "defense": "none", "CA": 87.0, "ASR": 98.7},
             {"stage": "poisoned + defense", "defense": "w2s", "CA": 85.7, "ASR": 98.7},
@@ -129,11 +109,7 @@ def test_a_suite_run_borrows_only_rows_of_the_same_victim(render_suite, tmp_path
     never from another seed or victim, never a row whose defense ran with options, never one the run has."""
     import json
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        from run import borrowed
-    finally:
-        sys.path.remove(str(BENCH))
+    borrowed = bench_module("run").borrowed
 
     def results(seed: int, released_ca: float, *defenses: str, **options: Any) -> dict[str, Any]:
         rows = [{"stage": "poisoned (released)", "defense": "-", "CA": released_ca, "ASR": 90.0, "PACC": 50.0}]

@@ -12,21 +12,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_import import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench() -> SimpleNamespace:
     """``device_check``, ``device_report`` and ``run`` from benchmarks/."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import device_check
-        import device_report
-        import run
-    finally:
-        sys.path.remove(str(BENCH))
-    return SimpleNamespace(check=device_check, report=device_report, run=run)
+    return SimpleNamespace(check=bench_module("device_check"), report=bench_module("device_report"),
+                           run=bench_module("run"))
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ def cluster_rows(embeddings: np.ndarray, labels: np.ndarray, cube: Cube,
         raise ConfigError(f"CUBE needs at least {AUTO_CLUSTER_MIN} training rows to cluster, got {len(embeddings)}")
     used = cube.sizes(len(embeddings))
     points = reduce(embeddings, cube.reducer, used["dims"], used["neighbors"], cube.min_dist, seed)
-    runs = []
+    runs = []  # per size: its sizes, clusters, clean clusters per label, the (labels, clean) judged by, flags
     for size in cube.swept_sizes(len(embeddings)):
         sizes = cube.sizes(len(embeddings), size)
         ids = hdbscan(points, sizes["min_cluster_size"], sizes["min_samples"])
@@ -258,17 +258,15 @@ def cluster_rows(embeddings: np.ndarray, labels: np.ndarray, cube: Cube,
             ids = join_noise(points, ids)
         if cube.select == "label":
             kept = keep_clusters(ids, labels, cube.keep, cube.keep_share)
-            flagged, scores = flag_rows(ids, labels, kept), distance_scores(points, ids, labels, kept)
+            judged = (labels, kept)
         else:  # one set of clean clusters for every row: judged as rows of a single label
             clean = keep_largest(ids, labels, cube.keep, cube.keep_share)
-            kept, one = dict.fromkeys(np.unique(labels).tolist(), clean), np.zeros(len(ids), int)
-            flagged, scores = flag_rows(ids, one, {0: clean}), distance_scores(points, ids, one, {0: clean})
-        runs.append((sizes, Clusters(ids, kept, flagged, scores)))
-    best = most_agreed([clusters.flagged for _, clusters in runs])
+            kept, judged = dict.fromkeys(np.unique(labels).tolist(), clean), (np.zeros(len(ids), int), {0: clean})
+        runs.append((sizes, ids, kept, judged, flag_rows(ids, *judged)))
+    sizes, ids, kept, judged, flagged = runs[most_agreed([run[-1] for run in runs])]
     if cube.sweep > 1:  # the chosen size, and what each size flagged
-        used = {**used, **runs[best][0],
-                "swept": {str(s["min_cluster_size"]): int(c.flagged.sum()) for s, c in runs}}
-    return runs[best][1], used
+        used = {**used, **sizes, "swept": {str(s["min_cluster_size"]): int(f.sum()) for s, *_, f in runs}}
+    return Clusters(ids, kept, flagged, distance_scores(points, ids, *judged)), used  # scores of the chosen size only
 
 
 def most_agreed(flags: list[np.ndarray]) -> int:
